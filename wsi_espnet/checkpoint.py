@@ -1,0 +1,199 @@
+"""Reading and writing model files.
+
+Two kinds of file load: this project's checkpoints (a dict that carries the weights *and* everything
+needed to use them: variant, p, q, classes with names and colours, normalisation, working
+resolution), and the ESPNet authors' released files (a bare state dict; architecture read off the
+tensor shapes, classes and normalisation from the matching config).  Both are read with
+``torch.load(weights_only=True)``: a model file can never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .config import DatasetConfig, config_from_dict, load_config
+from .errors import ModelFileError
+from .espnet import ESPNet, ESPNetC, Upsampled, build_model
+
+FORMAT = "wsi-espnet/1"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tissue_demo.pt"
+RELEASED_CONFIG_BY_CLASSES = {20: "cityscapes", 12: "camvid"}
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelFileError(f"model path is a directory, not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: refused to load (not a plain-weights file: {first[:160]})") from None
+    except Exception as exc:  # zip/pickle/EOF errors: not a torch file, or truncated
+        raise ModelFileError(f"{path}: not a readable PyTorch model file ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _count_blocks(keys: list[str], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    return len({m.group(1) for k in keys if (m := pat.match(k))})
+
+
+def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture of a released (or any bare) ESPNet state dict, read from its keys and shapes."""
+    keys = list(sd)
+    if any(k.startswith("encoder.") for k in keys):
+        enc = "encoder."
+        variant = "espnet"
+    elif "level1.conv.weight" in sd:
+        enc = ""
+        variant = "espnet_c"
+    else:
+        raise ModelFileError("not an ESPNet state dict: no 'level1.conv.weight' or 'encoder.*' keys")
+    w = sd.get(enc + "classifier.conv.weight")
+    if w is None:
+        raise ModelFileError(f"not an ESPNet state dict: missing '{enc}classifier.conv.weight'")
+    classes = int(w.shape[0])
+    arch = {
+        "variant": variant,
+        "classes": classes,
+        "p": _count_blocks(keys, enc + "level2"),
+        "q": _count_blocks(keys, enc + "level3"),
+        "skip": "level1",
+    }
+    if variant == "espnet":
+        width = int(sd["conv.conv.weight"].shape[1]) - classes
+        skip = {v: k for k, v in ESPNet.SKIP_WIDTH.items()}.get(width)
+        if skip is None:
+            raise ModelFileError(f"decoder conv takes {width + classes} channels: expected classes + 16 or classes + 19")
+        arch["skip"] = skip
+    return arch
+
+
+def _load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Strict load that reports *what* does not match, in one line."""
+    own = model.state_dict()
+    # Old files (the released ones among them) predate BatchNorm's num_batches_tracked counter.
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]} (file vs model)")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    if problems:
+        raise ModelFileError(f"{where}: weights do not fit the declared model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=False)
+
+
+def _finish(net: nn.Module, config: DatasetConfig, arch: dict[str, Any], source: str, meta: dict[str, Any]) -> nn.Module:
+    model = Upsampled(net) if isinstance(net, ESPNetC) else net
+    model.config = config  # type: ignore[attr-defined]
+    model.arch = arch  # type: ignore[attr-defined]
+    model.source = source  # type: ignore[attr-defined]
+    model.meta = meta  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model file and return it in eval mode, with ``.config`` (a :class:`DatasetConfig`),
+    ``.arch`` and ``.meta`` attached.  The model always returns logits at input size (ESPNet-C
+    output is upsampled bilinearly ×8, as the authors evaluate it).
+
+    ``path=None`` loads the tissue model that ships with the package.
+    """
+    p = Path(path) if path is not None else DEFAULT_MODEL
+    obj = _torch_load(p)
+    if not isinstance(obj, Mapping):
+        raise ModelFileError(f"{p}: holds a {type(obj).__name__}, not a checkpoint dict or a state dict")
+    if obj.get("format") == FORMAT:
+        arch = dict(obj["arch"])
+        config = config_from_dict(obj["config"], where=f"{p} (config)")
+        if config.num_classes != arch["classes"]:
+            raise ModelFileError(
+                f"{p}: config lists {config.num_classes} classes but the model has {arch['classes']} outputs"
+            )
+        meta = {k: v for k, v in obj.items() if k not in ("state_dict", "config", "arch")}
+        sd = obj["state_dict"]
+    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+        arch = describe_state_dict(sd)
+        name = RELEASED_CONFIG_BY_CLASSES.get(arch["classes"])
+        if name is None:
+            raise ModelFileError(
+                f"{p}: a bare state dict with {arch['classes']} classes; only the released Cityscapes (20) "
+                "and CamVid (12) files carry no config: save your own models with wsi_espnet.save_checkpoint"
+            )
+        config = load_config(name)
+        meta = {"released": True}
+    else:
+        raise ModelFileError(f"{p}: a dict, but neither a wsi-espnet checkpoint nor a state dict")
+    net = build_model(arch["variant"], arch["classes"], arch["p"], arch["q"], arch.get("skip", "level1"))
+    _load_weights(net, sd, str(p))
+    return _finish(net, config, arch, str(p), meta).to(device)
+
+
+def architecture_of(model: nn.Module) -> dict[str, Any]:
+    net = model.encoder if isinstance(model, Upsampled) else model
+    if isinstance(net, ESPNet):
+        return {"variant": "espnet", "classes": net.classes, "p": net.p, "q": net.q, "skip": net.skip}
+    if isinstance(net, ESPNetC):
+        return {"variant": "espnet_c", "classes": net.classes, "p": net.p, "q": net.q, "skip": "level1"}
+    raise TypeError(f"not an ESPNet model: {type(model).__name__}")
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DatasetConfig, **meta: Any) -> Path:
+    """Write a self-describing checkpoint atomically (temporary file, then rename).  ``meta`` holds
+    plain values only (numbers, strings, lists, dicts), so the file stays ``weights_only``-loadable."""
+    net = model.encoder if isinstance(model, Upsampled) else model
+    arch = architecture_of(net)
+    if config.num_classes != arch["classes"]:
+        raise ValueError(f"config has {config.num_classes} classes, model {arch['classes']}")
+    payload = {
+        "format": FORMAT,
+        "arch": arch,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        **meta,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
+    """SHA-256 of a file (of its first ``limit`` bytes if given), streamed."""
+    h = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as f:
+        while True:
+            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
+            if n == 0:
+                break
+            chunk = f.read(n)
+            if not chunk:
+                break
+            h.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+    return h.hexdigest()

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Anything a user can cause (a wrong path, a slide without mpp, a model that does not fit its config)
+is raised as a :class:`UserError`.  The CLI prints its message on one line and exits non-zero;
+everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the input that the user can fix; the message says how, in one line."""
+
+    exit_code = 2
+
+
+class SlideError(UserError):
+    """A slide that cannot be opened or read (missing, not a slide, truncated, corrupt)."""
+
+
+class NoMppError(SlideError):
+    """A slide without a physical pixel size and no ``--mpp`` override."""
+
+
+class ModelFileError(UserError):
+    """A model file that cannot be read or that does not match what it claims to be."""
+
+
+class OutputExistsError(UserError):
+    """The output exists and ``--overwrite`` was not given."""
