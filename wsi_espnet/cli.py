@@ -1,0 +1,77 @@
+"""Command-line entry points: a thin layer over the library.
+
+Each sub-command lives in the module that does its job and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up, turns a
+:class:`UserError` into one line on stderr and a non-zero exit, and keeps tracebacks for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+# sub-command -> (module, one-line help).  Modules are imported only when their command runs, so
+# `wsi-espnet --help` stays fast and an edge install without some extras still starts.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("wsi_espnet.predict", "segment ordinary images (PNG, JPEG, TIFF) into label PNGs and overlays"),
+    "segment": ("wsi_espnet.segment", "segment a whole slide (same as wsi-segment)"),
+    "tile": ("wsi_espnet.patchstore", "tile a slide's tissue into a Zarr patch store"),
+    "demo-slide": ("wsi_espnet.demo", "write a synthetic H&E demo slide (SVS or OME-TIFF) and its truth"),
+    "bench": ("wsi_espnet.bench", "parameters, FLOPs, latency and throughput of a model"),
+    "train": ("wsi_espnet.train", "train ESPNet-C then ESPNet from a dataset config"),
+    "evaluate": ("wsi_espnet.evaluate", "confusion matrix, per-class IoU and mIoU of a model"),
+    "export": ("wsi_espnet.export", "export a model to ONNX (fp32 or int8)"),
+}
+
+
+def _run_guarded(fn: Callable[[], int]) -> int:
+    try:
+        return int(fn() or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsi-espnet", description="Whole-slide segmentation with ESPNet.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Parse the command name first, then let the command's own module add its arguments.
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"wsi-espnet {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return _run_guarded(lambda: module.run(args))
+
+
+def segment_main(argv: list[str] | None = None) -> int:
+    """``wsi-segment``: the product's main job, also reachable as ``wsi-espnet segment``."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main(["segment", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
