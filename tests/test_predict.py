@@ -1,0 +1,40 @@
+"""`wsi-espnet predict` end to end on real photographs with a released file."""
+
+from pathlib import Path
+
+import numpy as np
+from skimage import data, io
+
+from wsi_espnet.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODEL = SHARED / "espnet-pretrained/decoder/espnet_p_2_q_8.pth"
+
+
+def test_predict_writes_labels_and_overlays(tmp_path, capsys):
+    io.imsave(tmp_path / "coffee.jpg", data.coffee())
+    io.imsave(tmp_path / "astro.png", data.astronaut())
+    rc = main(["predict", str(tmp_path / "coffee.jpg"), str(tmp_path / "astro.png"), "--model", str(MODEL), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    labels = io.imread(tmp_path / "out" / "coffee.labels.png")
+    overlay = io.imread(tmp_path / "out" / "coffee.overlay.png")
+    assert labels.shape == (400, 600) and labels.dtype == np.uint8 and labels.max() < 20
+    assert overlay.shape == (400, 600, 3)
+    assert len(np.unique(labels)) >= 2
+
+
+def test_predict_native_size_not_a_multiple_of_8(tmp_path):
+    img = data.astronaut()[:301, :203]
+    io.imsave(tmp_path / "odd.png", img)
+    assert main(["predict", str(tmp_path / "odd.png"), "--model", str(MODEL), "--out", str(tmp_path), "--native"]) == 0
+    assert io.imread(tmp_path / "odd.labels.png").shape == (301, 203)
+
+
+def test_predict_bad_inputs_one_line(tmp_path, capsys):
+    (tmp_path / "text.png").write_text("hello")
+    assert main(["predict", str(tmp_path / "text.png"), "--model", str(MODEL), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+    assert main(["predict", str(tmp_path / "missing.png"), "--model", str(MODEL), "--out", str(tmp_path / "o")]) == 2
+    assert main(["predict", str(tmp_path / "text.png"), "--model", str(tmp_path / "nomodel.pt"), "--out", str(tmp_path / "o")]) == 2

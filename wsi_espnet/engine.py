@@ -1,0 +1,102 @@
+"""Inference engines: uint8 RGB tiles in, class probabilities out.
+
+The whole-slide pipeline and ``predict`` only talk to this interface, so the same stitching runs on
+PyTorch (CPU or CUDA) or on ONNX Runtime on an edge box without PyTorch.  Normalisation happens
+inside the engine, from the model's own config, because a model is only correct with the recipe it
+was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .config import DatasetConfig
+
+
+class Engine(Protocol):
+    config: DatasetConfig
+    device: str
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 RGB -> (N, C, H, W) float32 softmax probabilities."""
+        ...
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    from .errors import UserError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but this PyTorch has no CUDA device (install a CUDA build: see README)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+class TorchEngine:
+    """PyTorch engine.  On CPU it uses the optimised path (folded batch norms, channels_last) when
+    available; on CUDA, channels_last and fp16 autocast.  Input normalisation is one multiply-add
+    on the device, so only uint8 crosses the host-device boundary."""
+
+    def __init__(self, model, device: str = "auto", optimize: bool = True, amp: bool = True) -> None:
+        import torch
+
+        self.device = _resolve_device(device)
+        self.config: DatasetConfig = model.config
+        self.num_classes = self.config.num_classes
+        net = model
+        if optimize:
+            try:
+                from .fastpath import optimize_for_inference
+            except ImportError:  # the fast path is an optimisation, never a requirement
+                optimize_for_inference = None
+            if optimize_for_inference is not None:
+                net = optimize_for_inference(model)
+        self.net = net.to(self.device).eval()
+        self.channels_last = True
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.amp = amp and self.device.startswith("cuda")
+        scale, shift = self.config.normalization.as_affine()
+        bgr = self.config.normalization.channel_order.upper() == "BGR"
+        order = [2, 1, 0] if bgr else [0, 1, 2]
+        # scale/shift are in model channel order; the gather below reorders the RGB input to match.
+        self._order = torch.tensor(order, device=self.device)
+        self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
+        self._shift = torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
+
+    def logits(self, batch: np.ndarray):
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).index_select(1, self._order).float()
+        x = (x * self._scale + self._shift).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            return self.net(x).float()
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return torch.softmax(self.logits(batch), dim=1).cpu().numpy()
+
+
+def make_engine(model_path=None, backend: str = "torch", device: str = "auto", optimize: bool = True) -> Engine:
+    """The engine a CLI asks for: ``backend`` is ``torch`` or ``onnxruntime``."""
+    if backend == "torch":
+        from .checkpoint import load_model
+
+        return TorchEngine(load_model(model_path), device=device, optimize=optimize)
+    if backend == "onnxruntime":
+        from .onnx_engine import OnnxEngine
+
+        return OnnxEngine(model_path, device=device)
+    from .errors import UserError
+
+    raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")

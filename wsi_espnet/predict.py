@@ -1,0 +1,139 @@
+"""``wsi-espnet predict``: ordinary images (PNG, JPEG, TIFF) to label PNGs and colour overlays.
+
+This is how a Cityscapes or VOC user runs the shared ESPNet core: each image is normalised with the
+recipe its checkpoint declares, resized to the checkpoint's working size when it declares one (the
+released Cityscapes models were trained on 1024×512 frames), and the logits are resized back, so the
+label map always has the input image's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine, make_engine
+from .errors import UserError
+
+MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Any PNG/JPEG/TIFF as uint8 RGB; grey is expanded, alpha dropped."""
+    from skimage import io
+
+    if not path.is_file():
+        raise UserError(f"image not found: {path}" if not path.exists() else f"not a file: {path}")
+    try:
+        img = io.imread(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read as an image ({type(exc).__name__})") from None
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise UserError(f"{path}: expected an RGB or grey image, got shape {img.shape}")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        else:
+            raise UserError(f"{path}: unsupported pixel type {img.dtype}")
+    return np.ascontiguousarray(img)
+
+
+def _pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
+    h, w = img.shape[:2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+    return img
+
+
+def predict_image(engine: Engine, rgb: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Label map (H, W) uint8 of one RGB image at its own size.  ``size`` (width, height) is the
+    resolution the network sees; None runs at the image's own size (padded to a multiple of 8)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = rgb.shape[:2]
+    if size is not None and (size[0], size[1]) != (w, h):
+        # Resizing before or after the per-channel affine normalisation is the same (it is linear), so
+        # the uint8→float resize here reproduces the authors' normalise-then-resize recipe.
+        t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+        t = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)
+        work = t[0].permute(1, 2, 0).numpy()
+    else:
+        work = rgb.astype(np.float32)
+    padded = _pad_to_multiple(work)
+    if hasattr(engine, "logits"):
+        logits = engine.logits(padded[None])  # type: ignore[attr-defined]
+    else:
+        logits = torch.from_numpy(engine.predict_proba(padded[None].astype(np.float32)))
+    logits = logits[:, :, : work.shape[0], : work.shape[1]].float()
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    return palette[np.minimum(labels, len(palette) - 1)]
+
+
+def blend(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    return (rgb.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Atomic PNG write: a killed run never leaves a truncated file under the final name."""
+    from skimage import io
+
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        io.imsave(tmp, array, check_contrast=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or TIFF images")
+    p.add_argument("--model", required=True, help="a wsi-espnet checkpoint or a released ESPNet .pth file")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--size", help="network input WxH (default: the checkpoint's, else the image's own)")
+    p.add_argument("--native", action="store_true", help="run at each image's own size")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r}: expected WxH, e.g. 1024x512") from None
+    if w <= 0 or h <= 0:
+        raise UserError(f"--size {text!r}: both sides must be positive")
+    return w, h
+
+
+def run(args: argparse.Namespace) -> int:
+    engine = make_engine(args.model, backend=args.backend, device=args.device)
+    size = parse_size(args.size) if args.size else None
+    if size is None and not args.native and engine.config.input_size:
+        size = tuple(engine.config.input_size)  # type: ignore[assignment]
+    images = [read_image(p) for p in args.images]  # fail on a bad input before writing anything
+    args.out.mkdir(parents=True, exist_ok=True)
+    palette = engine.config.palette
+    for path, rgb in zip(args.images, images):
+        labels = predict_image(engine, rgb, size)
+        save_png(args.out / f"{path.stem}.labels.png", labels)
+        save_png(args.out / f"{path.stem}.overlay.png", blend(rgb, labels, palette, args.alpha))
+        present = np.bincount(labels.ravel(), minlength=len(palette))
+        top = ", ".join(f"{engine.config.class_names[i]} {present[i] / labels.size:.0%}" for i in np.argsort(-present)[:3])
+        print(f"{path.name}: {labels.shape[1]}x{labels.shape[0]} -> {args.out / (path.stem + '.labels.png')} ({top})")
+    return 0
