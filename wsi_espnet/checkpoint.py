@@ -9,7 +9,6 @@ tensor shapes, classes and normalisation from the matching config).  Both are re
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -23,6 +22,7 @@ from torch import nn
 from .config import DatasetConfig, config_from_dict, load_config
 from .errors import ModelFileError
 from .espnet import ESPNet, ESPNetC, Upsampled, build_model
+from .fileid import file_sha256  # noqa: F401  (re-exported: part of the checkpoint API)
 
 FORMAT = "wsi-espnet/1"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tissue_demo.pt"
@@ -179,21 +179,3 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DatasetCo
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
-    """SHA-256 of a file (of its first ``limit`` bytes if given), streamed."""
-    h = hashlib.sha256()
-    remaining = limit
-    with open(path, "rb") as f:
-        while True:
-            n = 1 << 20 if remaining is None else min(1 << 20, remaining)
-            if n == 0:
-                break
-            chunk = f.read(n)
-            if not chunk:
-                break
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    return h.hexdigest()

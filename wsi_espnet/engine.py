@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from .config import DatasetConfig
+from .errors import UserError
 
 
 class Engine(Protocol):
@@ -26,8 +27,6 @@ class Engine(Protocol):
 
 def _resolve_device(device: str) -> str:
     import torch
-
-    from .errors import UserError
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,14 +88,21 @@ class TorchEngine:
 
 def make_engine(model_path=None, backend: str = "torch", device: str = "auto", optimize: bool = True) -> Engine:
     """The engine a CLI asks for: ``backend`` is ``torch`` or ``onnxruntime``."""
-    if backend == "torch":
-        from .checkpoint import load_model
+    from .fileid import file_sha256
 
-        return TorchEngine(load_model(model_path), device=device, optimize=optimize)
-    if backend == "onnxruntime":
+    if backend == "torch":
+        from .checkpoint import DEFAULT_MODEL, load_model
+
+        engine: Engine = TorchEngine(load_model(model_path), device=device, optimize=optimize)
+        model_path = model_path or DEFAULT_MODEL
+    elif backend == "onnxruntime":
         from .onnx_engine import OnnxEngine
 
-        return OnnxEngine(model_path, device=device)
-    from .errors import UserError
-
-    raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")
+        if model_path is None:
+            raise UserError("--backend onnxruntime needs --model FILE.onnx (make one with wsi-espnet export)")
+        engine = OnnxEngine(model_path, device=device)
+    else:
+        raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")
+    # Identifies the weights in resume fingerprints: a changed model file never resumes old work.
+    engine.model_id = file_sha256(model_path)  # type: ignore[attr-defined]
+    return engine

@@ -1,0 +1,444 @@
+"""Whole-slide segmentation: slide → tissue → tiles → model → blended label map → outputs.
+
+Data flows one way.  Tiles are read and decoded on a thread pool ahead of the model (OpenSlide and
+the codecs release the GIL), the model runs on batches of tissue tiles, :class:`BlendStitcher`
+blends overlaps and emits finished cells into a uint8 band that is flushed, whole Zarr chunk rows at
+a time, into ``<out>.work/labels.zarr``.  The writers (mask TIFF, GeoJSON, overlay) read that array
+block by block, so memory never depends on the slide's size.
+
+Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
+same slide, model and options recomputes from the first tile row that reaches below that height
+(the blending state of earlier rows is not needed below it), with batches formed per tile row, so the
+result is byte-identical to an uninterrupted run.  Final files are written under temporary names and
+renamed; the mask, written last, marks the run as done, and the work folder is then removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .engine import Engine, make_engine
+from .errors import NoMppError, OutputExistsError, UserError
+from .slide import Slide, open_slide
+from .stitch import BlendStitcher
+from .tiling import Tile, TileGrid, tile_grid, validate_tiling
+from .tissue import TissueMask, detect_tissue
+
+CHUNK = 512  # label Zarr chunk side; flushes happen in whole chunk rows
+WORK_VERSION = 1
+
+
+@dataclass
+class SegmentOptions:
+    """Everything that changes the result; ``None`` takes the model config's value."""
+
+    mpp: float | None = None  # the slide's level-0 µm/px, for files that do not record it
+    tile: int | None = None
+    overlap: int | None = None
+    batch: int = 8
+    tissue_threshold: float | None = None
+    device: str = "auto"
+    backend: str = "torch"
+    workers: int = 4  # reader threads
+    probs: Path | None = None
+    geojson: Path | None = None
+    overlay: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SegmentResult:
+    slide: str
+    mask: str
+    tiles: int
+    grid_tiles: int
+    mpp: float
+    size: tuple[int, int]
+    tissue_mm2: float
+    class_mm2: dict[str, float]
+    seconds: float
+    outputs: dict[str, str] = field(default_factory=dict)
+    resumed_from_row: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        areas = ", ".join(f"{k} {v:.3f}" for k, v in sorted(self.class_mm2.items(), key=lambda kv: -kv[1]) if v > 0)
+        return (
+            f"{Path(self.slide).name}: {self.tiles} tiles, tissue {self.tissue_mm2:.3f} mm², "
+            f"classes (mm²): {areas or 'none'}, {self.seconds:.1f} s -> {self.mask}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: check before any work, so a mistake costs nothing
+
+
+def check_output(path: Path, overwrite: bool, resuming: bool = False) -> None:
+    if path.exists() and path.is_dir():
+        raise UserError(f"output {path} is a directory")
+    if path.exists() and not (overwrite or resuming):
+        raise OutputExistsError(f"output {path} exists (use --overwrite to replace it)")
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {parent} is not writable")
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _fingerprint(slide: Slide, model_id: str, settings: dict) -> str:
+    st = slide.path.stat()
+    key = json.dumps({"slide": [str(slide.path.resolve()), st.st_size, st.st_mtime_ns], "model": model_id,
+                      "settings": settings, "v": WORK_VERSION}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Label band: uint8 rows between the flushed height and the lowest pending cell
+
+
+class LabelBand:
+    """Holds emitted labels from ``flushed_y`` down until whole chunk rows are final, then writes them
+    to the Zarr array in one aligned write each (no read-modify-write of compressed chunks)."""
+
+    def __init__(self, labels, flushed_y: int, height: int, fill: int = 0) -> None:
+        self.labels = labels
+        self.width = labels.shape[1]
+        self.total_height = labels.shape[0]
+        self.flushed_y = flushed_y
+        self.fill = fill
+        self.buf = np.full((height, self.width), fill, np.uint8)
+
+    def write(self, y: int, x: int, block: np.ndarray) -> None:
+        if y < self.flushed_y:  # recomputed on resume, already on disk
+            block = block[self.flushed_y - y :]
+            y = self.flushed_y
+        if block.shape[0] == 0:
+            return
+        r = y - self.flushed_y
+        if r + block.shape[0] > self.buf.shape[0]:
+            raise AssertionError("label band overflow: tile rows fed out of order")
+        self.buf[r : r + block.shape[0], x : x + block.shape[1]] = block
+
+    def flush(self, final_y: int, last: bool = False) -> int:
+        """Write rows < final_y (rounded down to whole chunks unless ``last``)."""
+        end = min(final_y, self.total_height) if last else (final_y // CHUNK) * CHUNK
+        n = end - self.flushed_y
+        if n <= 0:
+            return self.flushed_y
+        self.labels[self.flushed_y : end, :] = self.buf[:n]
+        self.buf[:-n] = self.buf[n:].copy()
+        self.buf[-n:] = self.fill
+        self.flushed_y = end
+        return end
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading ahead
+
+
+def _read_tile(slide: Slide, t: Tile, mpp: float) -> np.ndarray:
+    return slide.read_at_mpp(t.x, t.y, t.width, t.height, mpp)
+
+
+def prefetched_batches(slide: Slide, rows: list[list[Tile]], mpp: float, batch: int, workers: int,
+                       ahead: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
+    """Batches of decoded tiles, never spanning two tile rows (so batch composition, and thus every
+    floating-point result, is the same on a resumed run), read ``ahead`` tiles in advance."""
+    batches = [row[i : i + batch] for row in rows for i in range(0, len(row), batch)]
+    flat = [t for b in batches for t in b]
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader") as pool:
+        queue: deque[Future] = deque()
+        nxt = 0
+
+        def top_up() -> None:
+            nonlocal nxt
+            while nxt < len(flat) and len(queue) < ahead:
+                queue.append(pool.submit(_read_tile, slide, flat[nxt], mpp))
+                nxt += 1
+
+        for b in batches:
+            top_up()
+            images = []
+            for _ in b:
+                images.append(queue.popleft().result())
+                top_up()
+            yield b, np.stack(images)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None,
+                  options: SegmentOptions | None = None, engine: Engine | None = None) -> SegmentResult:
+    """Segment one slide into ``out`` (a pyramidal OME-TIFF of class ids) and the optional outputs.
+
+    ``engine`` lets a caller reuse a loaded model across slides (the batch pipeline does); otherwise
+    ``model`` (a file; None = the shipped model) is loaded with ``options.backend`` on
+    ``options.device``.  Raises :class:`UserError` for anything the user can fix.
+    """
+    opts = options or SegmentOptions()
+    t_start = time.perf_counter()
+    out = Path(out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
+    work = out.with_name(out.name + ".work")
+    resuming = work.is_dir() and (work / "progress.json").is_file()
+    extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
+    for p in [out, *[Path(v) for v in extra.values() if v]]:
+        check_output(Path(p), opts.overwrite, resuming)
+
+    with open_slide(slide_path, mpp=opts.mpp) as slide:
+        if slide.mpp is None:
+            raise NoMppError(f"{slide.path.name} records no pixel size (µm/px); give it with --mpp, e.g. --mpp 0.25")
+        if engine is None:
+            engine = make_engine(model, backend=opts.backend, device=opts.device)
+        cfg = engine.config
+        mpp = cfg.slide.mpp
+        tile = opts.tile or cfg.slide.tile
+        overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
+        threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
+        validate_tiling(tile, overlap)
+        if tile % 8:
+            raise UserError(f"--tile {tile}: ESPNet needs a tile size divisible by 8")
+        settings = {"mpp": mpp, "tile": tile, "overlap": overlap, "threshold": threshold, "slide_mpp": slide.mpp,
+                    "probs": bool(opts.probs), "backend": opts.backend}
+        fp = _fingerprint(slide, getattr(engine, "model_id", cfg.name + str(cfg.num_classes)), settings)
+
+        state = _open_work(work, fp, opts.overwrite)
+        tissue = _tissue(slide, work)
+        size = slide.size_at_mpp(mpp)
+        grid = tile_grid(size, tile, overlap, mpp, slide.mpp, tissue, threshold, level0_size=slide.dimensions)
+        result = _run_grid(slide, engine, grid, work, state, opts)
+        result.tissue_mm2 = tissue.tissue_fraction * slide.dimensions[0] * slide.dimensions[1] * (slide.mpp / 1000) ** 2
+        thumbnail = slide.get_thumbnail(1024) if opts.overlay else None
+        bounds = slide.bounds
+        slide_name = str(slide.path)
+
+    import zarr
+
+    labels = zarr.open_array(str(work / "labels.zarr"), mode="r")
+    counts = _class_counts(labels, cfg.num_classes)
+    px_mm2 = (mpp / 1000.0) ** 2
+    class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(cfg.class_names)}
+    outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, state)
+    shutil.rmtree(work, ignore_errors=True)
+    result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
+    result.outputs = outputs
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
+    progress = work / "progress.json"
+    if progress.is_file():
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("fingerprint") == fingerprint:
+            return state
+        # A work folder for other inputs or settings: start again.
+        shutil.rmtree(work, ignore_errors=True)
+    elif work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    state = {"fingerprint": fingerprint, "flushed_y": 0, "written": {}}
+    _atomic_json(progress, state)
+    return state
+
+
+def _tissue(slide: Slide, work: Path) -> TissueMask:
+    """Detect once and keep the mask in the work folder, so a resumed run uses the very same grid."""
+    path = work / "tissue.png"
+    if path.is_file():
+        try:
+            return TissueMask.load_png(path)
+        except Exception:
+            pass
+    mask = detect_tissue(slide)
+    mask.save_png(path)
+    return mask
+
+
+def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: dict,
+              opts: SegmentOptions) -> SegmentResult:
+    import zarr
+
+    width, height = grid.image_size
+    labels_path = work / "labels.zarr"
+    if labels_path.exists() and state["flushed_y"] > 0:
+        labels = zarr.open_array(str(labels_path), mode="r+")
+    else:
+        labels = zarr.create_array(str(labels_path), shape=(height, width), chunks=(CHUNK, CHUNK), dtype="uint8",
+                                   fill_value=0, overwrite=True)
+        state["flushed_y"] = 0
+    probs_arr = None
+    if opts.probs:
+        probs_path = work / "probs.zarr"
+        if probs_path.exists() and state["flushed_y"] > 0:
+            probs_arr = zarr.open_array(str(probs_path), mode="r+")
+        else:
+            probs_arr = zarr.create_array(str(probs_path), shape=(engine.config.num_classes, height, width),
+                                          chunks=(engine.config.num_classes, 256, 256), dtype="float16",
+                                          fill_value=0, overwrite=True)
+            probs_arr.attrs.update({"mpp": grid.mpp, "classes": engine.config.class_names,
+                                    "axes": ["class", "y", "x"], "level0_mpp": grid.level0_mpp})
+
+    flushed_y = int(state["flushed_y"])
+    first_row = next((r for r, y in enumerate(grid.ys) if y + grid.tile > flushed_y), len(grid.ys))
+    rows: list[list[Tile]] = [[] for _ in grid.ys]
+    for t in grid.tiles:
+        rows[t.row].append(t)
+    todo_rows = rows[first_row:]
+    band = LabelBand(labels, flushed_y, height=grid.tile + 2 * CHUNK)
+
+    def on_probs(y: int, x: int, p: np.ndarray) -> None:
+        if y < flushed_y:
+            p = p[:, flushed_y - y :]
+            y = flushed_y
+        if p.shape[1]:
+            probs_arr[:, y : y + p.shape[1], x : x + p.shape[2]] = p.astype(np.float16)
+
+    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, on_probs if probs_arr is not None else None)
+    n_todo = sum(len(r) for r in todo_rows)
+    bar = _progress(n_todo, slide.path.name, opts.progress)
+    current = first_row
+    for tiles, images in prefetched_batches(slide, todo_rows, grid.mpp, opts.batch, opts.workers, ahead=2 * opts.batch):
+        row = tiles[0].row
+        while current < row:  # rows are fed in order: everything before this one is complete
+            _finish_row(band, grid, current, state, work)
+            current += 1
+        probs = engine.predict_proba(images)
+        for t, p in zip(tiles, probs):
+            stitcher.add(t.row, t.col, p)
+        bar.update(len(tiles))
+    while current < len(rows):
+        _finish_row(band, grid, current, state, work)
+        current += 1
+    bar.close()
+    band.flush(height, last=True)
+    state["flushed_y"] = height
+    state["done"] = True
+    _atomic_json(work / "progress.json", state)
+    return SegmentResult(slide="", mask="", tiles=len(grid.tiles), grid_tiles=grid.n_positions, mpp=grid.mpp,
+                         size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0, resumed_from_row=first_row)
+
+
+def _finish_row(band: LabelBand, grid: TileGrid, row: int, state: dict, work: Path) -> None:
+    final_y = grid.ys[row + 1] if row + 1 < len(grid.ys) else grid.image_size[1]
+    before = band.flushed_y
+    if band.flush(final_y) != before:
+        state["flushed_y"] = band.flushed_y
+        _atomic_json(work / "progress.json", state)
+
+
+def _progress(total: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name[:30], unit="tile", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.1)
+
+
+def _class_counts(labels, num_classes: int) -> np.ndarray:
+    counts = np.zeros(max(num_classes, 256), np.int64)
+    step = CHUNK * 4
+    for y in range(0, labels.shape[0], step):
+        counts += np.bincount(np.asarray(labels[y : y + step]).ravel(), minlength=counts.size)[: counts.size]
+    return counts[:num_classes]
+
+
+def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Path, opts: SegmentOptions,
+                   thumbnail, bounds, class_mm2: dict, state: dict) -> dict[str, str]:
+    """Optional outputs first, the mask last: the mask's presence means the run is complete."""
+    written: dict[str, str] = {}
+    scale = grid.mpp / grid.level0_mpp
+    offset = (bounds[0], bounds[1]) if bounds else (0, 0)
+    if opts.geojson:
+        from .geojson import write_geojson
+
+        write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
+                      colors=[c.color for c in cfg.classes], overwrite=True)
+        written["geojson"] = str(opts.geojson)
+    if opts.overlay:
+        from .overlay import downsample_labels, write_overlay
+
+        small = downsample_labels(labels, max(thumbnail.shape[:2]))
+        write_overlay(opts.overlay, thumbnail, small, [c.color for c in cfg.classes], cfg.class_names,
+                      areas_mm2=class_mm2, overwrite=True)
+        written["overlay"] = str(opts.overlay)
+    if opts.probs:
+        dst = Path(opts.probs)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(work / "probs.zarr", tmp)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+        written["probs"] = str(dst)
+    from .mask_tiff import write_mask_tiff
+
+    write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True)
+    written["mask"] = str(out)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slide", type=Path, help="a slide OpenSlide opens (SVS, NDPI, MRXS, DICOM, TIFF…) or an OME-TIFF")
+    p.add_argument("--out", required=True, type=Path, help="mask.tif: pyramidal OME-TIFF of class ids")
+    p.add_argument("--model", help="model file (default: the tissue model shipped with the package)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--mpp", type=float, help="the slide's level-0 µm/px, for files that do not record it")
+    p.add_argument("--tile", type=int, help="tile side in pixels at the model's resolution (default: model config)")
+    p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, blended (default: model config)")
+    p.add_argument("--batch", type=int, default=8, help="tiles per model call (default 8)")
+    p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
+    p.add_argument("--workers", type=int, default=4, help="tile reader threads (default 4)")
+    p.add_argument("--probs", type=Path, help="also write per-class probabilities (float16 Zarr)")
+    p.add_argument("--geojson", type=Path, help="also write QuPath GeoJSON (one MultiPolygon per class)")
+    p.add_argument("--overlay", type=Path, help="also write a PNG preview with a legend")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mpp is not None and not args.mpp > 0:
+        raise UserError(f"--mpp must be positive, got {args.mpp}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                          tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
+                          workers=args.workers, probs=args.probs, geojson=args.geojson, overlay=args.overlay,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    result = segment_slide(args.slide, args.out, args.model, opts)
+    print(result.summary())
+    return 0
