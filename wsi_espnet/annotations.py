@@ -1,0 +1,392 @@
+"""Annotations as training labels: QuPath GeoJSON (or a label image) rasterised at any resolution.
+
+A pathologist's annotations are polygons in level-0 pixels of the slide; the model trains on label
+patches at its working resolution.  :class:`AnnotationMap` keeps the polygons (in a spatial index)
+and draws any region at any downsample on demand, so a training store is built patch by patch and a
+whole-slide label image never exists in memory.
+
+What QuPath exports, and how each case is handled (the README's "Annotations" section says the same):
+
+- containers: a FeatureCollection, one Feature, a JSON array of Features, or a bare geometry;
+- ``properties.classification`` is a string or an object with ``name`` (``color`` is not needed
+  here); names are matched to the config's classes ignoring case and surrounding spaces;
+- ``Ignore*`` (QuPath's built-in class for "leave this out") paints the ignore index;
+- an annotation without a classification is skipped with a warning (QuPath users often draw an
+  unclassified outline around the area they then annotate);
+- objects that are not annotations (``objectType`` detection, cell, tile, TMA core) are skipped
+  with a warning: cell outlines are not tissue regions;
+- points and lines have no area and are skipped with a warning;
+- an unknown class name raises :class:`UserError` that lists every unknown name and the known ones
+  (``unknown="ignore"`` skips them with a warning instead);
+- self-intersecting or otherwise invalid polygons are repaired with ``shapely.make_valid`` (a bow
+  tie becomes its two triangles) and counted in a warning;
+- polygons reaching outside the slide are clipped to it; polygons entirely outside are dropped;
+  both are counted in a warning;
+- a file with no usable annotation left raises :class:`UserError`;
+- where annotations overlap, the smaller one wins: a detail drawn inside a larger region (a duct
+  inside a stroma outline) keeps its class, whatever the order in the file;
+- pixels no annotation covers get ``background`` (default: the ignore index, so they teach nothing;
+  a config may instead name a class for them, e.g. when the annotator outlined everything but the
+  glass).
+
+Coordinates: QuPath puts (0, 0) at the top-left of the image *it* shows; for slides where OpenSlide
+reports ``bounds-x``/``bounds-y`` (MIRAX, some Hamamatsu) that is the bounds' corner, not level-0
+(0, 0).  ``origin`` is where the annotations' (0, 0) lies in level-0 pixels of the slide reader.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box, shape
+from skimage.draw import polygon as draw_polygon
+
+from .errors import UserError
+
+#: QuPath's built-in class for regions to leave out of training.
+IGNORE_NAMES = ("ignore*", "ignore")
+NOT_ANNOTATIONS = ("detection", "cell", "tile", "tma_core", "tmacore")
+
+
+class AnnotationWarning(UserWarning):
+    """Something in an annotation file was repaired or skipped; the message says what and how many."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One polygonal annotation: its geometry (level-0 pixels, QuPath's origin) and class name."""
+
+    geometry: Polygon | MultiPolygon
+    class_name: str | None
+
+
+def _classification_name(props: dict[str, Any]) -> str | None:
+    c = props.get("classification")
+    if c is None:
+        return None
+    if isinstance(c, str):
+        return c
+    if isinstance(c, dict):
+        name = c.get("name")
+        if isinstance(name, str):
+            return name
+        names = c.get("names")  # QuPath's derived classes: {"names": ["Tumor", "Positive"]}
+        if isinstance(names, list) and names:
+            return ": ".join(str(n) for n in names)
+    return None
+
+
+def _features(obj: Any, where: str) -> list[dict[str, Any]]:
+    """Every Feature in a GeoJSON document, bare geometries wrapped as unclassified Features."""
+    if isinstance(obj, list):
+        out: list[dict[str, Any]] = []
+        for item in obj:
+            out.extend(_features(item, where))
+        return out
+    if not isinstance(obj, dict) or "type" not in obj:
+        raise UserError(f"{where}: not GeoJSON (expected a FeatureCollection, a Feature, an array of Features or a geometry)")
+    kind = obj["type"]
+    if kind == "FeatureCollection":
+        return _features(obj.get("features") or [], where)
+    if kind == "Feature":
+        return [obj]
+    if kind in ("Polygon", "MultiPolygon", "GeometryCollection", "Point", "MultiPoint", "LineString", "MultiLineString"):
+        return [{"type": "Feature", "geometry": obj, "properties": {}}]
+    raise UserError(f"{where}: unknown GeoJSON type {kind!r}")
+
+
+def _polygonal(geom: Any) -> Polygon | MultiPolygon | None:
+    """The area-bearing part of a geometry (a repaired polygon can come back as a collection with
+    stray lines); None when there is no area."""
+    if geom is None or geom.is_empty:
+        return None
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom if geom.area > 0 else None
+    parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon)) and g.area > 0]
+    if not parts:
+        return None
+    polys: list[Polygon] = []
+    for p in parts:
+        polys.extend(p.geoms if isinstance(p, MultiPolygon) else [p])
+    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
+
+
+def parse_geojson(obj: Any, where: str = "GeoJSON") -> list[Annotation]:
+    """Annotations from a decoded GeoJSON document.  Warns (AnnotationWarning) about what it skips."""
+    skipped: dict[str, int] = {}
+    out: list[Annotation] = []
+    for feat in _features(obj, where):
+        props = feat.get("properties") or {}
+        object_type = str(props.get("objectType", "annotation")).lower()
+        if object_type in NOT_ANNOTATIONS:
+            skipped[f"{object_type} objects"] = skipped.get(f"{object_type} objects", 0) + 1
+            continue
+        raw = feat.get("geometry")
+        if raw is None:
+            skipped["features without geometry"] = skipped.get("features without geometry", 0) + 1
+            continue
+        try:
+            geom = shape(raw)
+        except Exception as exc:  # malformed coordinates: a user's file, not our bug
+            raise UserError(f"{where}: a feature has an unreadable geometry ({type(exc).__name__}: {str(exc)[:80]})") from None
+        if not shapely.is_valid(geom):
+            geom = shapely.make_valid(geom)
+            skipped["invalid (e.g. self-intersecting) polygons repaired"] = skipped.get("invalid (e.g. self-intersecting) polygons repaired", 0) + 1
+        poly = _polygonal(geom)
+        if poly is None:
+            skipped["points/lines (no area)"] = skipped.get("points/lines (no area)", 0) + 1
+            continue
+        name = _classification_name(props)
+        if name is None:
+            skipped["unclassified annotations"] = skipped.get("unclassified annotations", 0) + 1
+            continue
+        out.append(Annotation(poly, name))
+    if skipped:
+        detail = ", ".join(f"{n} {what}" for what, n in skipped.items())
+        warnings.warn(f"{where}: {detail}", AnnotationWarning, stacklevel=2)
+    return out
+
+
+def read_geojson(path: str | Path) -> list[Annotation]:
+    """Annotations from a QuPath GeoJSON export (``.geojson``/``.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:100]})") from None
+    return parse_geojson(obj, str(path))
+
+
+def class_lookup(class_names: Sequence[str], ignore_index: int) -> dict[str, int]:
+    """Normalised name -> class id, with QuPath's Ignore* mapped to the ignore index."""
+    lookup = {n.strip().lower(): i for i, n in enumerate(class_names)}
+    for n in IGNORE_NAMES:
+        lookup.setdefault(n, ignore_index)
+    return lookup
+
+
+class AnnotationMap:
+    """Classified polygons of one slide, rasterisable at any region and resolution.
+
+    ``shapes`` are (geometry in level-0 pixels of the slide reader, class id); larger polygons are
+    drawn first so smaller ones end on top.
+    """
+
+    def __init__(self, shapes: Iterable[tuple[Polygon | MultiPolygon, int]], background: int = 255, where: str = "annotations") -> None:
+        items = sorted(shapes, key=lambda s: -s[0].area)
+        self.geometries = [g for g, _ in items]
+        self.class_ids = np.asarray([c for _, c in items], np.int64)
+        self.background = int(background)
+        self.where = where
+        self._tree = shapely.STRtree(self.geometries)
+
+    def __len__(self) -> int:
+        return len(self.geometries)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(minx, miny, maxx, maxy) of all annotations, level-0 pixels."""
+        b = shapely.total_bounds(np.asarray(self.geometries, dtype=object))
+        return tuple(float(v) for v in b)  # type: ignore[return-value]
+
+    def class_areas(self) -> dict[int, float]:
+        """Annotated area per class id in level-0 pixels² (overlaps counted once per polygon)."""
+        areas: dict[int, float] = {}
+        for g, c in zip(self.geometries, self.class_ids):
+            areas[int(c)] = areas.get(int(c), 0.0) + float(g.area)
+        return areas
+
+    def labels_at_downsample(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        """(height, width) uint8 label patch of the virtual image at ``downsample`` level-0 pixels
+        per output pixel, (x, y) in that image: the same convention as ``Slide.read_at_downsample``,
+        so a label patch lines up with the RGB patch read with the same arguments.
+
+        A pixel takes the class of the polygon that contains its centre.
+        """
+        out = np.full((height, width), self.background, np.uint8)
+        x0, y0 = x * downsample, y * downsample
+        region = box(x0 - downsample, y0 - downsample, x0 + (width + 1) * downsample, y0 + (height + 1) * downsample)
+        hits = np.sort(self._tree.query(region, predicate="intersects"))  # sorted = large to small
+        for i in hits:
+            geom = self.geometries[i]
+            if not region.contains(geom):
+                geom = _polygonal(shapely.intersection(geom, region))
+                if geom is None:
+                    continue
+            mask = _polygon_mask(geom, x0, y0, downsample, height, width)
+            out[mask] = self.class_ids[i]
+        return out
+
+    def labels_at_mpp(self, x: int, y: int, width: int, height: int, mpp: float, slide_mpp: float) -> np.ndarray:
+        """As :meth:`labels_at_downsample` with the downsample ``mpp / slide_mpp``."""
+        return self.labels_at_downsample(x, y, width, height, mpp / slide_mpp)
+
+
+def _polygon_mask(geom: Polygon | MultiPolygon, x0: float, y0: float, ds: float, height: int, width: int) -> np.ndarray:
+    """Boolean mask of the output pixels whose centres lie inside ``geom`` (holes excluded).
+
+    Output pixel (r, c) has its centre at level-0 (x0 + (c + .5) ds, y0 + (r + .5) ds), and
+    ``skimage.draw.polygon`` fills integer points inside a polygon: so coordinates map to
+    (X - x0) / ds - 0.5.
+    """
+    mask = np.zeros((height, width), bool)
+    parts = geom.geoms if isinstance(geom, MultiPolygon) else [geom]
+    for part in parts:
+        shell = np.asarray(part.exterior.coords)
+        rr, cc = draw_polygon((shell[:, 1] - y0) / ds - 0.5, (shell[:, 0] - x0) / ds - 0.5, (height, width))
+        part_mask = np.zeros_like(mask)
+        part_mask[rr, cc] = True
+        for ring in part.interiors:
+            hole = np.asarray(ring.coords)
+            rr, cc = draw_polygon((hole[:, 1] - y0) / ds - 0.5, (hole[:, 0] - x0) / ds - 0.5, (height, width))
+            part_mask[rr, cc] = False
+        mask |= part_mask
+    return mask
+
+
+def build_annotation_map(
+    annotations: Sequence[Annotation],
+    class_names: Sequence[str],
+    *,
+    ignore_index: int = 255,
+    slide_size: tuple[int, int] | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+    unknown: str = "error",
+    background: int | None = None,
+    where: str = "annotations",
+) -> AnnotationMap:
+    """Map class names to ids, move to the slide reader's level-0 frame, clip to the slide.
+
+    ``unknown``: ``"error"`` (default) raises UserError listing the unknown class names;
+    ``"ignore"`` skips those annotations with a warning.  ``background``: the id for pixels no
+    annotation covers (default: ``ignore_index``).
+    """
+    if unknown not in ("error", "ignore"):
+        raise UserError(f"unknown-class policy must be 'error' or 'ignore', not {unknown!r}")
+    lookup = class_lookup(class_names, ignore_index)
+    unknown_names = sorted({a.class_name for a in annotations if a.class_name and a.class_name.strip().lower() not in lookup})
+    if unknown_names and unknown == "error":
+        raise UserError(
+            f"{where}: unknown class name(s) {', '.join(repr(n) for n in unknown_names)}; the config's classes are "
+            f"{', '.join(repr(n) for n in class_names)} (rename them in QuPath, or set data.unknown_classes=ignore)"
+        )
+    notes: dict[str, int] = {}
+    if unknown_names:
+        notes[f"annotations of unknown class(es) {', '.join(unknown_names)} skipped"] = sum(
+            1 for a in annotations if a.class_name in unknown_names
+        )
+    shapes: list[tuple[Polygon | MultiPolygon, int]] = []
+    slide_box = None
+    if slide_size is not None:
+        slide_box = box(0, 0, float(slide_size[0]), float(slide_size[1]))
+    ox, oy = origin
+    for a in annotations:
+        cid = lookup.get((a.class_name or "").strip().lower())
+        if cid is None:
+            continue
+        geom = a.geometry
+        if ox or oy:
+            geom = shapely.transform(geom, lambda c: c + np.array([ox, oy]))
+        if slide_box is not None and not slide_box.contains(geom):
+            clipped = _polygonal(shapely.intersection(geom, slide_box))
+            if clipped is None:
+                notes["polygons entirely outside the slide dropped"] = notes.get("polygons entirely outside the slide dropped", 0) + 1
+                continue
+            notes["polygons reaching outside the slide clipped"] = notes.get("polygons reaching outside the slide clipped", 0) + 1
+            geom = clipped
+        shapes.append((geom, cid))
+    if notes:
+        warnings.warn(f"{where}: " + ", ".join(f"{n} {what}" for what, n in notes.items()), AnnotationWarning, stacklevel=2)
+    if not shapes:
+        raise UserError(f"{where}: no usable annotation (need classified polygons inside the slide, of the config's classes)")
+    return AnnotationMap(shapes, ignore_index if background is None else background, where)
+
+
+def load_annotations(
+    path: str | Path,
+    class_names: Sequence[str],
+    *,
+    ignore_index: int = 255,
+    slide_size: tuple[int, int] | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+    unknown: str = "error",
+    background: int | None = None,
+) -> AnnotationMap:
+    """Read a QuPath GeoJSON export and build its :class:`AnnotationMap` (see module docstring)."""
+    return build_annotation_map(
+        read_geojson(path), class_names, ignore_index=ignore_index, slide_size=slide_size, origin=origin,
+        unknown=unknown, background=background, where=str(path),
+    )
+
+
+class LabelImage:
+    """A label image aligned to the slide (same extent, any resolution): the other way users bring
+    dense labels (exported from QuPath's LabeledImageServer, or from another tool).  Sampled by
+    nearest neighbour at pixel centres, behind the same ``labels_at_downsample`` call as polygons.
+
+    The image is read lazily where the format allows (tiled TIFF through tifffile's Zarr view);
+    PNGs are decoded whole, which is fine at the low resolutions label images are exported at.
+    """
+
+    def __init__(self, path: str | Path, slide_size: tuple[int, int], ignore_index: int = 255, num_classes: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"label image not found: {self.path}")
+        self._array = _open_label_array(self.path)
+        if self._array.ndim != 2:
+            raise UserError(f"{self.path}: a label image must be single-channel (one class id per pixel), got shape {self._array.shape}")
+        h, w = self._array.shape
+        self.scale_x = slide_size[0] / w  # level-0 pixels per label pixel
+        self.scale_y = slide_size[1] / h
+        if abs(h - slide_size[1] / self.scale_x) > 1 + 0.01 * h:  # same aspect, up to rounding
+            raise UserError(
+                f"{self.path}: {w}x{h} label image does not have the slide's aspect ratio ({slide_size[0]}x{slide_size[1]})"
+            )
+        self.background = ignore_index
+        self.num_classes = num_classes
+
+    def labels_at_downsample(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        h, w = self._array.shape
+        cx = ((x + np.arange(width) + 0.5) * downsample / self.scale_x).astype(np.int64)
+        cy = ((y + np.arange(height) + 0.5) * downsample / self.scale_y).astype(np.int64)
+        out = np.full((height, width), self.background, np.uint8)
+        okx, oky = (cx >= 0) & (cx < w), (cy >= 0) & (cy < h)
+        if okx.any() and oky.any():
+            xs, ys = cx[okx], cy[oky]
+            block = np.asarray(self._array[int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1])
+            sub = block[(ys - ys.min())[:, None], (xs - xs.min())[None, :]]
+            out[np.ix_(oky, okx)] = sub
+        if self.num_classes is not None:
+            bad = (out != self.background) & (out >= self.num_classes)
+            if bad.any():
+                raise UserError(f"{self.path}: label value(s) {sorted(np.unique(out[bad]).tolist())[:5]} are not class ids of the config")
+        return out
+
+
+def _open_label_array(path: Path):
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(path, aszarr=True, level=0)
+        arr = zarr.open(store, mode="r")
+        if not hasattr(arr, "shape"):
+            arr = arr[0]
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            return np.asarray(arr)[..., 0]
+        return arr
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16"):
+            raise UserError(f"{path}: a label image must be single-channel (mode L or P), not {im.mode}")
+        return np.asarray(im)
