@@ -89,13 +89,15 @@ def test_fluorescence_slide_detects_the_nuclei_region_and_dark_blank_is_empty():
 def test_fraction_is_area_exact_and_outside_counts_as_glass():
     mask = np.zeros((10, 10), bool)
     mask[:, :5] = True  # left half of a 100x100 level-0 slide (downsample 10)
-    tm = TissueMask(mask=mask, downsample=10.0)
+    tm = TissueMask(mask=mask, downsample=10.0, level0_size=(95, 100))  # last mask column half off-slide
     assert tm.fraction(0, 0, 50, 100) == pytest.approx(1.0)
     assert tm.fraction(25, 0, 50, 100) == pytest.approx(0.5)
     assert tm.fraction(47, 3, 6, 6) == pytest.approx(0.5)  # sub-mask-pixel rectangle
-    assert tm.fraction(-50, 0, 100, 100) == pytest.approx(0.5)  # half outside the slide
+    # Only the part on the slide counts: a padded tile over a small slide is judged by what it shows.
+    assert tm.fraction(-50, 0, 100, 100) == pytest.approx(1.0)
+    assert tm.fraction(0, 0, 1000, 1000) == pytest.approx(50 / 95)
     assert tm.fraction(200, 200, 10, 10) == 0.0
-    np.testing.assert_allclose(tm.fractions(np.array([[0, 0, 100, 100], [50, 0, 50, 50]])), [0.5, 0.0])
+    np.testing.assert_allclose(tm.fractions(np.array([[0, 0, 95, 100], [50, 0, 50, 50]])), [50 / 95, 0.0])
 
 
 def test_png_round_trip_and_hand_drawn_masks(tmp_path):

@@ -16,8 +16,9 @@ The rules below are a contract: the whole-slide stitcher relies on them to put p
   exact floats on :class:`Tile`; :meth:`Tile.level0_box` rounds them to the nearest integer (origin
   and far corner rounded separately, so neighbouring boxes share their edges).  A tile that runs past
   the image keeps its full level-0 size.
-* The tissue fraction of a tile is that of its level-0 rectangle in the :class:`TissueMask`, outside
-  the slide counting as glass.  Tiles are kept when ``tissue >= threshold``; ``threshold <= 0`` keeps
+* The tissue fraction of a tile is that of its level-0 rectangle in the :class:`TissueMask`, over
+  the part of the rectangle that is on the slide (so a slide smaller than one tile is judged by its
+  content, not by the padding).  Tiles are kept when ``tissue >= threshold``; ``threshold <= 0`` keeps
   all of them, as does ``tissue=None`` (then every tile reports ``tissue = 1.0``).
 """
 

@@ -139,19 +139,23 @@ class TissueMask:
     def fractions(self, rects: np.ndarray) -> np.ndarray:
         """Tissue fractions of many level-0 rectangles, ``rects`` shaped (N, 4) as (x0, y0, w0, h0).
 
-        The fraction is area-weighted (partial mask pixels count by their covered area); whatever lies
-        outside the slide counts as glass, so a padded tile is judged by its real content.
+        The fraction is area-weighted (partial mask pixels count by their covered area) and relative to
+        the part of the rectangle that lies on the slide (``level0_size``, or the mask's extent when
+        that is unknown): a tile padded past the edge of a small slide is judged by the slide it shows,
+        and a rectangle wholly off the slide has fraction 0.
         """
         r = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
         if r.shape[0] == 0 or self.mask.size == 0:
             return np.zeros(r.shape[0])
         ds = self.downsample
-        x0, y0 = r[:, 0] / ds, r[:, 1] / ds
-        x1, y1 = (r[:, 0] + r[:, 2]) / ds, (r[:, 1] + r[:, 3]) / ds
+        h, w = self.mask.shape
+        bw, bh = self.level0_size if self.level0_size is not None else (w * ds, h * ds)
+        x0, y0 = np.clip(r[:, 0], 0, bw) / ds, np.clip(r[:, 1], 0, bh) / ds
+        x1, y1 = np.clip(r[:, 0] + r[:, 2], 0, bw) / ds, np.clip(r[:, 1] + r[:, 3], 0, bh) / ds
         area = (x1 - x0) * (y1 - y0)
         inside = self._integral(x1, y1) - self._integral(x0, y1) - self._integral(x1, y0) + self._integral(x0, y0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(area > 0, inside / area, 0.0)
+            frac = np.where(area > 0, inside / np.where(area > 0, area, 1.0), 0.0)
         return np.clip(frac, 0.0, 1.0)
 
     def fraction(self, x0: float, y0: float, w0: float, h0: float) -> float:
