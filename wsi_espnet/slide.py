@@ -21,6 +21,7 @@ tifffile backend snaps to the nearest level pixel instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -451,17 +452,31 @@ class TiffSlide(Slide):
         import zarr
 
         super().__init__(path, mpp)
-        self._tif = tifffile.TiffFile(str(path))
+        self._tif = None
+        # tifffile logs a broken IFD chain (a truncated file) as a warning and carries on with the
+        # pages it found; here that must be an error, not a slide with fewer levels.
+        warnings = _LogRecords()
+        log = logging.getLogger("tifffile")
+        log.addHandler(warnings)
         try:
-            self._init_tiff(tifffile, zarr)
-        except Exception:
-            self._tif.close()
-            raise
+            self._tif = tifffile.TiffFile(str(path))
+            try:
+                series = self._tif.series[0]
+                _ = series.levels
+                bad = [m for m in warnings.messages if _TRUNCATION.search(m)]
+                if bad:
+                    raise SlideError(f"{path}: truncated or corrupt TIFF ({_one_line(re.sub('<[^>]*>', '', bad[0]))[:160]})")
+                self._init_tiff(series, zarr)
+            except Exception:
+                self._tif.close()
+                raise
+        finally:
+            log.removeHandler(warnings)
 
-    def _init_tiff(self, tifffile: Any, zarr: Any) -> None:
+    def _init_tiff(self, series: Any, zarr: Any) -> None:
         tif = self._tif
-        series = tif.series[0]
         levels = series.levels
+        _check_extent(self.path, levels)
         self._arrays = []
         self._axes = []
         dims = []
@@ -539,7 +554,37 @@ class TiffSlide(Slide):
         return _to_rgb_uint8(a, self._photometric, self._colormap)
 
     def close(self) -> None:
-        self._tif.close()
+        if self._tif is not None:
+            self._tif.close()
+
+
+class _LogRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_TRUNCATION = re.compile(r"invalid (page )?offset|offset to first page|truncat|beyond end", re.I)
+
+
+def _check_extent(path: Path, levels: list[Any]) -> None:
+    """Every tile or strip of every level must lie inside the file: a cut-off download otherwise
+    reads as empty tiles (tifffile fills them) instead of failing."""
+    size = path.stat().st_size
+    for i, level in enumerate(levels):
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+            if offsets.size and int((offsets + counts).max()) > size:
+                raise SlideError(
+                    f"{path}: truncated file: level {i} needs {int((offsets + counts).max())} bytes, "
+                    f"the file has {size}"
+                )
 
 
 def _aperio_properties(desc: str) -> dict[str, str]:
