@@ -82,12 +82,20 @@ class TrainSettings:
     crop: tuple[int, int] = (256, 256)
     workers: int = 0
     seed: int = 0
+    weight_decay: float = 5e-4  # the authors' Adam weight decay
+    steps_per_epoch: int = 0  # 0: one pass over the training set (with class-balanced sampling)
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    layout: str = "slides"
+    layout: str = "slides"  # slides | bcss | cityscapes | voc
     root: str = "data"
+    # Annotated slides and tissue tiles (see wsi_espnet.annotations / wsi_espnet.datasets):
+    unknown_classes: str = "error"  # annotation class names not in `classes`: error | ignore
+    unannotated: str = "ignore"  # pixels no annotation covers: ignore, or a class name
+    min_labelled: float = 0.25  # keep a training patch when at least this share is labelled
+    class_map: dict | None = None  # label-image code -> class name (BCSS codes); unlisted codes ignored
+    mpp: float | None = None  # µm/px of image-folder data when the file names do not say it
 
 
 @dataclass(frozen=True)
