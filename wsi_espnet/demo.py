@@ -206,7 +206,12 @@ class DemoSlideSpec:
         iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
         fu, fv = (u - iu).astype(np.float32)[None, :, None], (v - iv).astype(np.float32)[:, None, None]
         cols = grid[:, iu] * (1 - fu) + grid[:, iu + 1] * fu
-        return cols[iv] * (1 - fv) + cols[iv + 1] * fv
+        out = cols[iv]
+        upper = cols[iv + 1]
+        upper -= out
+        upper *= fv
+        out += upper
+        return out
 
     def _classify(self, x: int, y: int, w: int, h: int, mpp: float):
         if w < 1 or h < 1:
@@ -346,8 +351,8 @@ class DemoSlideSpec:
 _GRAIN: dict[int, np.ndarray] = {}
 
 
-def _grain_table(seed: int, n: int = 1024) -> np.ndarray:
-    """A 1024 x 1024 table of uniform noise in [-1, 1), tiled over the slide: per-pixel grain without
+def _grain_table(seed: int, n: int = 512) -> np.ndarray:
+    """A 512 x 512 table of uniform noise in [-1, 1), tiled over the slide: per-pixel grain without
     hashing every pixel.  The period is invisible under the rest of the texture."""
     table = _GRAIN.get(seed)
     if table is None:
@@ -455,8 +460,11 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
                     if level == 0:  # the thumbnail is the second IFD, stripped, as Aperio writes it
                         scale = max(width, height) / 1024
                         tdims = spec.size_at_mpp(mpp * max(scale, 1.0))
-                        thumb = np.vstack([spec.rgb(0, ty, tdims[0], min(256, tdims[1] - ty), mpp * max(scale, 1.0))
-                                           for ty in range(0, tdims[1], 256)])
+                        thumb = np.empty((tdims[1], tdims[0], 3), np.uint8)
+                        for ty in range(0, tdims[1], tile):  # tile by tile: bounded memory
+                            for tx in range(0, tdims[0], tile):
+                                tw_, th_ = min(tile, tdims[0] - tx), min(tile, tdims[1] - ty)
+                                thumb[ty:ty + th_, tx:tx + tw_] = spec.rgb(tx, ty, tw_, th_, mpp * max(scale, 1.0))
                         tw.write(thumb, description=_aperio_description(spec, tdims, tile, quality, False),
                                  metadata=None, rowsperstrip=16, **jpeg)
         else:

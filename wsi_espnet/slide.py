@@ -40,7 +40,7 @@ LEVEL_TOLERANCE = 0.01
 
 #: Upper bound on the source pixels resampled at once, so a thumbnail of a slide without a pyramid is
 #: made in bounded memory instead of decoding its whole level 0 in one piece.
-MAX_SOURCE_PIXELS = 1 << 24
+MAX_SOURCE_PIXELS = 1 << 22
 
 #: Grid on which OpenSlide reads of levels with a non-integer downsample are anchored (level pixels).
 OPENSLIDE_BLOCK = 256
@@ -192,7 +192,6 @@ class Slide(ABC):
         x0, x_idx, x_w = _area_weights(x, w, fx)
         y0, y_idx, y_w = _area_weights(y, h, fy)
         src = self._read_level_padded(level, x0, y0, int(x_idx.max()) + 1, int(y_idx.max()) + 1)
-        src = src.astype(np.float64)
         rows = np.zeros((src.shape[0], w, 3))
         for t in range(x_idx.shape[0]):  # fixed summation order: results independent of the tiling
             rows += src[:, x_idx[t], :] * x_w[t][None, :, None]
