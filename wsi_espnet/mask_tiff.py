@@ -1,0 +1,370 @@
+"""The label mask as a tiled, compressed, pyramidal OME-TIFF that OpenSlide, tifffile and QuPath open.
+
+File layout (checked with OpenSlide 4.0.1, tifffile 2026.3 and Bio-Formats 7.3, the reader QuPath
+uses for OME-TIFF):
+
+* Little-endian TIFF (BigTIFF above ~3.5 GiB of raw pixels), every level tiled and deflate-compressed,
+  uint8 class ids, photometric *palette* with a ColorMap built from the class colours.
+* IFD 0 is the full working resolution and carries the OME-XML (physical pixel size in µm, class
+  names and colours) in its ImageDescription. The reduced levels (NewSubfileType = reduced image,
+  each half the size of the one before) are referenced twice: from IFD 0's **SubIFDs** tag, which is
+  how Bio-Formats (so QuPath) and tifffile find OME-TIFF pyramids, and as the **main IFD chain** after
+  IFD 0, which is how OpenSlide's generic-tiff driver finds levels (it never reads SubIFDs, so an
+  ordinary pyramidal OME-TIFF opens in OpenSlide with one level only). tifffile writes the SubIFD
+  layout; one 4- or 8-byte "next IFD" pointer of IFD 0 is then set to the first reduced level. Both
+  kinds of reader see the same bytes, so the file costs nothing extra.
+* Why little-endian matters: OpenSlide 4.0.1 cannot read *big-endian* classic TIFF at all (its TIFF
+  parser reads the first-IFD offset as 8 bytes and keeps the wrong half), which is why a Bio-Formats
+  written OME-TIFF such as ``OS-1-detail.ome.tif`` is "unsupported" there although it is tiled.
+
+What the readers return:
+
+* tifffile / Bio-Formats / QuPath: the raw class ids (QuPath shows them as a grey single channel).
+* OpenSlide (``read_region``): RGBA of the palette colours, i.e. a readable picture of the mask, not
+  the ids. Use tifffile (or :func:`read_mask_info` + tifffile) to get class ids back.
+
+Metadata: the OME ``Pixels`` element has ``PhysicalSizeX/Y`` (µm), and two ``MapAnnotation``\\ s in
+namespace :data:`CLASSES_NAMESPACE` list ``class id -> name`` and ``class id -> #rrggbb``; the image
+``Description`` spells the same out for people. :func:`read_mask_info` parses it back.
+
+Pyramid: each reduced level is the 2x2 *mode* of the level above (ties go to the top-left pixel). A
+mode keeps class areas unbiased at every level, where nearest-neighbour sampling aliases; single-pixel
+specks vanish at coarse levels, which only matters for display: level 0 is always exact. Levels are
+built into a temporary Zarr group next to the output, block by block, so no level is ever held whole
+in memory; then each level is streamed into the TIFF tile row by tile row.
+
+``255`` in the input means "not computed" (outside tissue) and is written as class 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+import tifffile
+import zarr
+
+from .errors import OutputExistsError, UserError
+
+NOT_COMPUTED = 255
+CLASSES_NAMESPACE = "wsi-espnet/classes"
+COLORS_NAMESPACE = "wsi-espnet/class-colors"
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+
+# Above this much raw pixel data (all levels) the file is written as BigTIFF: deflate cannot grow
+# data by more than a fraction of a percent, so classic TIFF's 4 GiB offsets are safe below it.
+_BIGTIFF_RAW_BYTES = int(3.5 * 2**30)
+# Bytes of raw tiles tifffile may hold for threaded compression (its default is 512 MiB).
+_COMPRESS_BUFFER = 4 * 2**20
+# Compressions that libtiff (OpenSlide), Bio-Formats (QuPath) and tifffile all decode.
+_COMPRESSIONS = {"zlib": "zlib", "deflate": "zlib", "lzw": "lzw", "packbits": "packbits", None: None}
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What :func:`read_mask_info` finds in a mask written by :func:`write_mask_tiff`."""
+
+    shape: tuple[int, int]
+    mpp: float
+    class_names: list[str]
+    colors: list[tuple[int, int, int]]
+    level_shapes: list[tuple[int, int]]
+
+
+def write_mask_tiff(
+    path: str | os.PathLike,
+    labels: Any,
+    mpp: float,
+    class_names: Sequence[str],
+    colors: Sequence[Sequence[int]],
+    *,
+    tile: int = 512,
+    compression: str | None = "zlib",
+    overwrite: bool = False,
+    bigtiff: bool | None = None,
+    block: int = 1024,
+) -> Path:
+    """Write ``labels`` (H x W uint8 class ids; a Zarr array or anything sliceable like NumPy) as a
+    pyramidal OME-TIFF at ``path``, reading it ``block``-sized pieces at a time.
+
+    ``mpp`` is the label image's pixel size in µm. ``bigtiff=None`` decides from the size. The file
+    appears at ``path`` only when complete (written as ``<name>.partial``, then renamed).
+    """
+    path = Path(path)
+    height, width = _check_labels(labels)
+    mpp = float(mpp)
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive number, got {mpp!r}")
+    palette = _palette(class_names, colors)
+    if tile <= 0 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16 (a TIFF rule), got {tile}")
+    if compression not in _COMPRESSIONS:
+        raise ValueError(f"compression must be one of {sorted(map(str, _COMPRESSIONS))}, got {compression!r}")
+    block = max(tile, block - block % tile)
+    _check_output(path, overwrite)
+
+    shapes = pyramid_shapes(height, width, tile)
+    if bigtiff is None:
+        bigtiff = sum(h * w for h, w in shapes) > _BIGTIFF_RAW_BYTES
+    partial = path.with_name(path.name + ".partial")
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
+    try:
+        levels = [labels] + _build_levels(labels, shapes, scratch, tile, block, len(class_names))
+        description = _ome_xml(path.name, width, height, mpp, class_names, palette[1])
+        _write_tiff(partial, levels, shapes, mpp, palette[0], description, tile,
+                    _COMPRESSIONS[compression], bigtiff, block, len(class_names))
+        _link_subifds_into_main_chain(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
+    """Level shapes, halving (rounding up) until the level fits in one tile."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > tile:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def read_mask_info(path: str | os.PathLike) -> MaskInfo:
+    """Pixel size, class names and colours, and level shapes of a mask written here."""
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages.first.description
+        level_shapes = [tuple(level.shape[:2]) for level in tif.series[0].levels]
+    root = ET.fromstring(xml)
+    ns = {"ome": OME_NS}
+    pixels = root.find("ome:Image/ome:Pixels", ns)
+    if pixels is None:
+        raise UserError(f"{path} has no OME-XML pixel description; was it written by wsi-espnet?")
+    maps: dict[str, dict[int, str]] = {}
+    for ann in root.findall("ome:StructuredAnnotations/ome:MapAnnotation", ns):
+        maps[ann.get("Namespace", "")] = {
+            int(m.get("K")): (m.text or "") for m in ann.findall("ome:Value/ome:M", ns)
+        }
+    names = maps.get(CLASSES_NAMESPACE, {})
+    hexes = maps.get(COLORS_NAMESPACE, {})
+    return MaskInfo(
+        shape=(int(pixels.get("SizeY")), int(pixels.get("SizeX"))),
+        mpp=float(pixels.get("PhysicalSizeX")),
+        class_names=[names[k] for k in sorted(names)],
+        colors=[_hex_to_rgb(hexes[k]) for k in sorted(hexes)],
+        level_shapes=level_shapes,
+    )
+
+
+def mode_downsample_2x2(block: np.ndarray) -> np.ndarray:
+    """Most frequent value of each 2x2 cell; ties (2+2, 1+1+1+1) go to the top-left pixel.
+
+    ``block`` must have even height and width. Six comparisons per output pixel, no histograms.
+    """
+    a, b = block[0::2, 0::2], block[0::2, 1::2]
+    c, d = block[1::2, 0::2], block[1::2, 1::2]
+    ab, ac, ad = a == b, a == c, a == d
+    bc, bd, cd = b == c, b == d, c == d
+    out = a.copy()
+    best = ab.astype(np.uint8) + ac + ad
+    for value, votes in ((b, ab.astype(np.uint8) + bc + bd),
+                         (c, ac.astype(np.uint8) + bc + cd),
+                         (d, ad.astype(np.uint8) + bd + cd)):
+        wins = votes > best
+        out[wins] = value[wins]
+        np.maximum(best, votes, out=best)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _check_labels(labels: Any) -> tuple[int, int]:
+    shape = tuple(getattr(labels, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) array, got shape {shape}")
+    if np.dtype(labels.dtype) != np.uint8:
+        raise ValueError(f"labels must be uint8 class ids, got {labels.dtype}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"labels must not be empty, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _palette(class_names: Sequence[str], colors: Sequence[Sequence[int]]) -> tuple[np.ndarray, list]:
+    """TIFF ColorMap (3 x 256, 16-bit) and the validated colours."""
+    if len(class_names) != len(colors):
+        raise ValueError(f"{len(class_names)} class names but {len(colors)} colours")
+    if not 1 <= len(class_names) < NOT_COMPUTED:
+        raise ValueError(f"need 1 to {NOT_COMPUTED - 1} classes, got {len(class_names)}")
+    rgb = []
+    for color in colors:
+        c = tuple(int(v) for v in color)
+        if len(c) != 3 or not all(0 <= v <= 255 for v in c):
+            raise ValueError(f"colours must be (r, g, b) in 0..255, got {color!r}")
+        rgb.append(c)
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[:, : len(rgb)] = np.asarray(rgb, np.uint16).T * 257  # 8-bit to 16-bit: 255 -> 65535
+    return colormap, rgb
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
+
+
+def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class ids of a block of input labels: "not computed" (255) becomes 0; any other id beyond the
+    class list is a bug upstream and stops the write rather than producing a silently wrong mask."""
+    block = np.asarray(block, dtype=np.uint8)
+    block = np.where(block == NOT_COMPUTED, np.uint8(0), block)
+    if block.size and int(block.max()) >= num_classes:
+        raise ValueError(f"label value {int(block.max())} found, but only {num_classes} classes are named")
+    return block
+
+
+# --------------------------------------------------------------------------------------- pyramid
+
+
+def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int,
+                  block: int, num_classes: int) -> list[zarr.Array]:
+    """Levels 1.. as Zarr arrays under ``scratch``, each from the previous one in blocks."""
+    levels: list[zarr.Array] = []
+    source = labels
+    for k, (h, w) in enumerate(shapes[1:], start=1):
+        dest = zarr.create_array(store=str(scratch / f"level{k}.zarr"), shape=(h, w), dtype="uint8",
+                                 chunks=(tile, tile), fill_value=0)
+        src_h, src_w = shapes[k - 1]
+        for y0 in range(0, h, block):
+            for x0 in range(0, w, block):
+                y1, x1 = min(y0 + block, h), min(x0 + block, w)
+                piece = np.asarray(source[2 * y0: min(2 * y1, src_h), 2 * x0: min(2 * x1, src_w)])
+                if k == 1:
+                    piece = clean_block(piece, num_classes)
+                pad = ((0, 2 * (y1 - y0) - piece.shape[0]), (0, 2 * (x1 - x0) - piece.shape[1]))
+                if any(p for _, p in pad):  # odd edge: repeat the last row/column
+                    piece = np.pad(piece, pad, mode="edge")
+                dest[y0:y1, x0:x1] = mode_downsample_2x2(piece)
+        levels.append(dest)
+        source = dest
+    return levels
+
+
+def _tiles(level: Any, shape: tuple[int, int], tile: int, block: int, clean: int | None) -> Iterator[np.ndarray]:
+    """Row-major tiles of one level, read ``tile`` rows by ``block`` columns at a time."""
+    h, w = shape
+    for y0 in range(0, h, tile):
+        for xb in range(0, w, block):
+            band = np.asarray(level[y0: y0 + tile, xb: min(xb + block, w)])
+            if clean is not None:
+                band = clean_block(band, clean)
+            for x0 in range(0, band.shape[1], tile):
+                yield band[:, x0: x0 + tile]
+
+
+def _write_tiff(path: Path, levels: list, shapes: list[tuple[int, int]], mpp: float,
+                colormap: np.ndarray, description: str, tile: int, compression: str | None,
+                bigtiff: bool, block: int, num_classes: int) -> None:
+    height, width = shapes[0]
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, byteorder="<", ome=False) as tif:
+        for k, (level, shape) in enumerate(zip(levels, shapes)):
+            # Physical size per level, from the real size ratio (odd sizes round up).
+            px_per_cm = (1e4 / (mpp * width / shape[1]), 1e4 / (mpp * height / shape[0]))
+            tif.write(
+                _tiles(level, shape, tile, block, num_classes if k == 0 else None),
+                shape=shape,
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="palette",
+                colormap=colormap,
+                compression=compression,
+                resolution=px_per_cm,
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if k == 0 else 1,
+                subifds=len(shapes) - 1 if k == 0 and len(shapes) > 1 else None,
+                description=description.encode("utf-8") if k == 0 else None,
+                software="wsi-espnet",
+                metadata=None,
+                maxworkers=2,
+                buffersize=_COMPRESS_BUFFER,
+            )
+
+
+def _link_subifds_into_main_chain(path: Path) -> None:
+    """Make the reduced levels (SubIFDs of IFD 0) also the main IFD chain, for OpenSlide.
+
+    tifffile links SubIFDs to each other already; only IFD 0's next-IFD pointer (0 as written) has
+    to point at the first SubIFD. Each link is checked before it is written. Ends with an fsync so
+    the rename that follows never publishes a file whose bytes are still only in the page cache.
+    """
+    with tifffile.TiffFile(path) as tif:
+        first = tif.pages.first
+        chain = [first.offset] + list(first.subifds or ())
+        big = tif.is_bigtiff
+    count_fmt, entry_size, ptr_fmt = ("<Q", 20, "<Q") if big else ("<H", 12, "<I")
+    with open(path, "r+b") as fh:
+        for here, nxt in zip(chain, chain[1:] + [0]):
+            fh.seek(here)
+            (entries,) = struct.unpack(count_fmt, fh.read(struct.calcsize(count_fmt)))
+            pos = here + struct.calcsize(count_fmt) + entries * entry_size
+            fh.seek(pos)
+            (current,) = struct.unpack(ptr_fmt, fh.read(struct.calcsize(ptr_fmt)))
+            if current == nxt:
+                continue
+            if current != 0:
+                raise RuntimeError(f"unexpected IFD chain in {path}: {here} -> {current}")
+            fh.seek(pos)
+            fh.write(struct.pack(ptr_fmt, nxt))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ------------------------------------------------------------------------------------------ OME-XML
+
+
+def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequence[str],
+             colors: list[tuple[int, int, int]]) -> str:
+    legend = "; ".join(f"{i}={n}" for i, n in enumerate(class_names))
+    names = "".join(f"<M K=\"{i}\">{escape(n)}</M>" for i, n in enumerate(class_names))
+    hexes = "".join(f"<M K=\"{i}\">#{r:02x}{g:02x}{b:02x}</M>" for i, (r, g, b) in enumerate(colors))
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<OME xmlns="{OME_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        f'xsi:schemaLocation="{OME_NS} {OME_NS}/ome.xsd" Creator="wsi-espnet">'
+        f'<Image ID="Image:0" Name={quoteattr(name)}>'
+        f"<Description>{escape('wsi-espnet class ids: ' + legend)}</Description>"
+        f'<Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" BigEndian="false" '
+        f'Interleaved="false" SignificantBits="8" SizeX="{width}" SizeY="{height}" SizeZ="1" '
+        f'SizeC="1" SizeT="1" PhysicalSizeX="{mpp!r}" PhysicalSizeXUnit="\u00b5m" '
+        f'PhysicalSizeY="{mpp!r}" PhysicalSizeYUnit="\u00b5m">'
+        '<Channel ID="Channel:0:0" Name="class" SamplesPerPixel="1"/>'
+        '<TiffData FirstC="0" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1"/>'
+        "</Pixels>"
+        '<AnnotationRef ID="Annotation:Classes:0"/><AnnotationRef ID="Annotation:Classes:1"/>'
+        "</Image>"
+        "<StructuredAnnotations>"
+        f'<MapAnnotation ID="Annotation:Classes:0" Namespace="{CLASSES_NAMESPACE}"><Value>{names}</Value></MapAnnotation>'
+        f'<MapAnnotation ID="Annotation:Classes:1" Namespace="{COLORS_NAMESPACE}"><Value>{hexes}</Value></MapAnnotation>'
+        "</StructuredAnnotations>"
+        "</OME>"
+    )
+
+
+def _hex_to_rgb(text: str) -> tuple[int, int, int]:
+    text = text.strip().lstrip("#")
+    return int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)

@@ -1,0 +1,172 @@
+"""A PNG preview: the slide thumbnail with the class colours blended on it, and a legend.
+
+The legend sits in a panel to the right of the image, so it never hides tissue. Classes named in
+``transparent`` (default ``("Background",)``, case-insensitive) and "not computed" pixels (255) are
+not tinted. :func:`downsample_labels` makes the small label image from the full-resolution Zarr
+labels block by block, by majority vote (mode) in each window: unlike nearest-neighbour sampling it
+does not alias thin structures into noise, and a class's share of the preview matches its share of
+the slide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import OutputExistsError, UserError
+
+NOT_COMPUTED = 255
+
+
+def write_overlay(
+    path: str | os.PathLike,
+    thumbnail_rgb: Any,
+    labels_small: np.ndarray,
+    colors: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    *,
+    alpha: float = 0.4,
+    legend: bool = True,
+    areas_mm2: Mapping[str, float] | None = None,
+    transparent: Sequence[str] = ("Background",),
+    overwrite: bool = False,
+) -> Path:
+    """Write the thumbnail (H x W x 3 uint8, or a PIL image) with ``labels_small`` blended on it.
+
+    ``labels_small`` may have any size: it is resized to the thumbnail (nearest neighbour).
+    ``areas_mm2`` (class name -> mm²) adds the area to each legend row (as "mm^2": the built-in
+    font has no "²").
+    """
+    path = Path(path)
+    rgb = np.asarray(thumbnail_rgb)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
+        raise ValueError(f"thumbnail must be H x W x 3 uint8, got {rgb.shape} {rgb.dtype}")
+    rgb = rgb[..., :3]
+    labels_small = np.asarray(labels_small)
+    if labels_small.ndim != 2 or labels_small.dtype != np.uint8:
+        raise ValueError(f"labels_small must be 2-D uint8, got {labels_small.shape} {labels_small.dtype}")
+    if len(colors) != len(class_names):
+        raise ValueError(f"{len(class_names)} class names but {len(colors)} colours")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_output(path, overwrite)
+
+    h, w = rgb.shape[:2]
+    if labels_small.shape != (h, w):
+        labels_small = np.asarray(Image.fromarray(labels_small).resize((w, h), Image.Resampling.NEAREST))
+    hidden = {t.casefold() for t in transparent}
+    lut = np.zeros((256, 3), np.float32)
+    tint = np.zeros(256, bool)
+    for i, (name, color) in enumerate(zip(class_names, colors)):
+        lut[i] = color
+        tint[i] = name.casefold() not in hidden
+    mask = tint[labels_small]
+    blended = rgb.astype(np.float32)
+    blended[mask] = (1 - alpha) * blended[mask] + alpha * lut[labels_small[mask]]
+    image = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+    if legend:
+        present = np.bincount(labels_small.ravel(), minlength=256)
+        rows = [(name, tuple(int(v) for v in colors[i]), (areas_mm2 or {}).get(name))
+                for i, name in enumerate(class_names)
+                if tint[i] and (present[i] > 0 or (areas_mm2 or {}).get(name, 0) > 0)]
+        image = _with_legend(image, rows)
+
+    partial = path.with_name(path.name + ".partial")
+    try:
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def downsample_labels(labels: Any, max_size: int, *, block: int = 2048) -> np.ndarray:
+    """Label image whose longer side is at most ``max_size``, by mode over ``f x f`` windows.
+
+    ``f = ceil(longer side / max_size)``; windows cut by the array's edge vote with the pixels they
+    have; ties go to the lower class id. Reads ``labels`` (Zarr or NumPy) about ``block`` x
+    ``block`` source pixels at a time, so memory stays bounded whatever the slide size. ``255``
+    (not computed) is counted as class 0, as everywhere else in the writers.
+    """
+    height, width = (int(v) for v in labels.shape)
+    if max_size < 1:
+        raise ValueError(f"max_size must be at least 1, got {max_size}")
+    f = max(1, math.ceil(max(height, width) / max_size))
+    out_h, out_w = math.ceil(height / f), math.ceil(width / f)
+    out = np.zeros((out_h, out_w), np.uint8)
+    step = max(1, block // f)  # output pixels per block side
+    for oy in range(0, out_h, step):
+        for ox in range(0, out_w, step):
+            src = np.asarray(labels[oy * f: (oy + step) * f, ox * f: (ox + step) * f], dtype=np.uint8)
+            src = np.where(src == NOT_COMPUTED, np.uint8(0), src)
+            out[oy: oy + step, ox: ox + step] = window_mode(src, f)
+    return out
+
+
+def window_mode(src: np.ndarray, f: int) -> np.ndarray:
+    """Most frequent value in each ``f x f`` window (partial windows at the edges count what they
+    hold); ties go to the lower value."""
+    if f == 1:
+        return src.copy()
+    h, w = src.shape
+    oh, ow = math.ceil(h / f), math.ceil(w / f)
+    valid = np.zeros((oh * f, ow * f), bool)
+    valid[:h, :w] = True
+    padded = np.zeros((oh * f, ow * f), np.uint8)
+    padded[:h, :w] = src
+    best = np.zeros((oh, ow), np.int32)
+    out = np.zeros((oh, ow), np.uint8)
+    for value in np.unique(src):
+        votes = ((padded == value) & valid).reshape(oh, f, ow, f).sum(axis=(1, 3), dtype=np.int32)
+        wins = votes > best
+        out[wins] = value
+        best[wins] = votes[wins]
+    return out
+
+
+def _with_legend(image: Image.Image, rows: list[tuple[str, tuple[int, int, int], float | None]]) -> Image.Image:
+    """The image with a white legend panel on its right: swatch, class name, area."""
+    if not rows:
+        return image
+    size = max(12, min(24, image.height // 30))
+    font = _font(size)
+    pad, swatch = size // 2, size
+    texts = [name if area is None else f"{name}  {area:.2f} mm^2" for name, _, area in rows]
+    measure = ImageDraw.Draw(image)
+    text_w = max(measure.textlength(t, font=font) for t in texts)
+    panel_w = int(pad * 3 + swatch + text_w + pad)
+    row_h = swatch + pad
+    panel_h = pad + row_h * len(rows)
+    out = Image.new("RGB", (image.width + panel_w, max(image.height, panel_h)), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x0 = image.width + pad
+    for i, ((_, color, _), text) in enumerate(zip(rows, texts)):
+        y = pad + i * row_h
+        draw.rectangle([x0, y, x0 + swatch, y + swatch], fill=color, outline=(0, 0, 0))
+        draw.text((x0 + swatch + pad, y + swatch / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return out
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable built-in font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
