@@ -197,29 +197,29 @@ def test_missing_path_directory_and_text_file(tmp_path, capsys):
     assert not list(tmp_path.glob("o.zarr*"))
 
 
-def test_truncated_slide_fails_cleanly(tmp_path, capsys):
+def test_truncated_and_unreadable_slides_fail_cleanly(tmp_path, capsys):
     whole = write_tiff(tmp_path / "whole.tif", tissue_image(600, 800))
     data = whole.read_bytes()
     out = tmp_path / "o.zarr"
-    # Cut inside the pixel data: the header opens, tile reads fail.
+    # Cut inside the pixel data.
     cut = tmp_path / "cut.tif"
     cut.write_bytes(data[: len(data) // 2])
     rc, _, err = run_cli(capsys, cut, "--out", out)
     assert_one_line_error(rc, err, "cut.tif")
-    assert not out.exists() and not Path(str(out) + ".partial").exists()
-    # With a tissue mask given, detection is skipped and the failure comes from a worker mid-run:
-    # still one line, and nothing at the final path.
-    mask = TissueMask(mask=np.ones((6, 8), bool), downsample=100.0, level0_size=(800, 600))
-    mask_png = mask.save_png(tmp_path / "all.png")
-    rc, _, err = run_cli(capsys, cut, "--out", out, "--tile", 128, "--tissue-mask", mask_png)
-    assert_one_line_error(rc, err, "cut.tif")
-    assert not out.exists()
     # A header cut short: not a slide at all.
     stub = tmp_path / "stub.svs"
     stub.write_bytes(data[:100])
     rc, _, err = run_cli(capsys, stub, "--out", out)
     assert_one_line_error(rc, err, "stub.svs")
-    assert not out.exists()
+    assert not list(tmp_path.glob("o.zarr*"))
+    # A slide that opens and then fails in the middle of the run, in a worker (the tissue mask is
+    # given, so the first failing read is a patch read): one line, nothing at the final path.
+    unreadable = REAL.parent / "openslide-python-fixtures" / "unreadable.svs"
+    mask_png = TissueMask(mask=np.ones((16, 16), bool), downsample=1.0, level0_size=(16, 16)).save_png(tmp_path / "m.png")
+    rc, _, err = run_cli(capsys, unreadable, "--out", out, "--tile", 16, "--mpp-out", "0.499",
+                         "--tissue-mask", mask_png, "--tissue-threshold", "0")
+    assert_one_line_error(rc, err, "Bogus marker length")
+    assert not list(tmp_path.glob("o.zarr*"))  # no patch was written: no .partial either
 
 
 def test_slide_without_tissue_gives_an_empty_valid_store(tmp_path, capsys):

@@ -68,6 +68,8 @@ PARTIAL_HASH_SPAN = 64 * 2**20
 FLUSH_EVERY = 256
 FLUSH_SECONDS = 5.0
 DONE_CHUNK = 4096
+#: zstd level of the ``patches`` array (see ``_compressor``).
+ZSTD_LEVEL = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,11 +126,12 @@ def _fingerprint(source: dict, grid: TileGrid, slide_mpp: float) -> dict[str, An
 
 
 def _compressor() -> Any:
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import ZstdCodec
 
-    # zstd level 3 through Blosc: ~2-3x on H&E patches at a few ms per 512² patch (see
-    # benchmarks/bench_tiling.py); Blosc's shuffle does nothing for 1-byte samples, so none.
-    return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
+    # H&E patches that came out of a scanner's JPEG compress poorly without loss (to ~0.7-0.8 of raw
+    # whatever the codec); zstd level 1 gets ~0.76 at ~3.5 ms per 512² patch, where level 3 gets ~0.70
+    # at ~18 ms and would be the largest cost of tiling (benchmarks/bench_tiling.py).
+    return ZstdCodec(level=ZSTD_LEVEL)
 
 
 def _create_store(path: Path, grid: TileGrid, attrs: dict[str, Any]) -> Any:
@@ -284,6 +287,8 @@ def write_patch_store(
                 f"{slide.path}: the slide has no physical pixel size; pass --mpp (µm per pixel at full resolution)"
             )
         if isinstance(tissue_mask, TissueMask):
+            if tissue_mask.level0_size is not None and tuple(tissue_mask.level0_size) != tuple(slide.dimensions):
+                raise UserError(f"the tissue mask was made for a {tissue_mask.level0_size} slide, not {slide.dimensions}")
             tissue, tissue_info = tissue_mask, {"source": "given"}
         elif tissue_mask is not None:
             tissue = TissueMask.load_png(tissue_mask, level0_size=tuple(slide.dimensions))
@@ -328,7 +333,12 @@ def write_patch_store(
             group["patches"], todo, done, len(grid), slide.path, slide_mpp, backend_used, mpp, workers, progress
         )
     except SlideError as exc:
-        raise SlideError(f"{exc} (the {int(done.flags.sum())} patches written so far are kept in {partial})") from None
+        written = int(done.flags.sum())
+        if written == 0:  # nothing worth keeping: leave no trace
+            del group
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        raise SlideError(f"{exc} (the {written} patches written so far are kept in {partial})") from None
     done.flush()
     if not done.flags.all():  # pragma: no cover - a bug, not a user error
         raise RuntimeError(f"{int((~done.flags).sum())} patches were not written")

@@ -42,11 +42,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import filters
 
 from .errors import UserError
 
@@ -66,7 +65,10 @@ class _SlideLike(Protocol):
     """What tissue detection needs from a slide (see :mod:`wsi_espnet.slide`)."""
 
     dimensions: tuple[int, int]
+    level_downsamples: Sequence[float]
     mpp: float | None
+
+    def level_for_downsample(self, downsample: float) -> int: ...
 
     def read_at_downsample(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray: ...
 
@@ -287,37 +289,51 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
     return mask | small[labels]
 
 
-def _otsu(values: np.ndarray) -> float:
-    """Otsu's threshold, or +inf for constant input (there is nothing to split)."""
-    if values.size == 0 or float(values.max()) == float(values.min()):
+def otsu_from_histogram(hist: np.ndarray) -> float:
+    """Otsu's threshold of integer values 0..len(hist)-1 given their histogram: foreground is
+    ``value > t``.  +inf when there is nothing to split (fewer than two distinct values)."""
+    hist = np.asarray(hist, dtype=np.float64)
+    total = hist.sum()
+    if total == 0 or np.count_nonzero(hist) < 2:
         return math.inf
-    return float(filters.threshold_otsu(values, nbins=256))
+    p = hist / total
+    levels = np.arange(len(hist), dtype=np.float64)
+    omega = np.cumsum(p)
+    mu = np.cumsum(p * levels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    between[~np.isfinite(between)] = -1.0
+    return float(np.argmax(between))
 
 
-def is_fluorescence(rgb: np.ndarray) -> bool:
-    """A slide whose typical pixel is dark: fluorescence (dark background), not bright-field."""
-    if rgb.size == 0:
-        return False
-    brightest = rgb.max(axis=-1)
-    return float(np.median(brightest)) < FLUORESCENCE_MEDIAN_MAX
+def _row_blocks(n_rows: int, n_cols: int) -> range:
+    """Row starts of blocks of about a million pixels: per-pixel rules run block by block so that
+    their float temporaries never scale with the whole mask."""
+    return range(0, n_rows, max(1, (1 << 20) // max(n_cols, 1)))
+
+
+def saturation8(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation scaled to 0..255, uint8 (one byte per pixel, for histograms and thresholds)."""
+    mx = rgb.max(axis=-1).astype(np.uint16)
+    mn = rgb.min(axis=-1).astype(np.uint16)
+    return ((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation in [0, 1], float32, without building the full HSV image."""
-    mx = rgb.max(axis=-1).astype(np.float32)
-    mn = rgb.min(axis=-1).astype(np.float32)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1), 0.0).astype(np.float32)
+    """HSV saturation in [0, 1], float32."""
+    return (saturation8(rgb) / np.float32(255.0)).astype(np.float32)
+
+
+_OD_LUT = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """Mean optical density over the channels, log10 units, float32 (0 for white)."""
-    lut = (-np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
-    return (lut[rgb[..., 0]] + lut[rgb[..., 1]] + lut[rgb[..., 2]]) / np.float32(3.0)
+    return (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3.0)
 
 
 def hue(rgb: np.ndarray) -> np.ndarray:
-    """HSV hue in [0, 1), float32 (0 for grey)."""
+    """HSV hue in [0, 1), float32 (0 for grey); ``rgb`` is (..., 3)."""
     x = rgb.astype(np.float32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     mx = x.max(axis=-1)
@@ -327,22 +343,37 @@ def hue(rgb: np.ndarray) -> np.ndarray:
     return np.where(delta > 0, h / 6.0, 0.0).astype(np.float32)
 
 
-def pen_mask(rgb: np.ndarray, sat: np.ndarray | None = None) -> np.ndarray:
-    """Blue and green ink: saturated hues between yellow-green (0.20) and blue (0.67).
+def pen_mask(rgb: np.ndarray, sat8: np.ndarray | None = None) -> np.ndarray:
+    """Blue and green ink: saturated (>= 0.35) hues between yellow-green (0.20) and blue (0.67).
 
     Eosin is pink-red (hue ~0.85-1.0) and haematoxylin violet (~0.70-0.80); neither reaches into
-    this band with high saturation, while ink does.
+    this band with high saturation, while ink does.  Hue is computed only where saturation qualifies.
     """
-    sat = saturation(rgb) if sat is None else sat
-    h = hue(rgb)
-    return (h >= 0.20) & (h < 0.67) & (sat >= 0.35)
+    sat8 = saturation8(rgb) if sat8 is None else sat8
+    out = sat8 >= 90  # 0.35 * 255
+    if out.any():
+        h = hue(rgb[out])
+        out[out] = (h >= 0.20) & (h < 0.67)
+    return out
 
 
-def dark_mask(rgb: np.ndarray, sat: np.ndarray | None = None) -> np.ndarray:
+def dark_mask(rgb: np.ndarray, sat8: np.ndarray | None = None) -> np.ndarray:
     """Black or dark grey: scanner borders, black ink, thick debris (stained tissue is never grey)."""
-    sat = saturation(rgb) if sat is None else sat
+    sat8 = saturation8(rgb) if sat8 is None else sat8
     brightest = rgb.max(axis=-1)
-    return (brightest < 50) | ((brightest < 90) & (sat < 0.25))
+    return (brightest < 50) | ((brightest < 90) & (sat8 < 64))  # 0.25 * 255
+
+
+def is_fluorescence(rgb: np.ndarray) -> bool:
+    """A slide whose typical pixel is dark: fluorescence (dark background), not bright-field."""
+    if rgb.size == 0:
+        return False
+    hist = np.zeros(256, np.int64)
+    blocks = _row_blocks(rgb.shape[0], rgb.shape[1])
+    for y in blocks:
+        hist += np.bincount(rgb[y : y + blocks.step].max(axis=-1).ravel(), minlength=256)
+    median = int(np.searchsorted(np.cumsum(hist), hist.sum() / 2.0))
+    return median < FLUORESCENCE_MEDIAN_MAX
 
 
 def tissue_mask_from_rgb(
@@ -357,16 +388,19 @@ def tissue_mask_from_rgb(
     """Boolean tissue mask of a low-resolution RGB image of a slide (see the module docstring).
 
     Sizes are in pixels of ``rgb``.  Never raises on odd content: a blank, black or constant image
-    gives an all-False mask.
+    gives an all-False mask.  Memory: a few bytes per pixel beyond ``rgb`` (per-pixel rules run in
+    blocks; thresholds come from histograms).
     """
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
-    rgb = np.ascontiguousarray(rgb[..., :3])
+    if rgb.shape[-1] != 3:
+        rgb = rgb[..., :3]
     if rgb.dtype != np.uint8:
         rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        return np.zeros(rgb.shape[:2], dtype=bool)
+    h, w = rgb.shape[:2]
+    if h == 0 or w == 0:
+        return np.zeros((h, w), dtype=bool)
     if mode == "auto":
         mode = "fluorescence" if is_fluorescence(rgb) else "brightfield"
     if mode == "fluorescence":
@@ -374,28 +408,40 @@ def tissue_mask_from_rgb(
     if mode != "brightfield":
         raise ValueError(f"mode must be auto, brightfield or fluorescence, got {mode!r}")
 
-    sat = saturation(rgb)
-    od = optical_density(rgb)
-    t_sat = float(np.clip(_otsu(sat), *SAT_THRESHOLD_RANGE))
-    background = (rgb.min(axis=-1) >= 215) & (sat < 0.10)
-    dark = dark_mask(rgb, sat)
-    pen = pen_mask(rgb, sat)
-    raw = ((sat >= t_sat) | (od >= DARK_TISSUE_OD)) & ~background & ~dark & ~pen
+    blocks = _row_blocks(h, w)
+    sat8 = np.empty((h, w), np.uint8)
+    for y in blocks:
+        sat8[y : y + blocks.step] = saturation8(rgb[y : y + blocks.step])
+    lo, hi = SAT_THRESHOLD_RANGE
+    t_sat = min(max(otsu_from_histogram(np.bincount(sat8.ravel(), minlength=256)) + 1, lo * 255), hi * 255)
+
+    raw = np.empty((h, w), bool)
+    exclude = np.empty((h, w), bool)
+    for y in blocks:
+        part, s8 = rgb[y : y + blocks.step], sat8[y : y + blocks.step]
+        background = (part.min(axis=-1) >= 215) & (s8 < 26)  # 0.10 * 255
+        dark = dark_mask(part, s8)
+        pen = pen_mask(part, s8)
+        tissue = (s8 >= t_sat) | (optical_density(part) >= DARK_TISSUE_OD)
+        raw[y : y + blocks.step] = tissue & ~background & ~dark & ~pen
+        exclude[y : y + blocks.step] = pen | dark
+    del sat8
 
     # Ink and dark blobs that are too small to be ink are ignored; the rest, grown by a few pixels,
     # is cut out *after* the closing and hole filling so that those cannot paint it back in.
-    exclude = remove_small_objects(pen | dark, min_object_px / 4)
+    exclude = remove_small_objects(exclude, min_object_px / 4)
     if exclude.any() and pen_dilation_px > 0:
         exclude = ndi.binary_dilation(exclude, _disk(pen_dilation_px))
 
     mask = _clean(raw, min_object_px, min_hole_px, closing_radius_px)
+    del raw
     mask &= ~exclude
     return remove_small_objects(mask, min_object_px)
 
 
 def _fluorescence_mask(rgb: np.ndarray, min_object_px: float, min_hole_px: float, closing_radius_px: float) -> np.ndarray:
     signal = rgb.max(axis=-1)
-    t = max(_otsu(signal), FLUORESCENCE_MIN_SIGNAL)
+    t = max(otsu_from_histogram(np.bincount(signal.ravel(), minlength=256)) + 1, FLUORESCENCE_MIN_SIGNAL)
     raw = signal >= t
     # Nuclei are separate dots at this scale: close harder so they merge into their tissue region.
     return _clean(raw, min_object_px, max(min_hole_px, 4 * min_object_px), 2 * closing_radius_px)
@@ -416,15 +462,26 @@ def _clean(raw: np.ndarray, min_object_px: float, min_hole_px: float, closing_ra
 # On a slide.
 
 
-def _mask_downsample(slide: _SlideLike, target_mpp: float, max_size: int | None) -> float:
+def _level_scale(downsample: float) -> float:
+    """A level's true factor: pyramids halve with rounding, so 2.0005 or 4.0002 stand for 2 and 4."""
+    k = round(downsample)
+    return float(k) if k >= 1 and abs(downsample - k) <= 0.01 * k else float(downsample)
+
+
+def mask_downsample(slide: _SlideLike, target_mpp: float, max_size: int | None) -> float:
+    """Level-0 pixels per mask pixel: about ``target_mpp``, an *integer* multiple of a pyramid level's
+    factor (so the low-resolution view is an exact block average of that level, the reader's fast
+    path) and coarse enough that the mask's longer side is at most ``max_size``."""
     w0, h0 = slide.dimensions
-    if slide.mpp:
-        ds = target_mpp / slide.mpp
-    else:
-        ds = target_mpp / NOMINAL_MPP
-    if max_size is not None:
-        ds = max(ds, max(w0, h0) / max_size)
-    return max(ds, 1.0)
+    ds = target_mpp / (slide.mpp or NOMINAL_MPP)
+    capped = max_size is not None and max(w0, h0) / ds > max_size
+    if capped:
+        ds = max(w0, h0) / max_size
+    ds = max(ds, 1.0)
+    scale = _level_scale(float(slide.level_downsamples[slide.level_for_downsample(ds)]))
+    factor = ds / scale
+    factor = math.ceil(factor - 1e-9) if capped else max(1, round(factor))
+    return scale * max(1, factor)
 
 
 def render_lowres(slide: _SlideLike, downsample: float) -> np.ndarray:
@@ -443,7 +500,7 @@ def detect_tissue(
     slide: _SlideLike,
     target_mpp: float = 8.0,
     *,
-    max_size: int | None = 8192,
+    max_size: int | None = 4096,
     min_object_um2: float = 10_000.0,
     min_hole_um2: float = 10_000.0,
     closing_um: float = 16.0,
@@ -451,12 +508,14 @@ def detect_tissue(
 ) -> TissueMask:
     """Tissue mask of a slide, computed at about ``target_mpp`` µm/px (see the module docstring).
 
-    ``max_size`` caps the mask's longer side (the resolution is coarsened for very large slides).
+    ``max_size`` caps the mask's longer side (the resolution is coarsened for very large slides; at
+    the default 8 µm/px it binds only past 32 mm).  The resolution is adjusted to a whole multiple of
+    a pyramid level (:func:`mask_downsample`), so ``mask.mpp`` may differ a little from ``target_mpp``.
     Without a slide mpp, sizes are converted with :data:`NOMINAL_MPP`; the mask then has ``mpp=None``.
     """
     if not target_mpp > 0:
         raise UserError(f"tissue detection resolution must be > 0 µm/px, got {target_mpp}")
-    ds = _mask_downsample(slide, target_mpp, max_size)
+    ds = mask_downsample(slide, target_mpp, max_size)
     rgb = render_lowres(slide, ds)
     px_um = ds * (slide.mpp or NOMINAL_MPP)
     resolved: Mode = mode if mode != "auto" else ("fluorescence" if is_fluorescence(rgb) else "brightfield")
