@@ -285,3 +285,43 @@ def test_truncated_slide_fails_at_open_in_every_backend(demo_svs, tmp_path, frac
     for backend in ("auto", "tifffile", "openslide"):
         msg = _one_line_slide_error(cut, backend=backend)
         assert any(w in msg for w in ("truncated", "Short read", "not a slide", "invalid", "Cannot")), msg
+
+
+# --------------------------------------------------------------------------- other TIFF/image flavours
+def test_strip_tiff_16_bit_grey_with_resolution_in_cm(tmp_path):
+    """OpenSlide does not open non-tiled TIFF: tifffile reads it lazily by strips."""
+    import tifffile
+
+    data = (np.arange(300 * 200, dtype=np.uint32).reshape(200, 300) * 7 % 65536).astype(np.uint16)
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, data, rowsperstrip=16, resolution=(4000, 4000), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert (s.backend, s.vendor, s.dimensions) == ("tifffile", "generic-tiff", (300, 200))
+        assert s.mpp == pytest.approx(2.5)  # 4000 px/cm
+        region = s.read_region((10, 20), 0, (5, 4))
+        want = np.floor(data[20:24, 10:15] / 257.0 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(region, np.repeat(want[..., None], 3, axis=2))
+    inch = tmp_path / "inch.tif"
+    tifffile.imwrite(inch, data, resolution=(25400, 25400), resolutionunit="INCH")
+    with open_slide(inch) as s:
+        assert s.mpp == pytest.approx(1.0)
+    none = tmp_path / "none.tif"
+    tifffile.imwrite(none, data, resolution=(5, 5), resolutionunit="NONE")
+    with open_slide(none) as s:
+        assert s.mpp is None
+        with pytest.raises(NoMppError, match="no unit"):
+            s.read_at_mpp(0, 0, 4, 4, 1.0)
+
+
+def test_transparent_pixels_are_white(tmp_path):
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :15, 3] = 255  # left half opaque red-ish, right half fully transparent
+    rgba[:, 15:20, 3] = 128
+    path = tmp_path / "alpha.png"
+    path.write_bytes(imagecodecs.png_encode(rgba))
+    with open_slide(path) as s:
+        r = s.read_region((0, 0), 0, (30, 20))
+        assert (r[:, :15] == (200, 0, 0)).all()
+        assert (r[:, 20:] == 255).all()
+        assert (r[:, 15:20] == (227, 127, 127)).all()  # (200*128 + 255*127) / 255, on white
