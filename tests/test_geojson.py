@@ -1,0 +1,183 @@
+"""QuPath GeoJSON: exact pixel polygons, valid (also on QuPath 0.6's 0.01 grid), in level-0 pixels."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import shapely
+import zarr
+from shapely.geometry import shape
+
+from wsi_espnet.errors import OutputExistsError
+from wsi_espnet.geojson import qupath_class_names, trace_regions, write_geojson
+
+NAMES = ["Background", "Tumor", "Stroma", "Fat"]
+COLORS = [(255, 255, 255), (200, 0, 0), (0, 150, 0), (0, 0, 255)]
+SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
+
+
+def _zarr(tmp_path: Path, lab: np.ndarray, chunks=(64, 64)) -> zarr.Array:
+    z = zarr.create_array(store=str(tmp_path / "labels.zarr"), shape=lab.shape, chunks=chunks, dtype="uint8")
+    z[:] = lab
+    return z
+
+
+def _write(tmp_path: Path, lab, **kw) -> tuple[dict, dict[str, dict]]:
+    kw.setdefault("scale", 1.0)
+    summary = write_geojson(tmp_path / "out.geojson", lab, class_names=kw.pop("class_names", NAMES),
+                            colors=kw.pop("colors", COLORS), **kw)
+    data = json.loads((tmp_path / "out.geojson").read_text(encoding="ascii"))
+    return summary, {f["properties"]["name"]: f for f in data["features"]}
+
+
+def _noisy_labels(seed: int, shape=(150, 170)) -> np.ndarray:
+    """Blobs with holes, islands, diagonal pinches, T-junctions of three classes."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 4, (shape[0] // 5 + 1, shape[1] // 5 + 1)).astype(np.uint8)
+    lab = np.kron(coarse, np.ones((5, 5), np.uint8))[: shape[0], : shape[1]].copy()
+    flip = rng.random(shape) < 0.08
+    lab[flip] = rng.integers(0, 4, flip.sum())
+    return lab
+
+
+def test_areas_exact_and_valid_on_qupath_grid_across_blocks(tmp_path):
+    lab = _noisy_labels(0)
+    lab[:7, :9] = 255  # not computed: no polygon
+    summary, feats = _write(tmp_path, _zarr(tmp_path, lab), scale=4.0, mpp=0.25, block=32)
+    assert set(feats) == {"Tumor", "Stroma", "Fat"}  # Background excluded by default
+    yy, xx = np.mgrid[: lab.shape[0], : lab.shape[1]]
+    for c, name in enumerate(NAMES[1:], start=1):
+        geom = shape(feats[name]["geometry"])
+        assert geom.geom_type == "MultiPolygon"
+        assert geom.is_valid, shapely.is_valid_reason(geom)
+        assert shapely.set_precision(geom, 0.01).is_valid
+        assert geom.area == (lab == c).sum() * 16  # exact, in level-0 px
+        assert summary["classes"][name]["pixels"] == (lab == c).sum()
+        assert summary["classes"][name]["area_um2"] == pytest.approx((lab == c).sum() * 0.0625)
+        # every pixel centre (level-0) lies inside its class's polygon and no other's
+        inside = shapely.contains_xy(geom, (xx.ravel() + 0.5) * 4, (yy.ravel() + 0.5) * 4).reshape(lab.shape)
+        assert np.array_equal(inside, lab == c)
+
+
+def test_region_over_many_blocks_is_one_polygon_without_seams(tmp_path):
+    lab = np.zeros((100, 120), np.uint8)
+    lab[10:90, 7:113] = 2
+    _, feats = _write(tmp_path, lab, block=16)
+    geom = shape(feats["Stroma"]["geometry"])
+    assert len(geom.geoms) == 1
+    assert shapely.get_num_coordinates(geom) == 5  # 4 corners + closing point: no seam vertices left
+    assert geom.equals(shapely.box(7, 10, 113, 90))
+
+
+def test_ring_gives_polygon_with_hole(tmp_path):
+    yy, xx = np.mgrid[:80, :80]
+    r2 = (yy - 40) ** 2 + (xx - 40) ** 2
+    lab = ((r2 < 30**2) & (r2 >= 15**2)).astype(np.uint8)
+    _, feats = _write(tmp_path, lab, block=32)
+    (poly,) = shape(feats["Tumor"]["geometry"]).geoms
+    assert len(poly.interiors) == 1
+    assert poly.area == lab.sum()
+    assert not poly.contains(shapely.Point(40.5, 40.5))
+
+
+def test_square_lands_on_level0_pixels_with_scale_and_offset(tmp_path):
+    lab = np.zeros((40, 50), np.uint8)
+    lab[5:12, 20:23] = 3  # label x 20..22, y 5..11
+    _, feats = _write(tmp_path, lab, scale=4.0, offset=(10, 6))
+    geom = shape(feats["Fat"]["geometry"])
+    assert geom.equals(shapely.box(4 * 20 - 10, 4 * 5 - 6, 4 * 23 - 10, 4 * 12 - 6))
+
+
+def test_fractional_scale_stays_valid_after_qupath_snapping(tmp_path):
+    lab = _noisy_labels(1, (90, 110))
+    _, feats = _write(tmp_path, lab, scale=3.98765, offset=(0.333, 12.5), block=40)
+    for c, name in enumerate(NAMES[1:], start=1):
+        geom = shape(feats[name]["geometry"])
+        assert geom.is_valid and shapely.set_precision(geom, 0.01).is_valid
+        coords = shapely.get_coordinates(geom)
+        assert np.allclose(coords * 100, np.round(coords * 100))  # already on QuPath's 0.01 grid
+        assert geom.area == pytest.approx((lab == c).sum() * 3.98765**2, rel=0.01)
+
+
+def test_simplify_keeps_areas_within_one_percent(tmp_path):
+    yy, xx = np.mgrid[:300, :300]
+    lab = (((yy - 150) ** 2 + (xx - 150) ** 2) < 120**2).astype(np.uint8)
+    summary, feats = _write(tmp_path, lab, scale=2.0, simplify=2.0)
+    geom = shape(feats["Tumor"]["geometry"])
+    assert geom.is_valid and shapely.set_precision(geom, 0.01).is_valid
+    assert geom.area == pytest.approx(lab.sum() * 4, rel=0.01)
+    assert summary["classes"]["Tumor"]["vertices"] < 4 * 120  # fewer than the exact staircase
+
+
+def test_qupath_feature_structure(tmp_path):
+    lab = _noisy_labels(2, (60, 60))
+    names = ["Background", "Tumour: invasive", "Stroma \u00e9", "Fat"]
+    summary, feats = _write(tmp_path, lab, class_names=names, exclude=(), mpp=0.5)
+    data = json.loads((tmp_path / "out.geojson").read_text(encoding="ascii"))
+    assert data["type"] == "FeatureCollection"
+    assert set(feats) == {"Background", "Tumour- invasive", "Stroma e", "Fat"}  # ASCII, no ':'
+    for feature in data["features"]:
+        assert feature["type"] == "Feature"
+        assert uuid.UUID(feature["id"]).version == 4
+        props = feature["properties"]
+        assert props["objectType"] == "annotation"
+        assert props["isLocked"] is False
+        cls = props["classification"]
+        assert cls["name"] == props["name"]
+        index = qupath_class_names(names).index(cls["name"])
+        assert cls["color"] == list(COLORS[index])
+        assert props["measurements"]["Area um^2"] == pytest.approx((lab == index).sum() * 0.25)
+    assert summary["classes"]["Tumour: invasive"]["written_name"] == "Tumour- invasive"
+
+
+def test_trace_regions_random_labels_match_pixels():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        h, w = rng.integers(1, 25, 2)
+        lab = rng.integers(-1, 3, (h, w)).astype(np.int16)
+        polys, classes = trace_regions(lab, origin=(3, 5))
+        assert shapely.is_valid(polys).all()
+        yy, xx = np.mgrid[:h, :w]
+        for c in range(3):
+            sel = polys[classes == c]
+            assert shapely.area(sel).sum() == (lab == c).sum()
+            if sel.size:
+                union = shapely.coverage_union_all(sel)
+                inside = shapely.contains_xy(union, xx.ravel() + 3.5, yy.ravel() + 5.5).reshape(h, w)
+                assert np.array_equal(inside, lab == c)
+
+
+def test_existing_output_unnamed_label_and_no_partial(tmp_path):
+    lab = np.ones((20, 20), np.uint8)
+    write_geojson(tmp_path / "a.geojson", lab, 1.0, class_names=NAMES, colors=COLORS)
+    with pytest.raises(OutputExistsError):
+        write_geojson(tmp_path / "a.geojson", lab, 1.0, class_names=NAMES, colors=COLORS)
+    lab[3, 3] = 7
+    with pytest.raises(ValueError, match="label value 7"):
+        write_geojson(tmp_path / "b.geojson", lab, 1.0, class_names=NAMES, colors=COLORS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson"]
+
+
+def test_coordinates_land_on_real_slide_pixels(tmp_path):
+    """Dark-tissue mask of a real Aperio slide at 1/4 resolution: every polygon vertex region maps
+    back onto level-0 pixels whose 4x4 block is dark, and light blocks are outside."""
+    with openslide.OpenSlide(SLIDES / "real" / "CMU-1-Small-Region.svs") as slide:
+        x0, y0, w, h = 600, 1200, 640, 480  # a level-0 window with tissue and glass
+        rgb = np.asarray(slide.read_region((x0, y0), 0, (w, h)).convert("L"), np.float32)
+    blocks = rgb.reshape(h // 4, 4, w // 4, 4).mean(axis=(1, 3))
+    lab = (blocks < 180).astype(np.uint8)
+    assert 0.1 < lab.mean() < 0.9
+    # The label map covers the window only: the offset moves it back to slide coordinates.
+    _, feats = _write(tmp_path, lab, scale=4.0, offset=(-x0, -y0), block=64)
+    geom = shape(feats["Tumor"]["geometry"])
+    assert geom.is_valid and geom.area == lab.sum() * 16
+    rng = np.random.default_rng(0)
+    px = rng.uniform(x0, x0 + w, 4000)
+    py = rng.uniform(y0, y0 + h, 4000)
+    dark = blocks[((py - y0) // 4).astype(int), ((px - x0) // 4).astype(int)] < 180
+    assert np.array_equal(shapely.contains_xy(geom, px, py), dark)
