@@ -43,8 +43,8 @@ CLASS_NAMES = ("Background", "Benign epithelium", "Malignant epithelium", "Norma
 
 #: Physical step of the layout grid; coarser reads use a coarser (nested) grid, see ``_layout_step``.
 LAYOUT_STEP_UM = 4.0
-GLAND_CELL_UM = 170.0
-VESSEL_CELL_UM = 110.0
+GLAND_CELL_UM = 220.0
+VESSEL_CELL_UM = 140.0
 NUCLEUS_CELL_UM = 10.0
 
 # Per-class appearance, indexed by class id: base colour, fibre colour amplitude, cell colour,
@@ -263,7 +263,7 @@ class DemoSlideSpec:
         from the tumour zone."""
         for p, block, dx, dy in self._shapes(px, py, GLAND_CELL_UM, 57.0, self.seed * 1000 + 11):
             present, _, _, size, ecc, ang = (float(v) for v in p)
-            if present >= 0.6:
+            if present >= 0.7:
                 continue
             a = 30.0 + 20.0 * size
             b = a * (0.65 + 0.35 * ecc)
@@ -278,7 +278,7 @@ class DemoSlideSpec:
     def _vessels(self, labels: np.ndarray, px: np.ndarray, py: np.ndarray, wobble: np.ndarray) -> None:
         """Blood: small irregular pools in stroma (a vessel cut across, or haemorrhage)."""
         for p, block, dx, dy in self._shapes(px, py, VESSEL_CELL_UM, 28.0, self.seed * 1000 + 13):
-            if float(p[0]) >= 0.22:
+            if float(p[0]) >= 0.3:
                 continue
             radius = 9.0 + 14.0 * float(p[3])
             rho = np.sqrt(dx * dx + dy * dy) / radius * (1.0 + 0.35 * (wobble[block] - 0.5))
