@@ -40,7 +40,8 @@ def _zarr(tmp_path, lab: np.ndarray, chunks=(256, 256)) -> zarr.Array:
 def written(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mask")
     lab = _labels()
-    path = write_mask_tiff(tmp / "slide.mask.tif", _zarr(tmp, lab), MPP, NAMES, COLORS, tile=256)
+    path = write_mask_tiff(tmp / "slide.mask.tif", _zarr(tmp, lab), MPP, NAMES, COLORS, tile=256,
+                           scale=2.0, offset=(7, 9))
     return path, lab
 
 
@@ -66,6 +67,7 @@ def test_tifffile_reads_every_level_exactly_and_the_metadata(written):
     assert info.class_names == NAMES
     assert info.colors == COLORS
     assert info.level_shapes == pyramid_shapes(*lab.shape, 256)
+    assert info.scale == 2.0 and info.offset == (7.0, 9.0)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome and tif.byteorder == "<"
         series = tif.series[0]
@@ -112,6 +114,7 @@ def test_mode_downsample_2x2_majority_and_ties():
 def test_numpy_input_bigtiff_and_one_level(tmp_path):
     lab = _labels(100, 120)
     path = write_mask_tiff(tmp_path / "small.tif", lab, 2.0, NAMES, COLORS, tile=128, bigtiff=True)
+    assert read_mask_info(path).scale is None
     with tifffile.TiffFile(path) as tif:
         assert tif.is_bigtiff
         assert len(tif.series[0].levels) == 1

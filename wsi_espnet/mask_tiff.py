@@ -23,9 +23,12 @@ What the readers return:
 * OpenSlide (``read_region``): RGBA of the palette colours, i.e. a readable picture of the mask, not
   the ids. Use tifffile (or :func:`read_mask_info` + tifffile) to get class ids back.
 
-Metadata: the OME ``Pixels`` element has ``PhysicalSizeX/Y`` (µm), and two ``MapAnnotation``\\ s in
-namespace :data:`CLASSES_NAMESPACE` list ``class id -> name`` and ``class id -> #rrggbb``; the image
-``Description`` spells the same out for people. :func:`read_mask_info` parses it back.
+Metadata: the OME ``Pixels`` element has ``PhysicalSizeX/Y`` (µm); ``MapAnnotation``\\ s in
+namespaces :data:`CLASSES_NAMESPACE` and :data:`COLORS_NAMESPACE` list ``class id -> name`` and
+``class id -> #rrggbb``, and :data:`SLIDE_NAMESPACE` the slide mapping (``scale``, ``bounds-x``,
+``bounds-y``); the image ``Description`` spells the classes out for people. :func:`read_mask_info`
+parses it all back. (OME-XML rather than a JSON ImageDescription: Bio-Formats and QuPath need the
+OME-XML there to find the pyramid and the pixel size, and a TIFF page has one description.)
 
 Pyramid: each reduced level is the 2x2 *mode* of the level above (ties go to the top-left pixel). A
 mode keeps class areas unbiased at every level, where nearest-neighbour sampling aliases; single-pixel
@@ -59,6 +62,7 @@ from .errors import OutputExistsError, UserError
 NOT_COMPUTED = 255
 CLASSES_NAMESPACE = "wsi-espnet/classes"
 COLORS_NAMESPACE = "wsi-espnet/class-colors"
+SLIDE_NAMESPACE = "wsi-espnet/slide"  # keys: scale, bounds-x, bounds-y (see write_mask_tiff)
 OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 
 # Above this much raw pixel data (all levels) the file is written as BigTIFF: deflate cannot grow
@@ -79,6 +83,8 @@ class MaskInfo:
     class_names: list[str]
     colors: list[tuple[int, int, int]]
     level_shapes: list[tuple[int, int]]
+    scale: float | None  # slide level-0 px per mask px, when the writer was told
+    offset: tuple[float, float]  # the slide's bounds-x/y (QuPath's origin on OpenSlide-cropped slides)
 
 
 def write_mask_tiff(
@@ -93,12 +99,18 @@ def write_mask_tiff(
     overwrite: bool = False,
     bigtiff: bool | None = None,
     block: int = 1024,
+    scale: float | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
 ) -> Path:
     """Write ``labels`` (H x W uint8 class ids; a Zarr array or anything sliceable like NumPy) as a
     pyramidal OME-TIFF at ``path``, reading it ``block``-sized pieces at a time.
 
     ``mpp`` is the label image's pixel size in µm. ``bigtiff=None`` decides from the size. The file
     appears at ``path`` only when complete (written as ``<name>.partial``, then renamed).
+
+    ``scale`` (slide level-0 px per mask px) and ``offset`` (the slide's ``openslide.bounds-x/y``)
+    are only recorded, for tools that map the mask back onto the slide (the QuPath import script
+    in ``examples/`` uses them; a slide without mpp in QuPath has nothing else to go by).
     """
     path = Path(path)
     height, width = _check_labels(labels)
@@ -120,7 +132,7 @@ def write_mask_tiff(
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
     try:
         levels = [labels] + _build_levels(labels, shapes, scratch, tile, block, len(class_names))
-        description = _ome_xml(path.name, width, height, mpp, class_names, palette[1])
+        description = _ome_xml(path.name, width, height, mpp, class_names, palette[1], scale, offset)
         _write_tiff(partial, levels, shapes, mpp, palette[0], description, tile,
                     _COMPRESSIONS[compression], bigtiff, block, len(class_names))
         _link_subifds_into_main_chain(partial)
@@ -152,19 +164,22 @@ def read_mask_info(path: str | os.PathLike) -> MaskInfo:
     pixels = root.find("ome:Image/ome:Pixels", ns)
     if pixels is None:
         raise UserError(f"{path} has no OME-XML pixel description; was it written by wsi-espnet?")
-    maps: dict[str, dict[int, str]] = {}
+    maps: dict[str, dict[str, str]] = {}
     for ann in root.findall("ome:StructuredAnnotations/ome:MapAnnotation", ns):
         maps[ann.get("Namespace", "")] = {
-            int(m.get("K")): (m.text or "") for m in ann.findall("ome:Value/ome:M", ns)
+            m.get("K"): (m.text or "") for m in ann.findall("ome:Value/ome:M", ns)
         }
-    names = maps.get(CLASSES_NAMESPACE, {})
-    hexes = maps.get(COLORS_NAMESPACE, {})
+    names = {int(k): v for k, v in maps.get(CLASSES_NAMESPACE, {}).items()}
+    hexes = {int(k): v for k, v in maps.get(COLORS_NAMESPACE, {}).items()}
+    slide = maps.get(SLIDE_NAMESPACE, {})
     return MaskInfo(
         shape=(int(pixels.get("SizeY")), int(pixels.get("SizeX"))),
         mpp=float(pixels.get("PhysicalSizeX")),
         class_names=[names[k] for k in sorted(names)],
         colors=[_hex_to_rgb(hexes[k]) for k in sorted(hexes)],
         level_shapes=level_shapes,
+        scale=float(slide["scale"]) if "scale" in slide else None,
+        offset=(float(slide.get("bounds-x", 0)), float(slide.get("bounds-y", 0))),
     )
 
 
@@ -338,10 +353,12 @@ def _link_subifds_into_main_chain(path: Path) -> None:
 
 
 def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequence[str],
-             colors: list[tuple[int, int, int]]) -> str:
+             colors: list[tuple[int, int, int]], scale: float | None, offset: tuple[float, float]) -> str:
     legend = "; ".join(f"{i}={n}" for i, n in enumerate(class_names))
     names = "".join(f"<M K=\"{i}\">{escape(n)}</M>" for i, n in enumerate(class_names))
     hexes = "".join(f"<M K=\"{i}\">#{r:02x}{g:02x}{b:02x}</M>" for i, (r, g, b) in enumerate(colors))
+    slide = "".join(f"<M K=\"{k}\">{float(v)!r}</M>" for k, v in
+                    ((("scale", scale),) if scale is not None else ()) + (("bounds-x", offset[0]), ("bounds-y", offset[1])))
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         f'<OME xmlns="{OME_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
@@ -356,10 +373,12 @@ def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequen
         '<TiffData FirstC="0" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1"/>'
         "</Pixels>"
         '<AnnotationRef ID="Annotation:Classes:0"/><AnnotationRef ID="Annotation:Classes:1"/>'
+        '<AnnotationRef ID="Annotation:Slide:0"/>'
         "</Image>"
         "<StructuredAnnotations>"
         f'<MapAnnotation ID="Annotation:Classes:0" Namespace="{CLASSES_NAMESPACE}"><Value>{names}</Value></MapAnnotation>'
         f'<MapAnnotation ID="Annotation:Classes:1" Namespace="{COLORS_NAMESPACE}"><Value>{hexes}</Value></MapAnnotation>'
+        f'<MapAnnotation ID="Annotation:Slide:0" Namespace="{SLIDE_NAMESPACE}"><Value>{slide}</Value></MapAnnotation>'
         "</StructuredAnnotations>"
         "</OME>"
     )
