@@ -1,0 +1,308 @@
+"""wsi-batch: archives of slides on a real Dask LocalCluster (worker processes), real slide files,
+a real (small, random-weight) ESPNet.
+
+The cluster tests kill real worker processes and compare masks byte for byte; the archive test
+goes through the CLI's own LocalCluster, the others through a scheduler address (a module cluster
+standing in for a lab's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import wsi_espnet
+from pipelines.archive import find_slides, output_state
+from pipelines.batch import BatchOptions, main, plan_local_cluster, process_slide, run_batch
+from wsi_espnet.demo import write_demo_slide
+from wsi_espnet.errors import UserError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL = SHARED / "slides" / "real"
+FIXTURES = SHARED / "slides" / "openslide-python-fixtures"
+TILING = ["--tile", "256", "--overlap", "32"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    wsi_espnet.save_checkpoint(path, wsi_espnet.ESPNet(8, 2, 3), wsi_espnet.load_config("breast_biopsy"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """A cluster of 2 worker processes reached by address, as a lab's cluster would be."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"allowed_failures": 2}, silence_logs=logging.ERROR) as cluster:
+        yield cluster.scheduler_address
+
+
+def _options(model: Path, scheduler: str | None = None, **kw) -> BatchOptions:
+    return BatchOptions(model=str(model), scheduler=scheduler, tile=256, overlap=32, progress=False, **kw)
+
+
+def _rows(report_json: Path) -> dict[str, dict]:
+    return {Path(r["slide"]).name: r for r in json.loads(report_json.read_text())["slides"]}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name.endswith((".partial", ".work", ".tmp")) or ".levels-" in p.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding slides: no cluster
+
+
+def test_find_slides_mirrors_the_tree_dedupes_and_reads_manifests(tmp_path):
+    root = tmp_path / "archive"
+    for rel in ["a.svs", "case1/b.SVS", "case1/block2/c.ome.tif", "case2/notes.txt", ".hidden/x.svs"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "dicom").mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(FIXTURES / name, root / "dicom" / name)
+    out = root / "results"  # OUT inside the archive: its masks must never be taken for slides
+    (out / "case1").mkdir(parents=True)
+    (out / "case1" / "b.mask.tif").write_bytes(b"x")
+    (root / "a.mask.tif.work").mkdir()
+
+    archive = find_slides([root, root / "case1" / "b.SVS", str(root / "**" / "*.svs")], out)
+    stems = {j.slide.relative_to(root).as_posix(): j.stem.relative_to(out).as_posix() for j in archive.jobs}
+    assert stems == {"a.svs": "a", "case1/b.SVS": "case1/b", "case1/block2/c.ome.tif": "case1/block2/c",
+                     "dicom/boxes_0.dcm": "dicom"}  # one DICOM slide per folder, named for it
+    assert len(archive.duplicates) == 2  # b.SVS as a file, a.svs again through the (case-sensitive) glob
+    assert archive.jobs[0].mask == out / "a.mask.tif"
+
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("slide,mpp,Tile,out,case_id\narchive/a.svs,0.25,,,P1\n"
+                        f"{root / 'case1' / 'b.SVS'},,512,renamed/b1.mask.tif,P2\n\n")
+    jobs = find_slides([manifest], tmp_path / "o2")
+    assert [j.options for j in jobs.jobs] == [{"mpp": 0.25}, {"tile": 512}]
+    assert jobs.jobs[1].mask == (tmp_path / "o2" / "renamed" / "b1.mask.tif").resolve()
+    assert "case_id" in jobs.warnings[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path\nfoo.svs\n", "no 'slide' column"),
+    ("slide,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a number"),
+    ("slide,out\na.svs,../escape\n", "must be a relative name"),
+])
+def test_bad_manifest_is_a_user_error(tmp_path, content, message):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        find_slides([manifest], tmp_path / "out")
+
+
+def test_invocation_errors_exit_2_with_one_line(tmp_path, capsys, model_file):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "s.svs").write_bytes(b"x")
+    (tmp_path / "x" / "s.tif").write_bytes(b"x")  # same stem, same folder: same output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.svs\n")
+    cases = [([str(tmp_path / "missing")], "no such file or folder"),
+             ([str(tmp_path / "empty")], "no slides found"),
+             ([str(bad)], "no 'slide' column"),
+             ([str(tmp_path / "x")], "would both write"),
+             ([str(tmp_path / "x" / "s.svs"), "--tile", "100"], "divisible by 8"),
+             ([str(tmp_path / "x" / "s.svs"), "--model", str(tmp_path / "nope.pt")], "no such file")]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+def test_local_cluster_sizing():
+    gib = 1 << 30
+    assert plan_local_cluster(100, 16, 64 * gib) == plan_local_cluster(100, 16, 64 * gib, workers=8)
+    assert plan_local_cluster(100, 16, 64 * gib).torch_threads == 2
+    assert plan_local_cluster(3, 16, 64 * gib).workers == 3  # never more workers than slides
+    assert plan_local_cluster(100, 16, 6 * gib).workers == 2  # nor than memory allows
+    gpu = plan_local_cluster(100, 16, 64 * gib, gpus=2)
+    assert (gpu.workers, gpu.torch_threads, gpu.gpus) == (2, 8, 2)  # one slide per GPU
+
+
+def test_unreadable_slide_is_a_failed_row_not_an_exception(tmp_path, model_file):
+    """Dask retries exceptions; a corrupt file must come back as a row so it is never retried."""
+    mask = tmp_path / "out" / "unreadable.mask.tif"
+    spec = {"slide": str(FIXTURES / "unreadable.svs"), "outputs": {"mask": str(mask)}, "model": str(model_file),
+            "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 8, "tissue_threshold": None,
+                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+    row = process_slide(spec)
+    assert row["status"] == "failed" and row["error_type"] == "SlideError"
+    assert "Bogus marker length" in row["error"] and "\n" not in row["error"]
+    assert not mask.exists() and not (tmp_path / "out" / "unreadable.mask.tif.work").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# On clusters
+
+
+def test_archive_with_corrupt_truncated_and_unreadable_slides(tmp_path, model_file, capsys):
+    """The CLI's own LocalCluster, 2 worker processes: good slides done, bad ones reported, exit 1."""
+    root = tmp_path / "archive"
+    (root / "case1" / "block1").mkdir(parents=True)
+    (root / "case2").mkdir()
+    write_demo_slide(root / "case1" / "a.svs", 768, 512, mpp=1.0, seed=1)
+    write_demo_slide(root / "case1" / "block1" / "b.svs", 1024, 640, mpp=0.5, seed=2)
+    write_demo_slide(root / "case2" / "c.ome.tif", 640, 640, mpp=1.0, seed=3, fmt="ome")
+    (root / "case2" / "corrupt.svs").write_bytes(np.random.default_rng(0).bytes(50_000))
+    real = (REAL / "CMU-1-Small-Region.svs").read_bytes()
+    (root / "case2" / "truncated.svs").write_bytes(real[: len(real) // 2])
+    shutil.copy(FIXTURES / "unreadable.svs", root / "unreadable.svs")
+    out = tmp_path / "out"
+
+    code = main([str(root), "--out", str(out), "--model", str(model_file), "--workers", "2", "--quiet", *TILING])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "LocalCluster: 2 worker process(es)" in captured.err and "Dask dashboard" in captured.err
+    assert "6 slides: 3 done, 0 skipped, 3 failed" in captured.out
+
+    import openslide
+
+    rows = _rows(out / "report.json")
+    for rel in ["case1/a", "case1/block1/b", "case2/c"]:
+        mask = out / f"{rel}.mask.tif"
+        row = rows[Path(rel).name + (".ome.tif" if rel.endswith("c") else ".svs")]
+        assert row["status"] == "done" and row["tiles"] > 0 and row["outputs"]["mask"] == str(mask)
+        assert sum(row["class_mm2"].values()) > 0
+        labels = tifffile.imread(mask)
+        assert labels.dtype == np.uint8 and labels.max() < 8
+        with openslide.OpenSlide(mask) as slide:
+            assert slide.dimensions == labels.shape[::-1]
+    for name, message in [("corrupt.svs", "not a slide"), ("truncated.svs", "truncated.svs"),
+                          ("unreadable.svs", "Bogus marker length")]:
+        assert rows[name]["status"] == "failed" and message in rows[name]["error"], rows[name]
+        assert f"failed: " in captured.out and str(root) in captured.out
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("slide,status,error,tiles,seconds") and "mm2 Necrosis" in csv_lines[0]
+    assert len(csv_lines) == 7 and sum(",failed," in line for line in csv_lines) == 3
+    assert _leftovers(out) == []
+
+
+def _interrupt_after(engine, batches: int):
+    """A real engine that stops the run (as Ctrl-C would) after ``batches`` model calls."""
+
+    class Interrupting:
+        config = engine.config
+        device = engine.device
+        model_id = engine.model_id
+        calls = 0
+
+        def predict_proba(self, images):
+            Interrupting.calls += 1
+            if Interrupting.calls > batches:
+                raise KeyboardInterrupt
+            return engine.predict_proba(images)
+
+    return Interrupting()
+
+
+def test_rerun_skips_done_redoes_invalid_resumes_partial_and_runs_duplicates_once(tmp_path, model_file, scheduler):
+    from wsi_espnet.engine import make_engine
+    from wsi_espnet.segment import SegmentOptions, segment_slide
+
+    root = tmp_path / "archive"
+    (root / "s1").mkdir(parents=True)
+    (root / "s2" / "deep").mkdir(parents=True)
+    write_demo_slide(root / "s1" / "a.svs", 768, 512, mpp=1.0, seed=4)
+    write_demo_slide(root / "s2" / "deep" / "b.svs", 768, 768, mpp=1.0, seed=5)
+    out = tmp_path / "out"
+    first = run_batch([root], out, _options(model_file, scheduler))
+    assert (first.done, first.failed, first.exit_code) == (2, 0, 0)
+    a_mask, b_mask = out / "s1" / "a.mask.tif", out / "s2" / "deep" / "b.mask.tif"
+    a_mtime = a_mask.stat().st_mtime_ns
+
+    # b's mask cut short (a copy interrupted); a new slide c left half done by an interrupted run.
+    b_mask.write_bytes(b_mask.read_bytes()[: b_mask.stat().st_size // 2])
+    write_demo_slide(root / "s2" / "c.svs", 1536, 1536, mpp=1.0, seed=6)
+    c_mask = out / "s2" / "c.mask.tif"
+    engine = make_engine(model_file, "torch", "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(root / "s2" / "c.svs", c_mask, model_file,
+                      SegmentOptions(tile=256, overlap=32, batch=4, progress=False), engine=_interrupt_after(engine, 9))
+    progress = json.loads((out / "s2" / "c.mask.tif.work" / "progress.json").read_text())
+    assert progress["flushed_y"] > 0 and not c_mask.exists()
+    job_states = {j.slide.name: output_state(j) for j in find_slides([root], out).jobs}
+    assert job_states == {"a.svs": "done", "b.svs": "todo", "c.svs": "partial"}
+
+    again = run_batch([root, root / "s1" / "a.svs", str(root / "**" / "c.svs")], out,
+                      _options(model_file, scheduler, batch=4))
+    assert (again.total, again.done, again.skipped, again.failed, again.exit_code) == (3, 2, 1, 0, 0)
+    rows = _rows(out / "report.json")
+    assert rows["a.svs"]["status"] == "skipped" and rows["a.svs"]["tiles"] == _rows_of(first)["a.svs"]["tiles"]
+    assert a_mask.stat().st_mtime_ns == a_mtime  # untouched
+    assert rows["b.svs"]["status"] == "done" and tifffile.imread(b_mask).shape == (768, 768)
+    assert rows["c.svs"]["status"] == "done" and rows["c.svs"]["resumed_from_row"] > 0
+    assert tifffile.imread(c_mask).shape == (1536, 1536)
+    assert len((out / "report.csv").read_text().splitlines()) == 4  # header + 3: the duplicates ran once
+    assert _leftovers(out) == []
+
+
+def _rows_of(summary) -> dict[str, dict]:
+    return {Path(r["slide"]).name: r for r in summary.rows}
+
+
+def test_worker_killed_mid_slide_is_retried_and_resumes_to_the_same_mask(tmp_path, model_file, scheduler):
+    from distributed import Client
+
+    slide = write_demo_slide(tmp_path / "big.svs", 2048, 2048, mpp=1.0, seed=7)
+    reference = run_batch([slide], tmp_path / "ref", _options(model_file, scheduler))
+    assert reference.done == 1
+    expected = (tmp_path / "ref" / "big.mask.tif").read_bytes()
+
+    out = tmp_path / "out"
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(s=run_batch([slide], out, _options(model_file, scheduler))))
+    runner.start()
+    progress = out / "big.mask.tif.work" / "progress.json"
+    killed = None
+    with Client(scheduler, timeout="20s") as client:
+        deadline = time.monotonic() + 60
+        while runner.is_alive() and time.monotonic() < deadline:
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("flushed_y", 0) > 0 and not state.get("done"):
+                busy = [w for w, keys in client.processing().items() if keys]
+                assert len(busy) == 1
+                pid = client.run(os.getpid, workers=busy)[busy[0]]
+                # The report already lists the slide, still pending, while it runs.
+                assert _rows(out / "report.json")["big.svs"]["status"] == "pending"
+                os.kill(pid, signal.SIGKILL)
+                killed = (pid, state["flushed_y"])
+                break
+            time.sleep(0.01)
+        runner.join(120)
+    assert killed is not None, "the slide finished before it could be interrupted"
+    summary = result["s"]
+    assert (summary.done, summary.failed, summary.exit_code) == (1, 0, 0)
+    row = summary.rows[0]
+    assert row["resumed_from_row"] > 0  # the retry picked up the killed worker's work
+    assert row["worker"].split(":")[-1] != str(killed[0])
+    assert (out / "big.mask.tif").read_bytes() == expected  # byte-identical to the uninterrupted run
+    assert sorted(p.name for p in out.iterdir()) == ["big.mask.tif", "report.csv", "report.json"]
+
+
+def test_cuda_on_a_cluster_without_gpu_workers_is_a_user_error(tmp_path, model_file, scheduler):
+    slide = tmp_path / "s.svs"
+    slide.write_bytes(b"x")
+    with pytest.raises(UserError, match="no worker declares a GPU"):
+        run_batch([slide], tmp_path / "out", _options(model_file, scheduler, device="cuda"))
