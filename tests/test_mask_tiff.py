@@ -133,6 +133,8 @@ def test_bigtiff_pyramid_is_linked_for_openslide(tmp_path):
 def test_existing_output_and_failed_write_leave_no_trace(tmp_path, written):
     lab = _labels(300, 300)
     target = tmp_path / "m.tif"
+    (tmp_path / ".m.tif.levels-killedrun").mkdir()  # scratch of a run that was killed
+    (tmp_path / "m.tif.partial").write_bytes(b"half a file")
     write_mask_tiff(target, lab, 1.0, NAMES, COLORS, tile=128)
     with pytest.raises(OutputExistsError):
         write_mask_tiff(target, lab, 1.0, NAMES, COLORS, tile=128)

@@ -129,6 +129,8 @@ def write_mask_tiff(
     if bigtiff is None:
         bigtiff = sum(h * w for h, w in shapes) > _BIGTIFF_RAW_BYTES
     partial = path.with_name(path.name + ".partial")
+    for stale in path.parent.glob(f".{path.name}.levels-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
     try:
         levels = [labels] + _build_levels(labels, shapes, scratch, tile, block, len(class_names))
