@@ -364,7 +364,10 @@ def _class_geometry(inner: list[np.ndarray], edge: list[np.ndarray], scale: floa
     if not polygons:
         polygons = [p for g in shapely.get_parts(merged) for p in shapely.get_parts(g)
                     if isinstance(p, shapely.Polygon) and not p.is_empty]
-    return shapely.MultiPolygon(polygons)
+    merged = shapely.MultiPolygon(polygons)
+    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1: RFC 7946 winding (shells CCW, y up)
+        merged = shapely.orient_polygons(merged, exterior_cw=False)
+    return merged
 
 
 def _drop_collinear(polygons: np.ndarray) -> shapely.MultiPolygon:
