@@ -45,7 +45,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, shape
-from skimage.draw import polygon as draw_polygon
 
 from .errors import UserError
 
@@ -180,8 +179,18 @@ class AnnotationMap:
     drawn first so smaller ones end on top.
     """
 
-    def __init__(self, shapes: Iterable[tuple[Polygon | MultiPolygon, int]], background: int = 255, where: str = "annotations") -> None:
-        items = sorted(shapes, key=lambda s: -s[0].area)
+    def __init__(
+        self,
+        shapes: Iterable[tuple[Polygon | MultiPolygon, int]],
+        background: int = 255,
+        where: str = "annotations",
+        ignore_index: int = 255,
+    ) -> None:
+        # One entry per polygon part: the spatial index then returns only the parts near a region,
+        # not a whole class's MultiPolygon.
+        parts = [(p, c) for g, c in shapes for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
+        items = sorted(parts, key=lambda s: -s[0].area)
+        self.ignore_index = int(ignore_index)
         self.geometries = [g for g, _ in items]
         self.class_ids = np.asarray([c for _, c in items], np.int64)
         self.background = int(background)
@@ -204,14 +213,18 @@ class AnnotationMap:
             areas[int(c)] = areas.get(int(c), 0.0) + float(g.area)
         return areas
 
-    def labels_at_downsample(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+    def labels_at_downsample(
+        self, x: int, y: int, width: int, height: int, downsample: float, background: int | None = None
+    ) -> np.ndarray:
         """(height, width) uint8 label patch of the virtual image at ``downsample`` level-0 pixels
         per output pixel, (x, y) in that image: the same convention as ``Slide.read_at_downsample``,
         so a label patch lines up with the RGB patch read with the same arguments.
 
-        A pixel takes the class of the polygon that contains its centre.
+        A pixel takes the class of the polygon that contains its centre; pixels no polygon covers
+        take ``background`` (default: the map's own).
         """
-        out = np.full((height, width), self.background, np.uint8)
+        fill = self.background if background is None else background
+        out = np.full((height, width), fill, np.uint8)
         x0, y0 = x * downsample, y * downsample
         region = box(x0 - downsample, y0 - downsample, x0 + (width + 1) * downsample, y0 + (height + 1) * downsample)
         hits = np.sort(self._tree.query(region, predicate="intersects"))  # sorted = large to small
@@ -221,35 +234,76 @@ class AnnotationMap:
                 geom = _polygonal(shapely.intersection(geom, region))
                 if geom is None:
                     continue
-            mask = _polygon_mask(geom, x0, y0, downsample, height, width)
-            out[mask] = self.class_ids[i]
+            _paint(out, geom, int(self.class_ids[i]), x0, y0, downsample)
         return out
 
     def labels_at_mpp(self, x: int, y: int, width: int, height: int, mpp: float, slide_mpp: float) -> np.ndarray:
         """As :meth:`labels_at_downsample` with the downsample ``mpp / slide_mpp``."""
         return self.labels_at_downsample(x, y, width, height, mpp / slide_mpp)
 
+    def coverage(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        """Boolean: which pixels some annotation labels (Ignore* areas and uncovered pixels not)."""
+        ignore = self.ignore_index
+        return self.labels_at_downsample(x, y, width, height, downsample, background=ignore) != ignore
 
-def _polygon_mask(geom: Polygon | MultiPolygon, x0: float, y0: float, ds: float, height: int, width: int) -> np.ndarray:
-    """Boolean mask of the output pixels whose centres lie inside ``geom`` (holes excluded).
 
-    Output pixel (r, c) has its centre at level-0 (x0 + (c + .5) ds, y0 + (r + .5) ds), and
-    ``skimage.draw.polygon`` fills integer points inside a polygon: so coordinates map to
-    (X - x0) / ds - 0.5.
+def scanline_mask(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask of the integer points (c, r) inside ``rings`` by the even-odd rule.
+
+    ``rings`` are closed (x, y) coordinate arrays in pixel units (a polygon's shell and holes, or
+    the parts of a MultiPolygon: for valid geometry even-odd is exactly "inside a shell and not in
+    a hole").  A scanline fill: every edge is cut at the rows it spans (half-open, ymin <= r < ymax,
+    so a vertex on a row counts once), crossings are sorted per row and paired, and the spans
+    [ceil(x_a), ceil(x_b)) are filled through a difference array.  Cost grows with the rows times
+    the crossings, not with pixels times vertices as a point-in-polygon test per pixel would.
     """
+    height, width = shape
+    x1 = np.concatenate([r[:-1, 0] for r in rings])
+    y1 = np.concatenate([r[:-1, 1] for r in rings])
+    x2 = np.concatenate([r[1:, 0] for r in rings])
+    y2 = np.concatenate([r[1:, 1] for r in rings])
+    ylo, yhi = np.minimum(y1, y2), np.maximum(y1, y2)
+    first = np.ceil(ylo).astype(np.int64)
+    stop = np.ceil(yhi).astype(np.int64)  # rows first..stop-1 satisfy ylo <= r < yhi
+    # Rows outside the image still matter for nothing: clip, but keep pairs consistent per row.
+    first_c, stop_c = np.clip(first, 0, height), np.clip(stop, 0, height)
+    n = np.maximum(stop_c - first_c, 0)
     mask = np.zeros((height, width), bool)
-    parts = geom.geoms if isinstance(geom, MultiPolygon) else [geom]
-    for part in parts:
-        shell = np.asarray(part.exterior.coords)
-        rr, cc = draw_polygon((shell[:, 1] - y0) / ds - 0.5, (shell[:, 0] - x0) / ds - 0.5, (height, width))
-        part_mask = np.zeros_like(mask)
-        part_mask[rr, cc] = True
-        for ring in part.interiors:
-            hole = np.asarray(ring.coords)
-            rr, cc = draw_polygon((hole[:, 1] - y0) / ds - 0.5, (hole[:, 0] - x0) / ds - 0.5, (height, width))
-            part_mask[rr, cc] = False
-        mask |= part_mask
-    return mask
+    if n.sum() == 0:
+        return mask
+    edge = np.repeat(np.arange(len(n)), n)
+    row = first_c[edge] + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+    t = (row - y1[edge]) / (y2[edge] - y1[edge])
+    x = x1[edge] + t * (x2[edge] - x1[edge])
+    order = np.lexsort((x, row))
+    row, x = row[order], x[order]
+    a, b = slice(0, None, 2), slice(1, None, 2)
+    if len(row) % 2 or np.any(row[a] != row[b]):  # pragma: no cover - only for open rings
+        raise ValueError("rings are not closed")
+    start = np.clip(np.ceil(x[a]).astype(np.int64), 0, width)
+    end = np.clip(np.ceil(x[b]).astype(np.int64), 0, width)
+    keep = end > start
+    diff = np.zeros((height, width + 1), np.int32)
+    np.add.at(diff, (row[a][keep], start[keep]), 1)
+    np.add.at(diff, (row[a][keep], end[keep]), -1)
+    np.cumsum(diff[:, :width], axis=1, out=diff[:, :width])
+    return diff[:, :width] > 0
+
+
+def _paint(out: np.ndarray, geom: Polygon | MultiPolygon, value: int, x0: float, y0: float, ds: float) -> None:
+    """Set the pixels of ``out`` whose centres lie inside ``geom`` (holes excluded) to ``value``.
+
+    Output pixel (r, c) has its centre at level-0 (x0 + (c + .5) ds, y0 + (r + .5) ds), so a
+    coordinate X maps to (X - x0) / ds - 0.5 and the pixel centres are the integer points.
+    """
+    height, width = out.shape
+    rings = []
+    for part in geom.geoms if isinstance(geom, MultiPolygon) else [geom]:
+        for ring in (part.exterior, *part.interiors):
+            xy = np.asarray(ring.coords, np.float64)
+            rings.append(np.stack([(xy[:, 0] - x0) / ds - 0.5, (xy[:, 1] - y0) / ds - 0.5], 1))
+    if rings:
+        out[scanline_mask(rings, (height, width))] = value
 
 
 def build_annotation_map(
@@ -307,7 +361,7 @@ def build_annotation_map(
         warnings.warn(f"{where}: " + ", ".join(f"{n} {what}" for what, n in notes.items()), AnnotationWarning, stacklevel=2)
     if not shapes:
         raise UserError(f"{where}: no usable annotation (need classified polygons inside the slide, of the config's classes)")
-    return AnnotationMap(shapes, ignore_index if background is None else background, where)
+    return AnnotationMap(shapes, ignore_index if background is None else background, where, ignore_index)
 
 
 def load_annotations(
@@ -336,7 +390,14 @@ class LabelImage:
     PNGs are decoded whole, which is fine at the low resolutions label images are exported at.
     """
 
-    def __init__(self, path: str | Path, slide_size: tuple[int, int], ignore_index: int = 255, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        slide_size: tuple[int, int],
+        ignore_index: int = 255,
+        num_classes: int | None = None,
+        lut: np.ndarray | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"label image not found: {self.path}")
@@ -352,8 +413,15 @@ class LabelImage:
             )
         self.background = ignore_index
         self.num_classes = num_classes
+        self.lut = None if lut is None else np.asarray(lut, np.uint8)
+        if self.lut is not None and self.lut.shape != (256,):
+            raise ValueError("lut must map all 256 codes")
 
-    def labels_at_downsample(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+    def labels_at_downsample(
+        self, x: int, y: int, width: int, height: int, downsample: float, background: int | None = None
+    ) -> np.ndarray:
+        """As :meth:`AnnotationMap.labels_at_downsample`; codes mapped through ``lut`` when given
+        (BCSS: 0 = outside the annotated region -> ignore)."""
         h, w = self._array.shape
         cx = ((x + np.arange(width) + 0.5) * downsample / self.scale_x).astype(np.int64)
         cy = ((y + np.arange(height) + 0.5) * downsample / self.scale_y).astype(np.int64)
@@ -363,12 +431,21 @@ class LabelImage:
             xs, ys = cx[okx], cy[oky]
             block = np.asarray(self._array[int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1])
             sub = block[(ys - ys.min())[:, None], (xs - xs.min())[None, :]]
-            out[np.ix_(oky, okx)] = sub
+            if sub.dtype != np.uint8:
+                if sub.size and (sub.min() < 0 or sub.max() > 255):
+                    raise UserError(f"{self.path}: label values must be 0-255, found {int(sub.min())}..{int(sub.max())}")
+                sub = sub.astype(np.uint8)
+            out[np.ix_(oky, okx)] = self.lut[sub] if self.lut is not None else sub
+        if background is not None:
+            out[out == self.background] = background
         if self.num_classes is not None:
             bad = (out != self.background) & (out >= self.num_classes)
             if bad.any():
                 raise UserError(f"{self.path}: label value(s) {sorted(np.unique(out[bad]).tolist())[:5]} are not class ids of the config")
         return out
+
+    def coverage(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
+        return self.labels_at_downsample(x, y, width, height, downsample) != self.background
 
 
 def _open_label_array(path: Path):
