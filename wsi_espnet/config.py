@@ -136,7 +136,29 @@ def _build(cls, data: dict | None, where: str):
     for f in dataclasses.fields(cls):
         if f.name in data and isinstance(data[f.name], list):
             data[f.name] = tuple(data[f.name])
+        if f.name in data:
+            data[f.name] = _coerce(data[f.name], str(f.type), f"{where}: {f.name}")
     return cls(**data)
+
+
+def _coerce(value: Any, kind: str, where: str) -> Any:
+    """Numbers as their field's type: YAML reads ``1e-3`` (no dot) as a string, and an int where a
+    float is meant is harmless but a float where an int is meant is not."""
+    kind = kind.replace(" ", "")
+    if kind in ("float", "float|None") and value is not None and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be a number, got {value!r}") from None
+    if kind in ("int", "int|None") and value is not None and not isinstance(value, bool):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return int(f)
+    return value
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> DatasetConfig:
