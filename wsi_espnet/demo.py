@@ -451,7 +451,10 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
     spec = DemoSlideSpec(width, height, mpp, seed, pen, empty)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     dims = _pyramid(width, height, tile)
-    jpeg = dict(compression="jpeg", compressionargs={"level": quality}, photometric="rgb")
+    # tifffile encodes tiles in parallel batches of `buffersize` bytes (512 MB by default): keep a
+    # batch to a few tiles per worker so memory stays flat with slide size.
+    jpeg = dict(compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
+                maxworkers=workers, buffersize=4 * workers * tile * tile * 3)
     resolution = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     big = width * height * 3 * 4 // 3 > 2**31  # raw size with pyramid: BigTIFF past 2 GiB
     tmp = _temp_path(path)
@@ -461,7 +464,7 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
                 for level, d in enumerate(dims):
                     tw.write(_tiles(spec, d, mpp * 2 ** level, tile, workers), shape=(d[1], d[0], 3), dtype=np.uint8,
                              tile=(tile, tile), description=_aperio_description(spec, d, tile, quality, level == 0),
-                             metadata=None, maxworkers=workers, **jpeg, **(resolution if level == 0 else {}))
+                             metadata=None, **jpeg, **(resolution if level == 0 else {}))
                     if level == 0:  # the thumbnail is the second IFD, stripped, as Aperio writes it
                         scale = max(width, height) / 1024
                         tdims = spec.size_at_mpp(mpp * max(scale, 1.0))
@@ -480,7 +483,7 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
                                 Channel={"Name": ["RGB"]}) if level == 0 else None
                     tw.write(_tiles(spec, d, mpp * 2 ** level, tile, workers), shape=(d[1], d[0], 3),
                              dtype=np.uint8, tile=(tile, tile), subifds=len(dims) - 1 if level == 0 else None,
-                             subfiletype=1 if level else 0, metadata=meta, maxworkers=workers, **jpeg,
+                             subfiletype=1 if level else 0, metadata=meta, **jpeg,
                              resolution=(1e4 / (mpp * 2 ** level),) * 2, resolutionunit="CENTIMETER")
         os.replace(tmp, path)
     finally:
@@ -541,7 +544,7 @@ def write_truth(path: str | Path, spec: DemoSlideSpec, mpp: float | None = None,
             tiles = (spec.labels(tx, ty, tile, tile, mpp) for ty in range(0, h, tile) for tx in range(0, w, tile))
             with tifffile.TiffWriter(tmp, bigtiff=w * h > 2**31) as tw:
                 tw.write(tiles, shape=(h, w), dtype=np.uint8, tile=(tile, tile), photometric="palette",
-                         colormap=colors, compression="zlib", metadata=None,
+                         colormap=colors, compression="zlib", metadata=None, maxworkers=1,
                          resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
                          description=f"wsi-espnet demo truth: class ids {', '.join(f'{i}={n}' for i, n in enumerate(CLASS_NAMES))}; mpp={mpp:g}")
         else:
