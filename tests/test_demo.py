@@ -35,6 +35,15 @@ def test_openslide_sees_an_aperio_slide_with_mpp_and_objective(demo_svs):
     tif.close()
 
 
+def test_bigtiff_svs_is_still_aperio_for_both_readers(tmp_path):
+    path = write_demo_slide(tmp_path / "big.svs", 600, 400, bigtiff=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff and tif.is_svs
+    with open_slide(path, backend="openslide") as a, open_slide(path, backend="tifffile") as b:
+        assert a.vendor == b.vendor == "aperio" and a.mpp == b.mpp == 0.5
+        np.testing.assert_array_equal(a.read_region((0, 0), 1, (300, 200)), b.read_region((0, 0), 1, (300, 200)))
+
+
 def test_ome_tiff_has_physical_size_and_subifd_pyramid(demo_ome):
     with tifffile.TiffFile(demo_ome) as tif:
         assert tif.is_ome and len(tif.pages) == 1  # levels live in SubIFDs

@@ -430,7 +430,8 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5, seed: int = 0,
                      fmt: str = "svs", tile: int = 256, quality: int = 90, pen: bool = False,
-                     overwrite: bool = False, workers: int | None = None, empty: bool = False) -> Path:
+                     overwrite: bool = False, workers: int | None = None, empty: bool = False,
+                     bigtiff: bool | None = None) -> Path:
     """Write the demo slide as an Aperio SVS (``fmt="svs"``) or a pyramidal OME-TIFF (``"ome"``).
 
     Tiled JPEG, 2x pyramid down to one tile; the SVS has Aperio's layout (level 0, a stripped
@@ -456,7 +457,9 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
     jpeg = dict(compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
                 maxworkers=workers, buffersize=4 * workers * tile * tile * 3)
     resolution = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    big = width * height * 3 * 4 // 3 > 2**31  # raw size with pyramid: BigTIFF past 2 GiB
+    # BigTIFF when the raw pixels (with pyramid) pass 2 GiB: JPEG keeps most files far smaller, but a
+    # classic TIFF that overflows 4 GiB cannot be fixed afterwards.
+    big = width * height * 3 * 4 // 3 > 2**31 if bigtiff is None else bigtiff
     tmp = _temp_path(path)
     try:
         if fmt == "svs":
