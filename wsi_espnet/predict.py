@@ -52,26 +52,68 @@ def _pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
     return img
 
 
+def resize_bilinear(a: np.ndarray, size: tuple[int, int], axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Bilinear resize of ``a`` along ``axes`` to ``size`` (height, width), float32, with PyTorch's
+    ``align_corners=False`` sampling (half-pixel centres, edge clamped, no antialiasing), so the
+    torch-free path gives the same labels as the PyTorch one."""
+    out = np.asarray(a, np.float32)
+    for axis, n_out in zip(axes, size):
+        n_in = out.shape[axis]
+        if n_in == n_out:
+            continue
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(src.astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        shape = [1] * out.ndim
+        shape[axis] = n_out
+        lam = (src - i0).astype(np.float32).reshape(shape)
+        lo = np.take(out, i0, axis=axis)
+        lo *= 1.0 - lam
+        lo += np.take(out, i1, axis=axis) * lam
+        out = lo
+    return out
+
+
 def predict_image(engine: Engine, rgb: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """Label map (H, W) uint8 of one RGB image at its own size.  ``size`` (width, height) is the
-    resolution the network sees; None runs at the image's own size (padded to a multiple of 8)."""
+    resolution the network sees; None runs at the image's own size (padded to a multiple of 8).
+
+    Resizing before or after the per-channel affine normalisation is the same (it is linear), so the
+    uint8→float resize here reproduces the authors' normalise-then-resize recipe.  A PyTorch engine
+    (one with ``logits``) resizes with torch; any other (ONNX Runtime) with numpy, so an edge install
+    needs no torch.
+    """
+    if hasattr(engine, "logits"):
+        return _predict_image_torch(engine, rgb, size)
+    h, w = rgb.shape[:2]
+    if size is not None and (size[0], size[1]) != (w, h):
+        work = resize_bilinear(rgb, (size[1], size[0]))
+    else:
+        work = rgb.astype(np.float32)
+    padded = _pad_to_multiple(work)
+    if hasattr(engine, "logits_numpy"):
+        scores = engine.logits_numpy(padded[None])  # type: ignore[attr-defined]
+    else:
+        scores = engine.predict_proba(padded[None])
+    scores = scores[0, :, : work.shape[0], : work.shape[1]]
+    if scores.shape[-2:] != (h, w):
+        scores = resize_bilinear(scores, (h, w), axes=(1, 2))
+    return scores.argmax(0).astype(np.uint8)
+
+
+def _predict_image_torch(engine: Engine, rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     h, w = rgb.shape[:2]
     if size is not None and (size[0], size[1]) != (w, h):
-        # Resizing before or after the per-channel affine normalisation is the same (it is linear), so
-        # the uint8→float resize here reproduces the authors' normalise-then-resize recipe.
         t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
         t = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)
         work = t[0].permute(1, 2, 0).numpy()
     else:
         work = rgb.astype(np.float32)
     padded = _pad_to_multiple(work)
-    if hasattr(engine, "logits"):
-        logits = engine.logits(padded[None])  # type: ignore[attr-defined]
-    else:
-        logits = torch.from_numpy(engine.predict_proba(padded[None].astype(np.float32)))
+    logits = engine.logits(padded[None])  # type: ignore[attr-defined]
     logits = logits[:, :, : work.shape[0], : work.shape[1]].float()
     if logits.shape[-2:] != (h, w):
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)

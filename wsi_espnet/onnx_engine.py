@@ -1,0 +1,142 @@
+"""ONNX Runtime engine: the same :class:`~wsi_espnet.engine.Engine` interface with no PyTorch.
+
+An edge box gets one ``.onnx`` file from ``wsi-espnet export``.  That file is self-contained: the
+input normalisation is inside the graph (it takes RGB 0-255 as float32, NHWC, as tiles come off a
+slide) and the dataset config (class names, colours, normalisation, slide µm/px and tile size) is
+stored as JSON in the model's metadata.  So this module needs only numpy and onnxruntime, and it
+must never import torch: ``pip install wsi-espnet[onnx]`` without torch has to run ``predict`` and
+``wsi-segment`` through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DatasetConfig, config_from_dict
+from .errors import ModelFileError, UserError
+
+# Metadata keys written by wsi_espnet.export; the format tag lets a later version refuse (or
+# convert) a file whose graph contract it does not know.
+ONNX_FORMAT = "wsi-espnet-onnx/1"
+KEY_FORMAT = "wsi_espnet.format"
+KEY_CONFIG = "wsi_espnet.config"
+KEY_ARCH = "wsi_espnet.arch"
+KEY_PRECISION = "wsi_espnet.precision"
+INPUT_NAME = "rgb"  # float32 RGB 0-255, NHWC
+OUTPUT_NAME = "logits"  # float32 NCHW
+MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def read_metadata(session: Any, where: str) -> dict[str, str]:
+    """The wsi-espnet metadata of a loaded session; a file without it was not made by ``export``."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    if meta.get(KEY_FORMAT) != ONNX_FORMAT:
+        found = meta.get(KEY_FORMAT)
+        if found is None:
+            raise ModelFileError(
+                f"{where}: an ONNX model without wsi-espnet metadata (no class names or normalisation); "
+                "make it with `wsi-espnet export`"
+            )
+        raise ModelFileError(f"{where}: ONNX format {found!r}, this version reads {ONNX_FORMAT!r}")
+    return meta
+
+
+def _providers(device: str, available: list[str]) -> tuple[str, list[Any]]:
+    """(resolved device, provider list) for ``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    if device == "cpu":
+        return device, ["CPUExecutionProvider"]
+    if device == "cuda" or device.startswith("cuda:"):
+        if not has_cuda:
+            raise UserError(
+                "--device cuda asked for, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+            )
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+        return device, [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+    raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+
+
+def softmax_(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax in place (a (8, C, 512, 512) batch of logits is 8 MB per class; no copies)."""
+    logits -= logits.max(axis=axis, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=axis, keepdims=True)
+    return logits
+
+
+class OnnxEngine:
+    """Runs a model exported by ``wsi-espnet export`` (float32 or int8) with ONNX Runtime.
+
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when this onnxruntime has it).
+    ``threads``: intra-op threads, default every core this process may use.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("--backend onnxruntime needs onnxruntime: pip install 'wsi-espnet[onnx]'") from None
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelFileError(f"model file not found: {self.path}")
+        if self.path.is_dir():
+            raise ModelFileError(f"model path is a directory, not a file: {self.path}")
+        self.device, providers = _providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1  # one chain of convolutions: nothing to run side by side
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # ORT's warnings about unused initialisers are noise to a user
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(f"{self.path}: not a readable ONNX model ({first[:160]})") from None
+        self.metadata = read_metadata(self.session, str(self.path))
+        try:
+            raw = json.loads(self.metadata[KEY_CONFIG])
+        except (KeyError, json.JSONDecodeError):
+            raise ModelFileError(f"{self.path}: its wsi-espnet config metadata is missing or not JSON") from None
+        self.config: DatasetConfig = config_from_dict(raw, where=f"{self.path} (config)")
+        self.num_classes = self.config.num_classes
+        self.precision = self.metadata.get(KEY_PRECISION, "float32")
+        self.input_name = self.session.get_inputs()[0].name
+        out = self.session.get_outputs()[0]
+        if isinstance(out.shape[1], int) and out.shape[1] != self.num_classes:
+            raise ModelFileError(
+                f"{self.path}: config lists {self.num_classes} classes but the model has {out.shape[1]} outputs"
+            )
+
+    def logits_numpy(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) RGB 0-255 (uint8 or float) -> (N, C, H, W) float32 logits.  H and W must be
+        multiples of 8 (pad first: see :func:`wsi_espnet.predict.predict_image`)."""
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected an (N, H, W, 3) RGB batch, got shape {batch.shape}")
+        if batch.shape[1] % MULTIPLE or batch.shape[2] % MULTIPLE:
+            raise ValueError(f"tile sides must be multiples of {MULTIPLE}, got {batch.shape[2]}x{batch.shape[1]}")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) RGB -> (N, C, H, W) float32 softmax probabilities."""
+        return softmax_(self.logits_numpy(batch), axis=1)
+
+    def __repr__(self) -> str:
+        return f"OnnxEngine({str(self.path)!r}, device={self.device!r}, precision={self.precision!r})"
