@@ -4,7 +4,8 @@
 
 Reads random tiles of the virtual image with ``read_at_mpp`` at 0.5, 1.0 and 2.0 µm/px (demo levels
 0, 1, 2 read as they are) and at 0.7 and 1.3 µm/px (fractional area resampling from the level below),
-through OpenSlide and tifffile, from a demo slide written first unless ``--slide`` is given.  Single thread; the OS page cache is warm after the first pass.
+through OpenSlide and tifffile, from a demo slide written first unless ``--slide`` is given.
+Single thread; the OS page cache is warm after the first pass.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 level = s.level_for_downsample(mpp / s.mpp)
                 mb = args.tiles * args.tile * args.tile * 3 / 1e6
-                print(f"{backend:>10} {mpp:>5.1f} {level:>5} {args.tiles / dt:>8.1f} {mb / dt:>9.1f} {dt / args.tiles * 1e3:>8.1f}")
+                print(f"{backend:>10} {mpp:>5.1f} {level:>5} {args.tiles / dt:>8.1f} {mb / dt:>9.1f} "
+                      f"{dt / args.tiles * 1e3:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -298,7 +298,9 @@ class DemoSlideSpec:
         # Fibres: wavy bands about 6 µm apart, warped by a slow field; averaged away below ~2 µm/px.
         fibre_gain = float(np.clip(1.5 - mpp / 2.0, 0.0, 1.0))
         if fibre_gain > 0:
-            phase = ((px * 0.8 / 6.0) % 1.0).astype(np.float32)[None, :] + ((py * 0.6 / 6.0) % 1.0).astype(np.float32)[:, None]
+            phase_x = ((px * 0.8 / 6.0) % 1.0).astype(np.float32)
+            phase_y = ((py * 0.6 / 6.0) % 1.0).astype(np.float32)
+            phase = phase_x[None, :] + phase_y[:, None]
             phase += np.float32(7.0) * f[4]
             weight = np.sin(np.float32(2 * math.pi) * phase)
             weight *= np.float32(0.5 * fibre_gain)
@@ -517,6 +519,11 @@ def demo_truth(width: int, height: int, seed: int = 0, mpp: float = 0.5, x0: int
     return spec.labels(x0, y0, out_w or fw - x0, out_h or fh - y0, out_mpp)
 
 
+def _truth_description(mpp: float) -> str:
+    ids = ", ".join(f"{i}={name}" for i, name in enumerate(CLASS_NAMES))
+    return f"wsi-espnet demo truth: class ids {ids}; mpp={mpp:g}"
+
+
 def write_truth(path: str | Path, spec: DemoSlideSpec, mpp: float | None = None, overwrite: bool = False,
                 tile: int = 512) -> Path:
     """Write the class-id map at ``mpp`` (default :func:`default_truth_mpp`) as PNG or tiled TIFF.
@@ -549,7 +556,7 @@ def write_truth(path: str | Path, spec: DemoSlideSpec, mpp: float | None = None,
                 tw.write(tiles, shape=(h, w), dtype=np.uint8, tile=(tile, tile), photometric="palette",
                          colormap=colors, compression="zlib", metadata=None, maxworkers=1,
                          resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
-                         description=f"wsi-espnet demo truth: class ids {', '.join(f'{i}={n}' for i, n in enumerate(CLASS_NAMES))}; mpp={mpp:g}")
+                         description=_truth_description(mpp))
         else:
             raise UserError(f"truth must be .png or .tif, got {path.name}")
         os.replace(tmp, path)
@@ -573,12 +580,14 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output slide, .svs (Aperio) or .ome.tif")
-    parser.add_argument("--size", type=_parse_size, default=(4096, 4096), help="W or WxH in pixels at level 0 (default 4096)")
+    parser.add_argument("--size", type=_parse_size, default=(4096, 4096),
+                        help="W or WxH in pixels at level 0 (default 4096)")
     parser.add_argument("--mpp", type=float, default=0.5, help="µm per pixel at level 0 (default 0.5, a 20x scan)")
     parser.add_argument("--seed", type=int, default=0, help="content seed (default 0)")
     parser.add_argument("--ome", type=Path, help="also write the same content as pyramidal OME-TIFF here")
     parser.add_argument("--truth", type=Path, help="also write the class-id map (.png or .tif)")
-    parser.add_argument("--truth-mpp", type=float, help="resolution of the truth map (default: coarse enough for 8192 px)")
+    parser.add_argument("--truth-mpp", type=float,
+                        help="resolution of the truth map (default: the slide's, halved until it fits 8192 px)")
     parser.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     parser.add_argument("--pen", action="store_true", help="draw a marker-pen stroke (labelled Background)")
@@ -600,8 +609,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     write_demo_slide(args.out, w, h, args.mpp, args.seed, fmt=fmt, tile=args.tile, quality=args.quality,
                      pen=args.pen, overwrite=args.overwrite, empty=args.empty)
-    msg = f"wrote {args.out} ({w}x{h} at {args.mpp:g} µm/px, {args.out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)"
-    print(msg)
+    mb, seconds = args.out.stat().st_size / 1e6, time.perf_counter() - t0
+    print(f"wrote {args.out} ({w}x{h} at {args.mpp:g} µm/px, {mb:.1f} MB, {seconds:.1f} s)")
     if args.ome is not None:
         write_demo_slide(args.ome, w, h, args.mpp, args.seed, fmt="ome", tile=args.tile, quality=args.quality,
                          pen=args.pen, overwrite=args.overwrite, empty=args.empty)

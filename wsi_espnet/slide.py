@@ -471,7 +471,8 @@ class TiffSlide(Slide):
                 _ = series.levels
                 bad = [m for m in warnings.messages if _TRUNCATION.search(m)]
                 if bad:
-                    raise SlideError(f"{path}: truncated or corrupt TIFF ({_one_line(re.sub('<[^>]*>', '', bad[0]))[:160]})")
+                    why = _one_line(re.sub("<[^>]*>", "", bad[0]))[:160]
+                    raise SlideError(f"{path}: truncated or corrupt TIFF ({why})")
                 self._init_tiff(series, zarr)
             except Exception:
                 self._tif.close()
@@ -532,11 +533,17 @@ class TiffSlide(Slide):
         # Decode one pixel of the smallest level now: an unsupported compression fails at open,
         # with the file's name, instead of in a worker an hour into a run.
         try:
-            self._read_level(self.level_count - 1, 0, 0, 1, 1)
-        except SlideError as exc:
-            raise SlideError(f"{self.path}: opens but its pixels cannot be decoded: {exc.args[0].rsplit('): ', 1)[-1]}") from None
+            self._decode(self.level_count - 1, 0, 0, 1, 1)
+        except Exception as exc:  # tifffile/imagecodecs raise many types for undecodable data
+            raise SlideError(f"{self.path}: opens but its pixels cannot be decoded: {_one_line(exc)}") from None
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        try:
+            return self._decode(level, x, y, w, h)
+        except Exception as exc:  # tifffile/imagecodecs raise many types for corrupt data
+            raise self._read_failed(exc, level, x, y, w, h) from None
+
+    def _decode(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         axes = self._axes[level]
         index: list[Any] = []
         for ax in axes:
@@ -548,10 +555,7 @@ class TiffSlide(Slide):
                 index.append(slice(None))
             else:
                 index.append(0)
-        try:
-            a = np.asarray(self._arrays[level][tuple(index)])
-        except Exception as exc:  # tifffile/imagecodecs raise many types for corrupt data
-            raise self._read_failed(exc, level, x, y, w, h) from None
+        a = np.asarray(self._arrays[level][tuple(index)])
         kept = [ax for ax, ix in zip(axes, index) if isinstance(ix, slice)]
         if "C" in kept and kept.index("C") < kept.index("Y"):
             a = np.moveaxis(a, kept.index("C"), -1)
