@@ -173,6 +173,10 @@ def test_cli_writes_slide_ome_and_truth_and_refuses_to_overwrite(tmp_path, capsy
     assert err.startswith("error:") and "--overwrite" in err and "\n" not in err
     assert out.stat().st_mtime_ns == stamp
     assert cli.main(["demo-slide", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["demo-slide", str(tmp_path / "y.svs"), "--truth", str(tmp_path / "t.jpg")]) == 2
+    assert cli.main(["demo-slide", str(tmp_path / "y.svs"), "--truth", str(truth), "--truth-mpp", "0",
+                     "--overwrite"]) == 2
+    assert not (tmp_path / "y.svs").exists()  # arguments are checked before anything is written
     with pytest.raises(SystemExit):
         cli.main(["demo-slide", str(out), "--size", "12x"])
 

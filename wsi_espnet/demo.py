@@ -537,6 +537,8 @@ def write_truth(path: str | Path, spec: DemoSlideSpec, mpp: float | None = None,
 
     path = Path(path)
     _check_output(path, overwrite)
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise UserError(f"truth resolution must be a positive µm per pixel, got {mpp}")
     mpp = mpp or default_truth_mpp(spec)
     w, h = spec.size_at_mpp(mpp)
     tmp = _temp_path(path)
@@ -587,7 +589,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ome", type=Path, help="also write the same content as pyramidal OME-TIFF here")
     parser.add_argument("--truth", type=Path, help="also write the class-id map (.png or .tif)")
     parser.add_argument("--truth-mpp", type=float,
-                        help="resolution of the truth map (default: the slide's, halved until it fits 8192 px)")
+                        help="µm/px of the truth map (default: the slide's mpp, doubled until the map fits 8192 px)")
     parser.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     parser.add_argument("--pen", action="store_true", help="draw a marker-pen stroke (labelled Background)")
@@ -602,6 +604,10 @@ def run(args: argparse.Namespace) -> int:
     outputs = [args.out] + [p for p in (args.ome, args.truth) if p is not None]
     for p in outputs:  # check all before writing any: no partial set of outputs
         _check_output(p, args.overwrite)
+    if args.truth is not None and args.truth.suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise UserError(f"truth must be .png or .tif, got {args.truth.name}")
+    if args.truth_mpp is not None and not (math.isfinite(args.truth_mpp) and args.truth_mpp > 0):
+        raise UserError(f"--truth-mpp must be a positive µm per pixel, got {args.truth_mpp}")
     name = args.out.name.lower()
     fmt = "ome" if name.endswith((".ome.tif", ".ome.tiff")) else "svs"
     if fmt == "svs" and not name.endswith((".svs", ".tif", ".tiff")):
