@@ -8,7 +8,7 @@ block by block, so memory never depends on the slide's size.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
-(the blending state of earlier rows is not needed below it), with batches formed per tile row, so the
+(the blending state of earlier rows is not needed below it), with batches formed per band, so the
 result is byte-identical to an uninterrupted run.  Final files are written under temporary names and
 renamed; the mask, written last, marks the run as done, and the work folder is then removed.
 """
@@ -33,11 +33,11 @@ import numpy as np
 from .engine import Engine, make_engine
 from .errors import NoMppError, OutputExistsError, UserError
 from .slide import Slide, open_slide
-from .stitch import BlendStitcher
+from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
 
-CHUNK = 512  # label Zarr chunk side; flushes happen in whole chunk rows
+CHUNK = 512  # label Zarr chunk side
 WORK_VERSION = 1
 
 
@@ -122,8 +122,8 @@ def _fingerprint(slide: Slide, model_id: str, settings: dict) -> str:
 
 
 class LabelBand:
-    """Holds emitted labels from ``flushed_y`` down until whole chunk rows are final, then writes them
-    to the Zarr array in one aligned write each (no read-modify-write of compressed chunks)."""
+    """Holds emitted labels from ``flushed_y`` down to the lowest pending cell; finished rows go to the
+    Zarr array in one write per band."""
 
     def __init__(self, labels, flushed_y: int, height: int, fill: int = 0) -> None:
         self.labels = labels
@@ -144,9 +144,10 @@ class LabelBand:
             raise AssertionError("label band overflow: tile rows fed out of order")
         self.buf[r : r + block.shape[0], x : x + block.shape[1]] = block
 
-    def flush(self, final_y: int, last: bool = False) -> int:
-        """Write rows < final_y (rounded down to whole chunks unless ``last``)."""
-        end = min(final_y, self.total_height) if last else (final_y // CHUNK) * CHUNK
+    def flush(self, final_y: int) -> int:
+        """Write the final rows < ``final_y`` (once per band: a partly written chunk row costs one
+        re-encode of uint8 labels, cheap next to the model, and resuming loses at most one band)."""
+        end = min(final_y, self.total_height)
         n = end - self.flushed_y
         if n <= 0:
             return self.flushed_y
@@ -165,11 +166,11 @@ def _read_tile(slide: Slide, t: Tile, mpp: float) -> np.ndarray:
     return slide.read_at_mpp(t.x, t.y, t.width, t.height, mpp)
 
 
-def prefetched_batches(slide: Slide, rows: list[list[Tile]], mpp: float, batch: int, workers: int,
+def prefetched_batches(slide: Slide, groups: list[list[Tile]], mpp: float, batch: int, workers: int,
                        ahead: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
-    """Batches of decoded tiles, never spanning two tile rows (so batch composition, and thus every
-    floating-point result, is the same on a resumed run), read ``ahead`` tiles in advance."""
-    batches = [row[i : i + batch] for row in rows for i in range(0, len(row), batch)]
+    """Batches of decoded tiles, never spanning two groups (bands: so batch composition, and thus
+    every floating-point result, is the same on a resumed run), read ``ahead`` tiles in advance."""
+    batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
     flat = [t for b in batches for t in b]
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader") as pool:
         queue: deque[Future] = deque()
@@ -310,12 +311,10 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
                                     "axes": ["class", "y", "x"], "level0_mpp": grid.level0_mpp})
 
     flushed_y = int(state["flushed_y"])
-    first_row = next((r for r, y in enumerate(grid.ys) if y + grid.tile > flushed_y), len(grid.ys))
-    rows: list[list[Tile]] = [[] for _ in grid.ys]
-    for t in grid.tiles:
-        rows[t.row].append(t)
-    todo_rows = rows[first_row:]
-    band = LabelBand(labels, flushed_y, height=grid.tile + 2 * CHUNK)
+    # Resume at the first band that reaches below the flushed height: bands above it touch only
+    # rows already on disk, and cells below it are covered only by this band and later ones.
+    bands = [b for b in feed_bands(grid) if grid.ys[b.rows[-1]] + grid.tile > flushed_y]
+    band = LabelBand(labels, flushed_y, height=2 * grid.tile)
 
     def on_probs(y: int, x: int, p: np.ndarray) -> None:
         if y < flushed_y:
@@ -325,36 +324,27 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
             probs_arr[:, y : y + p.shape[1], x : x + p.shape[2]] = p.astype(np.float16)
 
     stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, on_probs if probs_arr is not None else None)
-    n_todo = sum(len(r) for r in todo_rows)
-    bar = _progress(n_todo, slide.path.name, opts.progress)
-    current = first_row
-    for tiles, images in prefetched_batches(slide, todo_rows, grid.mpp, opts.batch, opts.workers, ahead=2 * opts.batch):
-        row = tiles[0].row
-        while current < row:  # rows are fed in order: everything before this one is complete
-            _finish_row(band, grid, current, state, work)
-            current += 1
-        probs = engine.predict_proba(images)
-        for t, p in zip(tiles, probs):
-            stitcher.add(t.row, t.col, p)
-        bar.update(len(tiles))
-    while current < len(rows):
-        _finish_row(band, grid, current, state, work)
-        current += 1
+    bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
+    batches = prefetched_batches(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers,
+                                 ahead=2 * opts.batch)
+    for b in bands:
+        for _ in range(-(-len(b.tiles) // opts.batch)):
+            tiles, images = next(batches)
+            probs = engine.predict_proba(images)
+            for t, p in zip(tiles, probs):
+                stitcher.add(t.row, t.col, p)
+            bar.update(len(tiles))
+        if band.flush(b.bottom) != int(state["flushed_y"]):
+            state["flushed_y"] = band.flushed_y
+            _atomic_json(work / "progress.json", state)
     bar.close()
-    band.flush(height, last=True)
+    band.flush(height)
     state["flushed_y"] = height
     state["done"] = True
     _atomic_json(work / "progress.json", state)
     return SegmentResult(slide="", mask="", tiles=len(grid.tiles), grid_tiles=grid.n_positions, mpp=grid.mpp,
-                         size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0, resumed_from_row=first_row)
-
-
-def _finish_row(band: LabelBand, grid: TileGrid, row: int, state: dict, work: Path) -> None:
-    final_y = grid.ys[row + 1] if row + 1 < len(grid.ys) else grid.image_size[1]
-    before = band.flushed_y
-    if band.flush(final_y) != before:
-        state["flushed_y"] = band.flushed_y
-        _atomic_json(work / "progress.json", state)
+                         size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0,
+                         resumed_from_row=bands[0].rows[0] if bands else len(grid.ys))
 
 
 def _progress(total: int, name: str, enabled: bool):
@@ -382,7 +372,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         from .geojson import write_geojson
 
         write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
-                      colors=[c.color for c in cfg.classes], overwrite=True)
+                      colors=[c.color for c in cfg.classes], mpp=mpp, overwrite=True)
         written["geojson"] = str(opts.geojson)
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
@@ -402,7 +392,8 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         written["probs"] = str(dst)
     from .mask_tiff import write_mask_tiff
 
-    write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True)
+    write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True,
+                    scale=scale, offset=offset)
     written["mask"] = str(out)
     return written
 

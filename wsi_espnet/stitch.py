@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .tiling import TileGrid
+from .tiling import Tile, TileGrid
 
 
 def border_ramp(tile: int, overlap: int) -> np.ndarray:
@@ -36,6 +36,37 @@ def border_ramp(tile: int, overlap: int) -> np.ndarray:
         w[:overlap] = ramp
         w[tile - overlap :] = ramp[::-1]
     return w
+
+
+@dataclass(frozen=True)
+class Band:
+    """Tile rows fed together, and their tiles in feed order.  Everything above ``bottom`` (the
+    top of the next band, or the image's height) is final once the band has been fed."""
+
+    rows: tuple[int, ...]
+    tiles: list[Tile]
+    top: int
+    bottom: int
+
+
+def feed_bands(grid: TileGrid) -> list[Band]:
+    """The grid's kept tiles in the order that keeps pending state thin: tile row by tile row, except
+    that the last row (flush with the far edge, so it overlaps its neighbour by more than
+    ``overlap``) is interleaved column by column with the row before it.  Fed row by row, that wide
+    overlap would stay pending across the whole slide width; interleaved, only around one tile."""
+    per_row: list[list[Tile]] = [[] for _ in grid.ys]
+    for t in grid.tiles:
+        per_row[t.row].append(t)
+    groups = [[r] for r in range(len(grid.ys))]
+    ys = list(grid.ys)
+    if len(ys) >= 2 and ys[-2] + grid.tile - ys[-1] > grid.overlap:
+        groups = groups[:-2] + [[len(ys) - 2, len(ys) - 1]]
+    bands = []
+    for i, rows in enumerate(groups):
+        tiles = sorted((t for r in rows for t in per_row[r]), key=lambda t: (t.col, t.row))
+        bottom = ys[groups[i + 1][0]] if i + 1 < len(groups) else grid.image_size[1]
+        bands.append(Band(tuple(rows), tiles, ys[rows[0]], bottom))
+    return bands
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""`wsi-segment` end to end on real pyramidal files: outputs that open, resume after an interruption
+to a byte-identical mask, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import wsi_espnet
+from wsi_espnet.cli import main
+from wsi_espnet.engine import TorchEngine
+from wsi_espnet.errors import UserError
+from wsi_espnet.segment import SegmentOptions, segment_slide
+
+FAST = ["--tile", "256", "--overlap", "32", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A real (randomly initialised) ESPNet with the breast-biopsy classes; small p, q for speed."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "rand8.pt"
+    return wsi_espnet.save_checkpoint(path, wsi_espnet.ESPNet(8, 2, 3), wsi_espnet.load_config("breast_biopsy"))
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_segment_writes_every_output(tmp_path, demo_svs, small_model, capsys):
+    import openslide
+
+    out = tmp_path / "res" / "mask.tif"
+    rc = main(["segment", str(demo_svs), "--out", str(out), "--model", str(small_model), *FAST,
+               "--probs", str(tmp_path / "p.zarr"),
+               "--overlay", str(tmp_path / "o.png")])
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "tiles" in summary and "mm²" in summary
+    mask = tifffile.imread(out)
+    assert mask.shape == (768, 1024)  # 2048x1536 at 0.5 µm/px read at 1 µm/px
+    assert mask.max() < 8
+    with openslide.OpenSlide(str(out)) as osr:
+        assert osr.dimensions == (1024, 768)
+    probs = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")
+    assert probs.shape == (8, 768, 1024) and probs.dtype == np.float16
+    p = np.asarray(probs[:, :256, :])
+    tissue = p.sum(0) > 0.5  # background outside tissue tiles has no probabilities
+    assert np.allclose(p.sum(0)[tissue], 1.0, atol=0.01)
+    # float16 storage can only swap classes whose probabilities are within its rounding of each other
+    top2 = np.sort(p.astype(np.float32), axis=0)[-2:]
+    clear = tissue & (top2[1] - top2[0] > 2e-3)
+    assert clear.mean() > 0.2
+    assert (p.argmax(0)[clear] == mask[:256][clear]).all()
+    assert (tmp_path / "o.png").stat().st_size > 1000
+    assert not list(tmp_path.rglob("*.work")) and not list(tmp_path.rglob("*.partial"))
+
+
+class _Interrupting:
+    """A real engine that stops the run (as Ctrl-C would) after ``n`` batches, and counts them."""
+
+    def __init__(self, engine, n=-1):
+        self.engine, self.n, self.calls = engine, n, 0
+        self.config = engine.config
+        self.device = engine.device
+        self.model_id = "same-model"
+
+    def predict_proba(self, batch):
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.engine.predict_proba(batch)
+
+
+def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model):
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    engine.model_id = "same-model"
+    opts = dict(tile=256, overlap=32, batch=2, progress=False)
+    ref = tmp_path / "ref" / "mask.tif"  # same name: the name is part of the OME metadata
+    counting = _Interrupting(engine)
+    segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
+
+    out = tmp_path / "mask.tif"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, counting.calls * 4 // 5))
+    assert not out.exists()  # nothing at the final path
+    progress = json.loads((tmp_path / "mask.tif.work" / "progress.json").read_text())
+    assert progress["flushed_y"] > 0
+    result = segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=engine)
+    assert result.resumed_from_row > 0
+    assert out.read_bytes() == ref.read_bytes()
+    assert not (tmp_path / "mask.tif.work").exists()
+
+
+def test_killed_process_resumes(tmp_path, demo_svs, small_model):
+    out = tmp_path / "mask.tif"
+    cmd = [sys.executable, "-m", "wsi_espnet.cli", "segment", str(demo_svs), "--out", str(out), "--model",
+           str(small_model), "--tile", "256", "--overlap", "32", "--batch", "1", "--quiet", "--device", "cpu"]
+    ref = tmp_path / "ref" / "mask.tif"
+    assert subprocess.run([*cmd[:6], str(ref), *cmd[7:]], capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    progress = tmp_path / "mask.tif.work" / "progress.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if progress.is_file() and json.loads(progress.read_text()).get("flushed_y", 0) > 0:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_slide_without_tissue_gives_an_empty_valid_mask(tmp_path, empty_svs, small_model):
+    out = tmp_path / "m.tif"
+    assert main(["segment", str(empty_svs), "--out", str(out), "--model", str(small_model), *FAST]) == 0
+    mask = tifffile.imread(out)
+    assert mask.shape == (384, 512) and (mask == 0).all()
+
+
+def test_slide_smaller_than_one_tile(tmp_path, tiny_svs, small_model):
+    out = tmp_path / "m.tif"
+    assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), *FAST]) == 0
+    assert tifffile.imread(out).shape == (75, 100)
+
+
+def test_slide_without_mpp_needs_the_option(tmp_path, slides_dir, small_model, capsys):
+    tcga = slides_dir / "real" / "TCGA-CR-7395-01A-01-TS1.svs"
+    out = tmp_path / "m.tif"
+    assert main(["segment", str(tcga), "--out", str(out), "--model", str(small_model), *FAST]) == 2
+    assert "--mpp" in _one_line_error(capsys)
+    assert not out.exists()
+    assert main(["segment", str(tcga), "--out", str(out), "--model", str(small_model), "--mpp", "0.25", *FAST]) == 0
+    assert tifffile.imread(out).shape == (892, 1111)  # 4443x3567 at 0.25 µm/px, read at 1 µm/px
+
+
+def _bad_inputs(tmp_path: Path, slides_dir: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.svs"
+    text.write_text("this is not a slide\n")
+    real = (slides_dir / "real" / "CMU-1-Small-Region.svs").read_bytes()
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(real[: len(real) // 3])
+    return {"missing": tmp_path / "nope.svs", "directory": tmp_path, "text": text, "truncated": truncated,
+            "unreadable": slides_dir / "openslide-python-fixtures" / "unreadable.svs"}
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "text", "truncated", "unreadable"])
+def test_bad_slides_fail_in_one_line_and_write_nothing(tmp_path, slides_dir, small_model, capsys, case):
+    slide = _bad_inputs(tmp_path, slides_dir)[case]
+    out = tmp_path / "out" / "m.tif"
+    rc = main(["segment", str(slide), "--out", str(out), "--model", str(small_model), "--mpp", "0.5", *FAST])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert "Traceback" not in line
+    assert not out.exists()
+    assert not list((tmp_path / "out").glob("*.partial")) if (tmp_path / "out").exists() else True
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_svs, small_model, capsys):
+    out = tmp_path / "m.tif"
+    out.write_bytes(b"precious")
+    assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), *FAST]) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert out.read_bytes() == b"precious"
+    assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), *FAST, "--overwrite"]) == 0
+    assert tifffile.imread(out).shape == (75, 100)
+
+
+def test_unwritable_output_is_refused(tmp_path, tiny_svs, small_model, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["segment", str(tiny_svs), "--out", str(blocker / "m.tif"), "--model", str(small_model), *FAST]) == 2
+    _one_line_error(capsys)
+
+
+def test_model_whose_classes_do_not_match_its_config(tmp_path, tiny_svs, small_model, capsys):
+    payload = torch.load(small_model, weights_only=True)
+    payload["config"]["classes"] = payload["config"]["classes"][:5]
+    torch.save(payload, tmp_path / "bad.pt")
+    assert main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(tmp_path / "bad.pt"), *FAST]) == 2
+    assert "5 classes" in _one_line_error(capsys)
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_bad_options(tmp_path, tiny_svs, small_model, capsys):
+    for extra in (["--tile", "100"], ["--overlap", "600"], ["--mpp", "-1"], ["--batch", "0"]):
+        rc = main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model),
+                   "--quiet", *extra])
+        assert rc == 2, extra
+        _one_line_error(capsys)
+    assert main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.png"), "--model", str(small_model)]) == 2
+    _one_line_error(capsys)
