@@ -213,9 +213,13 @@ def train(
     init: str | Path | None = None,
     command: str | None = None,
     workers: int | None = None,
+    cache: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train ``cfg``'s model on ``cfg``'s data into ``out`` (see the module docstring)."""
+    """Train ``cfg``'s model on ``cfg``'s data into ``out`` (see the module docstring).
+
+    ``cache``: where the patch stores cut from slides go (default ``out/patches``); stores are
+    reused whenever slide, labels and cutting recipe are unchanged, so runs can share one."""
     from .datasets import training_dataset, write_class_counts
 
     out = Path(out)
@@ -238,7 +242,8 @@ def train(
     elif resume:
         log(f"note: --resume but no {last_path}: starting a new run")
 
-    dataset = training_dataset(cfg, out / "patches", workers=workers)
+    cache = Path(cache) if cache is not None else out / "patches"
+    dataset = training_dataset(cfg, cache, workers=workers)
     sampled = dataset.sampled_class_counts() if hasattr(dataset, "sampled_class_counts") else dataset.class_counts()
     if float(np.sum(sampled)) <= 0:
         raise UserError("empty dataset: the training labels hold no pixel of any class")
@@ -247,7 +252,7 @@ def train(
     (out / "class_weights.json").write_text(json.dumps(dict(zip(cfg.class_names, map(float, class_weights))), indent=2) + "\n")
     log(f"{len(dataset)} training {'patches' if hasattr(dataset, 'paths') else 'images'}; class weights "
         + ", ".join(f"{n} {w:.2f}" for n, w in zip(cfg.class_names, class_weights)))
-    validate = _validation(cfg, out / "patches", log, workers)
+    validate = _validation(cfg, cache, log, workers)
     criterion = weighted_cross_entropy(class_weights, cfg.ignore_index).to(device)
     amp = device.startswith("cuda")
     runlog = RunLog(out)
@@ -271,6 +276,7 @@ def train(
             continue
         if state is not None and stage_names.index(stage) < stage_names.index(state["stage"]):
             continue  # finished before the interruption
+        torch.manual_seed(cfg.train.seed * 100003 + stage_names.index(stage))  # same init on every run
         model = _stage_model(variant, cfg)
         start = 0
         resumed_here = state is not None and state["stage"] == stage
@@ -373,6 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make-demo-data", action="store_true", help="first generate the synthetic demo slides and "
                         "their QuPath GeoJSON truth in data.root (if not there yet)")
     parser.add_argument("--workers", type=int, help="threads for cutting patch stores (default: all cores)")
+    parser.add_argument("--cache", type=Path, help="folder for the patch stores cut from slides (default OUT/patches; "
+                        "reused while slides, labels and settings are unchanged)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
     words += ["--init", str(args.init)] if args.init else []
     words += ["--make-demo-data"] if args.make_demo_data else []
     command = " ".join(shlex.quote(w) for w in words)
-    result = train(cfg, out, resume=args.resume, device=args.device, init=args.init, command=command, workers=args.workers)
+    result = train(cfg, out, resume=args.resume, device=args.device, init=args.init, command=command, workers=args.workers,
+                   cache=args.cache)
     print(f"best: {result.best} (val mIoU {result.best_miou:.4f})")
     return 0
