@@ -45,7 +45,7 @@ def one_thread():
 def demo_root(tmp_path_factory) -> Path:
     """2 training and 1 held-out demo slide (1024² at 0.5 µm/px = 512² at the working 1 µm/px),
     each with its truth exported as QuPath GeoJSON."""
-    return make_demo_dataset(tmp_path_factory.mktemp("demo-data") / "demo", n_train=2, n_val=1, size=1024)
+    return make_demo_dataset(tmp_path_factory.mktemp("demo-data") / "demo", n_train=2, n_val=1, n_test=0, size=1024)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no folder" in err
     rc = cli.main(["train", "demo_tissue", "train.nope=1"])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_evaluate_images_scores_every_labelled_pixel_once(tmp_path):
+    from PIL import Image
+
+    from wsi_espnet.datasets import image_folder_dataset
+    from wsi_espnet.evaluate import evaluate_images
+
+    cfg = with_overrides(load_config("voc"), [f"data.root={tmp_path}"])
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    Image.fromarray(np.full((21, 30, 3), 90, np.uint8)).save(tmp_path / "JPEGImages" / "a.jpg")
+    lab = np.zeros((21, 30), np.uint8)
+    lab[:3] = 255
+    Image.fromarray(lab).save(tmp_path / "SegmentationClass" / "a.png")
+    model = ESPNet(cfg.num_classes, 2, 1)
+    ds = image_folder_dataset(cfg, "val")
+    for size in (None, (32, 16)):  # padded to a multiple of 8 / resized to an input size and back
+        cm = evaluate_images(model, ds, "cpu", size)
+        assert cm.matrix.sum() == 18 * 30 and cm.matrix[1:].sum() == 0

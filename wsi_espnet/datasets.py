@@ -662,7 +662,7 @@ def write_class_counts(path: Path, counts: np.ndarray, class_names: Sequence[str
 # Demo data: synthetic slides with their truth as QuPath GeoJSON, in the slides layout.
 
 #: What `make_demo_dataset` writes by default (the shipped tissue model's data).
-DEMO_DEFAULTS = {"n_train": 6, "n_val": 2, "size": 4096, "mpp": 0.5, "truth_mpp": 1.0, "seed": 0}
+DEMO_DEFAULTS = {"n_train": 6, "n_val": 2, "n_test": 2, "size": 4096, "mpp": 0.5, "truth_mpp": 1.0, "seed": 0}
 
 
 class _LazyTruth:
@@ -716,18 +716,20 @@ def make_demo_dataset(
     *,
     n_train: int = DEMO_DEFAULTS["n_train"],
     n_val: int = DEMO_DEFAULTS["n_val"],
+    n_test: int = DEMO_DEFAULTS["n_test"],
     size: int = DEMO_DEFAULTS["size"],
     mpp: float = DEMO_DEFAULTS["mpp"],
     truth_mpp: float = DEMO_DEFAULTS["truth_mpp"],
     seed: int = DEMO_DEFAULTS["seed"],
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``root/train`` and ``root/val``: synthetic H&E slides (``size``² px at ``mpp``) with
-    their truth as QuPath GeoJSON, so training goes through exactly the path of a user's
-    annotated slides.  Validation slides use other seeds than training slides.  Idempotent: a root
-    made with the same parameters is left as it is; different parameters are a UserError."""
+    """Write ``root/train``, ``root/val`` and ``root/test``: synthetic H&E slides (``size``² px at
+    ``mpp``) with their truth as QuPath GeoJSON, so training goes through exactly the path of a
+    user's annotated slides.  The three splits use disjoint seeds: ``val`` picks the best epoch,
+    ``test`` is never seen by training at all.  Idempotent: a root made with the same parameters is
+    left as it is; different parameters are a UserError."""
     root = Path(root)
-    params = {"n_train": n_train, "n_val": n_val, "size": size, "mpp": mpp, "truth_mpp": truth_mpp, "seed": seed}
+    params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "size": size, "mpp": mpp, "truth_mpp": truth_mpp, "seed": seed}
     marker = root / "demo.json"
     if marker.is_file():
         old = json.loads(marker.read_text())
@@ -735,7 +737,9 @@ def make_demo_dataset(
             raise UserError(f"{root} holds demo data made with {old}; remove it or choose another data.root")
     elif root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists and is not a demo data folder (no demo.json); choose another data.root")
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if n <= 0:
+            continue
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
         for s in demo_seeds(split, n, seed):
