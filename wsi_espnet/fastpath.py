@@ -1,0 +1,347 @@
+"""An inference-only twin of ESPNet: batch norms folded, channels-last, no subnormal numbers.
+
+What makes plain eager ESPNet slow on a CPU, largest first (p2q8, 1024×512, 2 cores):
+
+* subnormal numbers.  The authors' released files hold thousands of weights and batch-norm
+  parameters below float32's smallest normal value (1.2e-38): channels that weight decay drove
+  towards zero.  Each product with one is subnormal too and costs an x86 core a micro-code assist;
+  the released p2q8 file runs about ten times slower than the same network with random weights.
+  The twin stores every such value as 0, which changes no output by more than ~1e-38;
+* fresh memory.  Each frame allocates ~150 MB of feature maps; glibc hands the large blocks back to
+  the kernel on free and every page faults again on the next frame (50 ms of system time per
+  frame here).  :func:`retain_freed_memory` keeps freed blocks in the process;
+* memory passes over the feature maps (batch norms, concatenations, hierarchical sums, residual
+  adds, PReLUs) and the convolutions (4.7 G multiply-adds per frame).
+
+The twin folds every batch norm that follows a convolution or deconvolution into its weights and
+bias (the decoder's norms before a concatenation go into the layer that produces each half), does
+the hierarchical sums in place, and runs channels-last (NHWC), which oneDNN prefers on CPU and
+cuDNN on tensor-core GPUs.
+
+The batch norm *inside* an ESP module is not folded.  It acts on ``residual + concat(o_1, o_2,
+o_2+o_4, o_2+o_4+o_8, …)``: the partial sums are shared between channel groups, so group ``k``'s
+scale cannot enter branch ``k``'s weights.  A recurrence ``y_k = (s_k/s_{k-1})·y_{k-1} + …`` would
+allow it, but every module of every released file has dead channels with scales near 1e-40, where
+those ratios overflow.  It stays one multiply-add pass, and ``compile=True`` (``torch.compile``
+with frozen weights) fuses it with the concatenation, residual and PReLU into a single pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .espnet import DILATIONS, ESPModule, ESPNet, ESPNetC, StridedESPModule, Upsampled
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``scale·x + shift``, computed in float64 so that folding adds no
+    rounding of its own."""
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    weight = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    bias = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale
+
+
+def _channel(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over NCHW."""
+    return _stored(t.reshape(1, -1, 1, 1))
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy with subnormal values set to zero.
+
+    Why: the released checkpoints hold thousands of subnormal weights and batch-norm parameters
+    (below 1.2e-38: channels that weight decay drove towards zero).  Every product with one is
+    subnormal too, and x86 cores take a micro-code assist for each: the authors' p2q8 file runs
+    about ten times slower than the same network with random weights.  Zeroing them changes no
+    output by more than ~1e-38 in absolute terms.
+    """
+    t = t.detach().to(torch.float32).clone()
+    return t.masked_fill_(t.abs() < torch.finfo(torch.float32).tiny, 0.0)
+
+
+class FoldedConv(nn.Module):
+    """Convolution (or 2×2-stride-2 style deconvolution) with its batch norm folded into weight and
+    bias, and an optional PReLU after it."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        alpha: torch.Tensor | None = None,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", _stored(weight))
+        self.register_buffer("bias", None if bias is None else _stored(bias))
+        self.register_buffer("alpha", None if alpha is None else _stored(alpha))
+        self.stride, self.padding, self.dilation, self.transposed = stride, padding, dilation, transposed
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: nn.PReLU | None = None) -> "FoldedConv":
+        """``act(bn(conv(x)))`` as one convolution (plus PReLU)."""
+        weight = conv.weight.detach().double()
+        bias = conv.bias.detach().double() if conv.bias is not None else None
+        if bn is not None:
+            scale, shift = bn_affine(bn)
+            weight = weight * scale.reshape(-1, 1, 1, 1)
+            bias = shift if bias is None else bias * scale + shift
+        return cls(
+            weight, bias, stride=conv.stride[0], padding=conv.padding[0], dilation=conv.dilation[0],
+            alpha=None if act is None else act.weight,
+        )
+
+    @classmethod
+    def from_deconv(
+        cls,
+        deconv: nn.ConvTranspose2d,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        act: nn.PReLU | None = None,
+    ) -> "FoldedConv":
+        """``act(scale·deconv(x) + shift)``; a deconvolution's weight is (in, out, k, k)."""
+        if deconv.output_padding != (0, 0) or deconv.groups != 1:
+            raise ValueError("only plain deconvolutions are folded")
+        weight = deconv.weight.detach().double()
+        bias = deconv.bias.detach().double() if deconv.bias is not None else None
+        if scale is not None:
+            weight = weight * scale.reshape(1, -1, 1, 1)
+            bias = shift if bias is None else bias * scale + shift
+        return cls(
+            weight, bias, stride=deconv.stride[0], padding=deconv.padding[0], dilation=deconv.dilation[0],
+            alpha=None if act is None else act.weight, transposed=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, 0, 1, self.dilation)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return y if self.alpha is None else F.prelu(y, self.alpha)
+
+
+class AffinePReLU(nn.Module):
+    """Eval-mode batch norm then PReLU, for the places (after concatenations of activations) where
+    there is no linear layer to fold the norm into."""
+
+    def __init__(self, bn: nn.BatchNorm2d, act: nn.PReLU) -> None:
+        super().__init__()
+        scale, shift = bn_affine(bn)
+        self.register_buffer("scale", _channel(scale))
+        self.register_buffer("shift", _channel(shift))
+        self.register_buffer("alpha", _stored(act.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(torch.addcmul(self.shift, x, self.scale), self.alpha)
+
+
+class FastESP(nn.Module):
+    """An ESP module (plain or strided) with in-place hierarchical sums and one affine pass.
+
+    Its batch norm stays a separate pass: it acts on ``residual + concat(o_1, o_2, o_2+o_4, …)``,
+    where the partial sums are shared between channel groups, so a per-group scale cannot enter
+    the branch weights.  (Written as a recurrence it can, with ratios ``s_k/s_{k-1}`` of batch-norm
+    scales, but every released checkpoint has dead channels with scales near 1e-40 in every
+    module, which makes those ratios overflow.)
+    """
+
+    def __init__(self, esp: ESPModule) -> None:
+        super().__init__()
+        strided = isinstance(esp, StridedESPModule)
+        bn, act = (esp.bn, esp.act) if strided else (esp.bn.bn, esp.bn.act)
+        self.residual = bool(esp.residual)
+        self.reduce = FoldedConv.from_conv(esp.c1.conv)
+        self.branches = nn.ModuleList(FoldedConv.from_conv(getattr(esp, f"d{k}").conv) for k in DILATIONS)
+        scale, shift = bn_affine(bn)
+        self.register_buffer("scale", _channel(scale))
+        self.register_buffer("shift", _channel(shift))
+        self.register_buffer("alpha", _stored(act.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reduce(x)
+        o = [branch(r) for branch in self.branches]
+        for k in range(2, len(o)):  # hierarchical feature fusion, in place
+            o[k].add_(o[k - 1])
+        y = torch.cat(o, 1)
+        if self.residual:
+            y.add_(x)
+        return F.prelu(torch.addcmul(self.shift, y, self.scale), self.alpha)
+
+
+class FastEncoder(nn.Module):
+    """ESPNet-C's features, folded.  ``classifier`` is the 1×1 conv to logits at 1/8 size."""
+
+    def __init__(self, enc: ESPNetC) -> None:
+        super().__init__()
+        self.level1 = FoldedConv.from_conv(enc.level1.conv, enc.level1.bn, enc.level1.act)
+        self.b1 = AffinePReLU(enc.b1.bn, enc.b1.act)
+        self.level2_0 = FastESP(enc.level2_0)
+        self.level2 = nn.ModuleList(FastESP(m) for m in enc.level2)
+        self.b2 = AffinePReLU(enc.b2.bn, enc.b2.act)
+        self.level3_0 = FastESP(enc.level3_0)
+        self.level3 = nn.ModuleList(FastESP(m) for m in enc.level3)
+        self.b3 = AffinePReLU(enc.b3.bn, enc.b3.act)
+        self.classifier = FoldedConv.from_conv(enc.classifier.conv)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(level1, level1 reinforced, level2 reinforced, level3): as ESPNetC.features."""
+        level1 = self.level1(x)
+        sample1 = F.avg_pool2d(x, 3, 2, 1)
+        sample2 = F.avg_pool2d(sample1, 3, 2, 1)
+        level1_cat = self.b1(torch.cat([level1, sample1], 1))
+        level2_0 = self.level2_0(level1_cat)
+        level2 = level2_0
+        for m in self.level2:
+            level2 = m(level2)
+        level2_cat = self.b2(torch.cat([level2, level2_0, sample2], 1))
+        level3_0 = self.level3_0(level2_cat)
+        level3 = level3_0
+        for m in self.level3:
+            level3 = m(level3)
+        return level1, level1_cat, level2_cat, self.b3(torch.cat([level3_0, level3], 1))
+
+
+def _as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class FastESPNetC(nn.Module):
+    """Folded ESPNet-C returning logits at input size (bilinear ×8), like :class:`Upsampled`."""
+
+    def __init__(self, enc: ESPNetC, channels_last: bool = True) -> None:
+        super().__init__()
+        self.encoder = FastEncoder(enc)
+        self.classes = enc.classes
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        y = self.encoder.classifier(self.encoder.features(_as_layout(x, self.channels_last))[3])
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class FastESPNet(nn.Module):
+    """Folded ESPNet: same inputs, same logits (within float32 rounding) as :class:`ESPNet`."""
+
+    def __init__(self, net: ESPNet, channels_last: bool = True) -> None:
+        super().__init__()
+        self.encoder = FastEncoder(net.encoder)
+        self.classes, self.skip, self.channels_last = net.classes, net.skip, channels_last
+        c = net.classes
+        # br follows the encoder's classifier directly: fold it into that 1×1 conv.
+        self.classifier_l3 = FoldedConv.from_conv(net.encoder.classifier.conv, net.br)
+        # combine_l2_l3 = BN+PReLU over cat([l2, l3]): each half's BN goes into its producer.
+        scale, shift = bn_affine(net.combine_l2_l3[0].bn)
+        self.level3_C = _fold_conv_affine(net.level3_C.conv, scale[:c], shift[:c])
+        self.up_l3 = FoldedConv.from_deconv(net.up_l3[0], scale[c:], shift[c:])
+        self.register_buffer("combine_alpha", _stored(net.combine_l2_l3[0].act.weight))
+        self.combine = FastESP(net.combine_l2_l3[1])
+        up_scale, up_shift = bn_affine(net.up_l2[1].bn)
+        self.up_l2 = FoldedConv.from_deconv(net.up_l2[0], up_scale, up_shift, net.up_l2[1].act)
+        self.conv = FoldedConv.from_conv(net.conv.conv, net.conv.bn, net.conv.act)
+        self.classifier = FoldedConv.from_deconv(net.classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level1, level1_cat, level2, level3 = self.encoder.features(_as_layout(x, self.channels_last))
+        l3 = self.up_l3(self.classifier_l3(level3))
+        l2 = self.level3_C(level2)
+        merged = self.up_l2(self.combine(F.prelu(torch.cat([l2, l3], 1), self.combine_alpha)))
+        skip = level1 if self.skip == "level1" else level1_cat
+        return self.classifier(self.conv(torch.cat([merged, skip], 1)))
+
+
+def _fold_conv_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> FoldedConv:
+    """``scale·conv(x) + shift`` as one convolution."""
+    weight = conv.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias.detach().double() * scale + shift
+    return FoldedConv(weight, bias, stride=conv.stride[0], padding=conv.padding[0], dilation=conv.dilation[0])
+
+
+def fold(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """The folded twin of an :class:`ESPNet`, an :class:`ESPNetC` wrapped in :class:`Upsampled`, or a
+    bare :class:`ESPNetC` (whose output stays at 1/8 size, as the module's own)."""
+    if isinstance(model, ESPNet):
+        return FastESPNet(model, channels_last)
+    if isinstance(model, Upsampled):
+        return FastESPNetC(model.encoder, channels_last)
+    if isinstance(model, ESPNetC):
+        return _BareFastESPNetC(model, channels_last)
+    raise TypeError(f"optimize_for_inference takes an ESPNet, ESPNetC or Upsampled model, not {type(model).__name__}")
+
+
+class _BareFastESPNetC(FastESPNetC):
+    """ESPNet-C without the ×8 upsampling, as :class:`ESPNetC` returns it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.classifier(self.encoder.features(_as_layout(x, self.channels_last))[3])
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 32 MiB in the process instead of handing them back
+    to the kernel (``mallopt``: mmap threshold 32 MiB, no heap trimming).
+
+    Why: inference frees and re-allocates the same feature maps every frame; blocks returned to the
+    kernel come back as fresh pages that fault and are zeroed on first touch (about 50 ms of system
+    time per 1024×512 frame on this machine, against ~15 ms with this set).  Peak memory is
+    unchanged; resident memory stays at the peak instead of shrinking between frames.
+    Process-wide; returns False (and does nothing) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    example_shape: tuple[int, int, int, int] = (1, 3, 512, 1024),
+    channels_last: bool = True,
+    compile: bool = False,
+    retain_memory: bool = True,
+) -> nn.Module:
+    """A module that computes the same logits as ``model`` (NCHW float32 normalised input, logits
+    at input size) faster, for inference only (eval-mode semantics: batch norms use their running
+    statistics).  ``model`` is not modified; the result lives on ``model``'s device and accepts every
+    batch size and image size that ``model`` accepts.
+
+    The output has the eager model's shape, dtype and values (within 1e-4 of ``max|logits|``; about
+    2e-6 in practice) but may be channels-last in memory: call ``.contiguous()`` where NCHW strides
+    matter.
+
+    ``compile=True`` also wraps the twin in ``torch.compile`` with frozen weights, which fuses each
+    ESP module's tail into one pass (it needs a C++ compiler on CPU, and each new input shape then
+    compiles for tens of seconds: the call warms up on ``example_shape``).  ``retain_memory`` calls
+    :func:`retain_freed_memory` when the model is on the CPU.
+    """
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    fast: nn.Module = fold(model, channels_last).to(device).eval()
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    for extra in ("config", "arch", "source", "meta"):
+        if hasattr(model, extra):
+            setattr(fast, extra, getattr(model, extra))
+    if retain_memory and device.type == "cpu":
+        retain_freed_memory()
+    if compile:
+        compiled = torch.compile(fast, dynamic=False, options={"freezing": True})
+        with torch.inference_mode():
+            compiled(torch.zeros(example_shape, device=device))
+        return compiled
+    return fast
