@@ -5,7 +5,8 @@
 =============  ===========================  ===================================================
 array          shape, dtype                 content
 =============  ===========================  ===================================================
-``patches``    (N, tile, tile, 3) uint8     RGB patches at ``mpp`` µm/px; one patch per chunk
+``patches``    (N, tile, tile, 3) uint8     RGB patches at ``mpp`` µm/px; one patch per chunk,
+                                            zstd level 1 (lossless)
 ``coords``     (N, 4) int64                 level-0 (x0, y0, w0, h0), rounded to nearest
                                             (:meth:`Tile.level0_box`)
 ``xy``         (N, 2) int64                 patch origin (x, y) in pixels at ``mpp``
@@ -269,7 +270,8 @@ def write_patch_store(
         raise UserError(f"output resolution must be a positive number of µm/px, got {mpp!r}")
     if not 0.0 <= float(tissue_threshold) <= 1.0:
         raise UserError(f"tissue threshold must be between 0 and 1, got {tissue_threshold}")
-    workers = int(workers) if workers is not None else (os.cpu_count() or 1)
+    # Default: one reader per core, at most 16 (each holds a slide handle and its decode cache).
+    workers = int(workers) if workers is not None else min(os.cpu_count() or 1, 16)
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
     out = Path(out)
@@ -506,7 +508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the slide's level-0 µm/px, overriding (or supplying) the file's own")
     parser.add_argument("--tissue-mask", default=None, metavar="MASK.png", help="use this tissue mask instead of detecting")
     parser.add_argument("--save-tissue-mask", default=None, metavar="MASK.png", help="save the tissue mask as a PNG")
-    parser.add_argument("--workers", type=int, default=None, help="reader threads (default: number of CPUs)")
+    parser.add_argument("--workers", type=int, default=None, help="reader threads (default: number of CPUs, at most 16)")
     parser.add_argument("--backend", default="auto", choices=("auto", "openslide", "tifffile", "image"),
                         help="slide reader (default auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
