@@ -58,7 +58,8 @@ def image_tiles(rgb: np.ndarray, config: DatasetConfig, max_tiles: int) -> list[
 
 
 def slide_tiles(path: Path, config: DatasetConfig, max_tiles: int, mpp: float | None = None) -> list[np.ndarray]:
-    """Tissue tiles of one slide at the model's µm/px and tile size, spread over the tissue."""
+    """Tissue tiles of one slide at the model's µm/px and tile size, spread evenly over the tiles that
+    are at least a quarter tissue (glass-only tiles would calibrate the int8 ranges for white)."""
     from .slide import open_slide
     from .tissue import detect_tissue
 
@@ -67,7 +68,8 @@ def slide_tiles(path: Path, config: DatasetConfig, max_tiles: int, mpp: float | 
         width, height = slide.size_at_mpp(work_mpp)
         mask = detect_tissue(slide)
         ds = work_mpp / slide.mpp  # level-0 pixels per working pixel
-        corners = [(x, y) for y in range(0, max(1, height - t + 1), t) for x in range(0, max(1, width - t + 1), t)]
+        step = t // 2  # overlapping tiles: a small slide still gives a few distinct calibration views
+        corners = [(x, y) for y in range(0, max(1, height - t + 1), step) for x in range(0, max(1, width - t + 1), step)]
         rects = np.asarray([(x * ds, y * ds, t * ds, t * ds) for x, y in corners], np.float64)
         fractions = mask.fractions(rects)
         tissue = [c for c, f in zip(corners, fractions) if f >= max(config.slide.tissue_threshold, 0.25)]
