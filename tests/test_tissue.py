@@ -148,3 +148,19 @@ def test_fluorescence_ndpi_does_not_crash():
         tm = detect_tissue(slide, target_mpp=8.0)
     assert tm.mode == "fluorescence"
     assert 0.2 < tm.tissue_fraction < 0.95
+
+
+def test_agrees_with_the_demo_slides_ground_truth_and_drops_its_pen_stroke():
+    from wsi_espnet.demo import BACKGROUND, DemoSlideSpec
+
+    spec = DemoSlideSpec(8192, 8192, mpp=0.5, seed=0, pen=True)
+    w, h = spec.size_at_mpp(8.0)
+    rgb, labels = spec.render(0, 0, w, h, 8.0)
+    truth = labels != BACKGROUND  # the pen stroke is labelled background in the truth
+    mask = tissue_mask_from_rgb(rgb, min_object_px=10_000 / 64, min_hole_px=10_000 / 64)
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.97
+    # Where the stroke crosses tissue (tissue without the pen, background with it): ink, not tissue.
+    no_pen = DemoSlideSpec(8192, 8192, mpp=0.5, seed=0, pen=False).labels(0, 0, w, h, 8.0)
+    inked_tissue = (no_pen != BACKGROUND) & ~truth
+    assert inked_tissue.sum() > 500 and not mask[inked_tissue].any()
