@@ -284,3 +284,40 @@ def test_real_slides_without_mpp_and_fluorescence_go_through(tmp_path, capsys):
     assert rc == 0, err
     g = open_patch_store(out)
     assert g["patches"].shape[0] > 0 and g.attrs["tissue"]["mode"] == "fluorescence"
+
+
+# ------------------------------------------------------------------------------------- demo slides
+
+
+def test_demo_svs_patches_match_the_demo_content_and_truth(demo_svs, demo_spec, tmp_path):
+    from wsi_espnet.demo import BACKGROUND
+
+    out = write_patch_store(demo_svs, tmp_path / "demo.zarr", mpp=1.0, tile=256, tissue_threshold=0.5,
+                            workers=2, progress=False)
+    g = open_patch_store(out)
+    xy, tissue = g["xy"][...], g["tissue"][...]
+    n = len(xy)
+    assert 0 < n <= g.attrs["grid"]["n_positions"] == 12  # 1024 x 768 at 1 µm/px in 256-px tiles
+    assert g.attrs["source"]["vendor"] == "aperio" and g.attrs["source"]["level0_mpp"] == 0.5
+    for i in range(n):
+        x, y = int(xy[i, 0]), int(xy[i, 1])
+        # Pixels: the demo slide's own content at 1 µm/px, up to JPEG and resampling.
+        expected = demo_spec.rgb(x, y, 256, 256, 1.0).astype(int)
+        assert np.abs(g["patches"][i].astype(int) - expected).mean() < 6
+        # Tissue fraction: what the truth says for that patch, within the mask's coarseness.
+        truth = (demo_spec.labels(x, y, 256, 256, 1.0) != BACKGROUND).mean()
+        assert abs(float(tissue[i]) - truth) < 0.08
+        assert truth >= 0.4
+
+
+def test_tiny_and_empty_demo_slides(tiny_svs, empty_svs, tmp_path, capsys):
+    out = tmp_path / "tiny.zarr"
+    rc, _, err = run_cli(capsys, tiny_svs, "--out", out, "--tile", 256)  # 200 x 150 at 0.5 -> 100 x 75
+    assert rc == 0, err
+    g = open_patch_store(out)
+    assert g["patches"].shape == (1, 256, 256, 3)
+    assert (g["patches"][0][75:] == 255).all() and (g["patches"][0][:, 100:] == 255).all()
+    out = tmp_path / "empty.zarr"
+    rc, _, err = run_cli(capsys, empty_svs, "--out", out, "--tile", 256)
+    assert rc == 0 and "warning:" in err
+    assert open_patch_store(out)["patches"].shape[0] == 0

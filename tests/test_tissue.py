@@ -128,8 +128,10 @@ def test_real_he_slide_has_tissue_at_its_resolution():
     with open_slide(REAL / "CMU-1-Small-Region.svs") as slide:
         tm = detect_tissue(slide, target_mpp=8.0)
     assert tm.mode == "brightfield"
-    assert tm.mpp == pytest.approx(8.0, rel=0.01)
-    assert tm.mask.shape == (186, 139)  # ceil(2967 / 16.03), ceil(2220 / 16.03)
+    # 8 µm/px would give a 186 px mask for this small crop: refined to >= 256 px on the longer side,
+    # at a whole level-0 factor (11.6 -> 12).
+    assert tm.downsample == 12.0 and tm.mpp == pytest.approx(12 * 0.499)
+    assert tm.mask.shape == (248, 185)  # ceil(2967 / 12), ceil(2220 / 12)
     # The skin section covers roughly a third of this crop; glass is the rest.
     assert 0.25 < tm.tissue_fraction < 0.5
     assert not tm.mask[:10, :10].any()  # top-left corner is glass
@@ -164,3 +166,16 @@ def test_agrees_with_the_demo_slides_ground_truth_and_drops_its_pen_stroke():
     no_pen = DemoSlideSpec(8192, 8192, mpp=0.5, seed=0, pen=False).labels(0, 0, w, h, 8.0)
     inked_tissue = (no_pen != BACKGROUND) & ~truth
     assert inked_tissue.sum() > 500 and not mask[inked_tissue].any()
+
+
+def test_detect_tissue_on_the_demo_svs_matches_its_truth(demo_svs, demo_spec):
+    from wsi_espnet.demo import BACKGROUND
+
+    with open_slide(demo_svs) as slide:
+        tm = detect_tissue(slide)
+    h, w = tm.mask.shape
+    truth = demo_spec.labels(0, 0, w, h, tm.mpp) != BACKGROUND
+    assert (tm.mask & truth).sum() / (tm.mask | truth).sum() > 0.95
+    # Tile-sized fractions agree with the truth too (what the patch grid uses).
+    k = 1024 // int(tm.downsample)
+    assert tm.fraction(0, 0, 1024, 1024) == pytest.approx(truth[:k, :k].mean(), abs=0.03)

@@ -18,7 +18,8 @@ How the mask is made (:func:`tissue_mask_from_rgb`, a pure function of an RGB im
   little so their anti-aliased halos go too.
 * **Morphology**: a closing bridges the gaps between cells, holes smaller than ``min_hole`` are
   filled (lumens and fat larger than that stay holes), objects smaller than ``min_object`` are
-  dropped (dust, specks of debris).
+  dropped (dust, specks of debris).  On a slide, both sizes are capped at 2 % of the slide's area and
+  the mask has at least 256 px on its longer side, so a small crop is judged at a useful scale.
 * **Fluorescence**: a slide whose typical pixel is dark (the median of the brightest channel is
   below 60 of 255, e.g. a DAPI scan) is not bright-field; the mask is then the signal (brightest
   channel) above its Otsu threshold (never below 20/255, so an empty dark slide stays empty), closed
@@ -51,6 +52,12 @@ from .errors import UserError
 
 #: µm/px assumed for level 0 of a slide without mpp, for morphology sizes only.
 NOMINAL_MPP = 0.5
+
+#: The mask's longer side is at least this (or the slide's own size), whatever ``target_mpp``.
+MIN_MASK_SIDE = 256
+#: Minimum object and hole sizes are capped at this share of the slide's area, so that a small crop
+#: made of one piece of tissue is not dropped as a speck.
+MAX_SPECK_SHARE = 0.02
 
 #: Thresholds of the bright-field rules (fractions of 1 for saturation, OD in log10 units).
 SAT_THRESHOLD_RANGE = (0.05, 0.20)
@@ -474,6 +481,8 @@ def mask_downsample(slide: _SlideLike, target_mpp: float, max_size: int | None) 
     path) and coarse enough that the mask's longer side is at most ``max_size``."""
     w0, h0 = slide.dimensions
     ds = target_mpp / (slide.mpp or NOMINAL_MPP)
+    # A small crop gets a finer mask, so that morphology still has pixels to work with.
+    ds = min(ds, max(w0, h0) / MIN_MASK_SIDE)
     capped = max_size is not None and max(w0, h0) / ds > max_size
     if capped:
         ds = max(w0, h0) / max_size
@@ -518,11 +527,12 @@ def detect_tissue(
     ds = mask_downsample(slide, target_mpp, max_size)
     rgb = render_lowres(slide, ds)
     px_um = ds * (slide.mpp or NOMINAL_MPP)
+    speck_cap = MAX_SPECK_SHARE * rgb.shape[0] * rgb.shape[1]
     resolved: Mode = mode if mode != "auto" else ("fluorescence" if is_fluorescence(rgb) else "brightfield")
     mask = tissue_mask_from_rgb(
         rgb,
-        min_object_px=min_object_um2 / px_um**2,
-        min_hole_px=min_hole_um2 / px_um**2,
+        min_object_px=min(min_object_um2 / px_um**2, speck_cap),
+        min_hole_px=min(min_hole_um2 / px_um**2, speck_cap),
         closing_radius_px=closing_um / px_um,
         pen_dilation_px=closing_um / px_um,
         mode=resolved,
