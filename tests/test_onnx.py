@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from skimage import data, io
@@ -18,7 +19,7 @@ from skimage import data, io
 from wsi_espnet.checkpoint import load_model, save_checkpoint
 from wsi_espnet.cli import main
 from wsi_espnet.config import load_config
-from wsi_espnet.errors import ModelFileError
+from wsi_espnet.errors import ModelFileError, UserError
 from wsi_espnet.espnet import build_model
 from wsi_espnet.export import TOLERANCE, export_onnx, relative_error, torch_logits
 from wsi_espnet.onnx_engine import KEY_CONFIG, OnnxEngine
@@ -151,29 +152,38 @@ def test_predict_with_onnxruntime_matches_torch_backend(released, tmp_path):
     assert (ort_labels == pt_labels).mean() > 0.999
 
 
-def test_onnx_engine_and_predict_run_without_torch(released, tmp_path):
-    """An edge box without PyTorch: torch made unimportable, then the CLI's predict on ONNX Runtime."""
-    _, path = released
+def test_predict_and_segment_run_without_torch(released, tissue, demo_svs, tmp_path):
+    """An edge box without PyTorch: torch made unimportable, then ``predict`` and ``wsi-segment`` on
+    ONNX Runtime (the released model on a photo, the 8-class model on a demo slide)."""
+    _, city = released
+    _, tissue_onnx = tissue
     img = tmp_path / "astro.png"
     io.imsave(img, data.astronaut()[:200, :300])
+    mask = tmp_path / "seg" / "mask.tif"
+    mask.parent.mkdir()
     script = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from wsi_espnet.cli import main
+from wsi_espnet.cli import main, segment_main
 from wsi_espnet.onnx_engine import OnnxEngine
 import numpy as np
-engine = OnnxEngine({str(path)!r}, device="cpu")
-proba = engine.predict_proba(np.zeros((1, 64, 64, 3), np.uint8))
-assert proba.shape == (1, 20, 64, 64)
-rc = main(["predict", {str(img)!r}, "--model", {str(path)!r}, "--backend", "onnxruntime", "--native", "--out", {str(tmp_path / "o")!r}])
+engine = OnnxEngine({str(city)!r}, device="cpu")
+assert engine.predict_proba(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 20, 64, 64)
+rc = main(["predict", {str(img)!r}, "--model", {str(city)!r}, "--backend", "onnxruntime", "--native", "--out", {str(tmp_path / "o")!r}])
+assert rc == 0, rc
+rc = segment_main([{str(demo_svs)!r}, "--out", {str(mask)!r}, "--model", {str(tissue_onnx)!r}, "--backend", "onnxruntime", "--device", "cpu", "--quiet"])
 assert rc == 0, rc
 assert not any(m == "torch" or m.startswith("torch.") for m, v in sys.modules.items() if v is not None)
 print("torch-free ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch-free ok" in done.stdout
     assert io.imread(tmp_path / "o" / "astro.labels.png").shape == (200, 300)
+    import tifffile
+
+    labels = tifffile.imread(mask)
+    assert labels.shape[-2:] == (768, 1024) and labels.max() < 8  # the demo slide at the model's 1 µm/px
 
 
 def test_bad_model_files_are_one_line_errors(released, tmp_path, capsys):
@@ -190,6 +200,12 @@ def test_bad_model_files_are_one_line_errors(released, tmp_path, capsys):
     onnx.save(proto, str(bare))
     with pytest.raises(ModelFileError, match="without wsi-espnet metadata"):
         OnnxEngine(bare, device="cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        OnnxEngine(path, device="tpu")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(UserError, match="no CUDA provider"):
+            OnnxEngine(path, device="cuda")
+        assert OnnxEngine(path, device="auto").device == "cpu"
     io.imsave(tmp_path / "a.png", data.astronaut()[:64, :64])
     for model in (junk, RELEASED, tmp_path / "missing.onnx"):  # a .pth is not an ONNX file either
         rc = main(["predict", str(tmp_path / "a.png"), "--model", str(model), "--backend", "onnxruntime", "--out", str(tmp_path / "o")])
