@@ -1,0 +1,178 @@
+"""The inference fast path: the folded twin computes the eager model's logits (tolerance: max|fast -
+eager| <= 1e-4 * max|eager|, the issue's definition), for every model kind, batch and accepted size;
+it never touches the model it was made from; and on the authors' released weights it changes no
+confident argmax.  Plus the ``bench`` command."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wsi_espnet import cli
+from wsi_espnet.checkpoint import load_model
+from wsi_espnet.espnet import ESPNet, ESPNetC, Upsampled
+from wsi_espnet.fastpath import optimize_for_inference, retain_freed_memory
+
+PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "espnet-pretrained"
+TOLERANCE = 1e-4
+TINY = torch.finfo(torch.float32).tiny
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def trained_looking(model: nn.Module, seed: int = 0, subnormal: bool = False) -> nn.Module:
+    """Random weights plus the kind of batch-norm statistics and PReLU slopes training leaves (a
+    fold of the default mean 0 / var 1 / weight 1 would be trivially right), including dead
+    channels with zero scales and, if asked, subnormal ones as in the released files (those make
+    the eager model slow, so only where needed)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+                m.weight.copy_((torch.rand(n, generator=g) * 1.5 + 0.2) * torch.where(torch.rand(n, generator=g) < 0.2, -1.0, 1.0))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.weight[0] = 0.0
+                if subnormal and n > 2:
+                    m.weight[1] = 3e-41  # subnormal
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def check_close(model: nn.Module, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    fast = optimize_for_inference(model, **kwargs)
+    with torch.inference_mode():
+        expected = model(x)
+        got = fast(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert relative_difference(got, expected) <= TOLERANCE
+    return got
+
+
+@pytest.mark.parametrize("skip", ["level1", "level1_reinforced"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_espnet_matches_eager(skip, batch):
+    model = trained_looking(ESPNet(20, 2, 3, skip=skip), subnormal=batch == 1)
+    check_close(model, (batch, 3, 64, 96))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_espnet_c_wrapper_matches_eager_at_an_odd_size(batch):
+    # ESPNet-C (bilinear x8 back to input size) takes any size, also odd ones
+    model = trained_looking(Upsampled(ESPNetC(12, 2, 3)), seed=2)
+    got = check_close(model, (batch, 3, 75, 101))
+    assert got.shape == (batch, 12, 75, 101)
+
+
+def test_bare_espnet_c_keeps_its_eighth_size_output():
+    model = trained_looking(ESPNetC(20, 1, 2), seed=3)
+    assert check_close(model, (2, 3, 48, 64)).shape == (2, 20, 6, 8)
+
+
+def test_nchw_variant_and_sizes_divisible_by_8_but_not_16():
+    model = trained_looking(ESPNet(20, 2, 3), seed=4)
+    check_close(model, (1, 3, 72, 104), channels_last=False)
+    check_close(model, (2, 3, 40, 24))
+
+
+def test_espnet_needs_sides_divisible_by_8_in_eager_and_fast_alike():
+    # the decoder concatenates x2-upsampled maps with the encoder's: 100 -> 50 -> 25 -> 13 -> 26 != 25
+    model = trained_looking(ESPNet(20, 1, 2), seed=5)
+    fast = optimize_for_inference(model)
+    x = torch.randn(1, 3, 100, 100)
+    with torch.inference_mode():
+        for net in (model, fast):
+            with pytest.raises(RuntimeError):
+                net(x)
+
+
+def test_the_source_model_is_left_untouched():
+    model = trained_looking(ESPNet(20, 2, 3), seed=6)
+    before = copy.deepcopy(model.state_dict())
+    params = [p.data_ptr() for p in model.parameters()]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    fast = optimize_for_inference(model)
+    assert fast is not model and not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters())  # its memory format either
+    assert [p.data_ptr() for p in model.parameters()] == params
+    shared = {p.data_ptr() for p in model.parameters()} & {b.data_ptr() for b in fast.buffers()}
+    assert not shared
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+
+
+def test_batch_norms_are_gone_and_subnormals_are_zero():
+    model = trained_looking(ESPNet(20, 2, 3), seed=7, subnormal=True)
+    fast = optimize_for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    for b in fast.buffers():
+        assert not ((b != 0) & (b.abs() < TINY)).any()
+
+
+def test_checkpoint_attributes_travel_with_the_fast_model():
+    model = load_model(PRETRAINED / "decoder" / "espnet_p_2_q_8.pth")
+    fast = optimize_for_inference(model)
+    assert fast.config is model.config and fast.arch == model.arch
+
+
+@pytest.mark.parametrize("name", ["decoder/espnet_p_2_q_8.pth", "decoder/espnet_p_2_q_8_camvid.pth"])
+def test_released_weights_keep_every_confident_argmax_on_a_real_image(name):
+    """The real files have thousands of subnormal and dead-channel parameters: the fold must not
+    move a decision.  Pixels whose top-2 logit margin is below 1e-3 (ties within float32 noise
+    of either model) are excluded from the exact check; they are a tiny share."""
+    from skimage.data import astronaut
+    from skimage.transform import resize
+
+    model = load_model(PRETRAINED / name)
+    rgb = (resize(astronaut(), (128, 256), order=1, anti_aliasing=True) * 255).round().astype(np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(model.config.normalization.apply(rgb).transpose(2, 0, 1)))[None]
+    fast = optimize_for_inference(model)
+    with torch.inference_mode():
+        expected = model(x)
+        got = fast(x)
+    assert relative_difference(got, expected) <= TOLERANCE
+    top2 = expected[0].topk(2, dim=0).values
+    confident = (top2[0] - top2[1]) > 1e-3
+    assert confident.float().mean() > 0.99
+    labels, fast_labels = expected[0].argmax(0), got[0].argmax(0)
+    assert torch.equal(labels[confident], fast_labels[confident])
+    assert (labels == fast_labels).float().mean() >= 0.9999
+    assert len(labels.unique()) >= 3  # a real segmentation, not one class
+
+
+def test_retain_freed_memory_on_glibc():
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert retain_freed_memory() is True
+
+
+def test_bench_command_prints_the_table(capsys):
+    rc = cli.main(["bench", "--size", "64x32", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "parameters   364,569" in out
+    assert "multiply-add" in out
+    for mode in ("eager", "optimized"):
+        assert any(line.startswith(mode) for line in out.splitlines())
+    assert "max |optimized - eager| / max |eager|" in out
+
+
+def test_bench_command_rejects_a_bad_size(capsys):
+    assert cli.main(["bench", "--size", "100x100", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "divisible by 8" in err and len(err.strip().splitlines()) == 1
