@@ -95,8 +95,9 @@ def demo_miou(model_path: Path, work: Path, tiles: int) -> list[str]:
     t, mpp = cfg.slide.tile, cfg.slide.mpp
 
     def demo_tiles(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        side = int(np.ceil(np.sqrt(tiles))) + 1
-        spec = DemoSlideSpec(side * t * 2, side * t * 2, mpp / 2, seed)
+        side = int(np.ceil(np.sqrt(tiles)))
+        base = 2 * (side + 1) * t  # a 0.5x-mpp scan with room for every tile and half a tile of margin
+        spec = DemoSlideSpec(base, base, mpp / 2, seed)
         out = []
         for i in range(tiles):
             x, y = (i % side) * t + t // 2, (i // side) * t + t // 2
