@@ -39,12 +39,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from wsi_espnet.errors import ModelFileError, UserError
 
 from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
 from .report import BatchReport, one_line
 
 EXTRA_OUTPUTS = ("geojson", "overlay", "probs")
+#: Dask settings of the LocalCluster we start.  Dask's background machinery (the event-loop watchdog
+#: ticking every 20 ms in every process, the statistical profiler sampling every 10 ms, the system
+#: monitor, work stealing every 100 ms) costs about 4% of a core per worker and driver even when idle,
+#: and competes with the slide for the GIL; on a busy machine that was most of the Dask layer's cost
+#: (benchmarks/bench_batch.py).  What it feeds (the dashboard's profile page, blocked-loop warnings
+#: within 20 ms, rebalancing of queued tasks that the scheduler's queuing makes unnecessary) is not
+#: what a batch of slides needs; with these settings idle cost is about 1% of a core.
+QUIET_CLUSTER = {
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.scheduler.work-stealing": False,
+}
 WORKER_MEMORY_GIB = 3  # what one slide process may need at most (model, band buffers, mask writer)
 
 
@@ -146,7 +163,7 @@ def _torch_threads(spec: dict) -> int | None:
     try:
         from distributed import get_worker
 
-        host = get_worker().address.split("://")[-1].rsplit(":", 1)[0]
+        host = get_worker().address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     except (ImportError, ValueError):
         return None
     if host in per_host:
@@ -154,19 +171,16 @@ def _torch_threads(spec: dict) -> int | None:
     return None
 
 
-def _clear_leftovers(outputs: dict[str, str]) -> None:
-    """Temporary files a killed run left (a final file's ``.partial``, the mask writer's scratch
-    folder).  ``segment_slide`` replaces its own, but a SIGKILL gives it no chance to clean up."""
-    for path in map(Path, outputs.values()):
-        partial = path.with_name(path.name + ".partial")
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
-    mask = Path(outputs["mask"])
-    if mask.parent.is_dir():
-        for scratch in mask.parent.glob(f".{mask.name}.levels-*"):
-            shutil.rmtree(scratch, ignore_errors=True)
+def _set_torch_threads(threads: int | None) -> None:
+    """Dask's nanny starts workers with OMP_NUM_THREADS=1; the worker's share of cores is set here."""
+    if not threads:
+        return
+    try:
+        import torch
+    except ImportError:  # an ONNX Runtime install without PyTorch
+        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def process_slide(spec: dict) -> dict:
@@ -175,20 +189,15 @@ def process_slide(spec: dict) -> dict:
     A :class:`UserError` becomes a ``failed`` row rather than an exception, because Dask retries
     exceptions and a corrupt file stays corrupt.  Everything else propagates, for Dask to retry.
     """
-    import torch
-
     from wsi_espnet.segment import SegmentOptions, segment_slide
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"slide": spec["slide"], "worker": f"{socket.gethostname()}:{os.getpid()}"}
-    threads = _torch_threads(spec)
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    _set_torch_threads(_torch_threads(spec))
     outputs = spec["outputs"]
     seg = spec["segment"]
     try:
         engine = _engine(spec.get("model"), seg["backend"], seg["device"])
-        _clear_leftovers(outputs)
         options = SegmentOptions(
             mpp=seg["mpp"], tile=seg["tile"], overlap=seg["overlap"], batch=seg["batch"],
             tissue_threshold=seg["tissue_threshold"], device=seg["device"], backend=seg["backend"],
@@ -223,28 +232,33 @@ class LocalPlan:
 
 def plan_local_cluster(n_slides: int, cores: int, memory_bytes: int, workers: int | None = None,
                        threads: int | None = None, gpus: int = 0) -> LocalPlan:
-    """Size a LocalCluster to the machine.  GPUs: one worker per GPU.  CPU: one worker per two cores
-    (a slide's own serial parts, tissue detection and mask writing, then overlap with another
-    slide's inference), no more workers than slides or than memory allows."""
+    """Size a LocalCluster to the machine.  GPUs: one worker per GPU.  CPU: one single-threaded worker
+    per core, as many as memory allows and no more than slides: whole slides in parallel need no
+    synchronisation, while PyTorch's intra-op threads wait on each other at every layer (and a slide's
+    serial parts, tissue detection and mask writing, leave a core idle); left-over cores go to
+    PyTorch threads (benchmarks/bench_batch.py measures both ways)."""
     if gpus:
         n = workers or gpus
     elif workers:
         n = workers
     else:
         by_memory = max(1, memory_bytes // (WORKER_MEMORY_GIB << 30))
-        n = max(1, min(cores // 2, by_memory, n_slides))
+        n = max(1, min(cores, by_memory, n_slides))
     return LocalPlan(workers=n, torch_threads=threads or max(1, cores // n), gpus=gpus)
 
 
 def _visible_gpus(device: str) -> int:
     if device == "cpu":
         return 0
-    import torch
+    try:
+        import torch
+    except ImportError:
+        return 0
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-class PinGPU:
+class PinGPU(WorkerPlugin):
     """Worker plugin: each local worker process sees one GPU, chosen by its name (0, 1, …), so N
     workers on N GPUs never share one.  Set before the worker's first CUDA call."""
 
@@ -273,6 +287,7 @@ def _dashboard_line(link: str) -> str:
 @contextlib.contextmanager
 def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -> Iterator[tuple[Any, dict]]:
     """A connected Client and the task settings that depend on the cluster (resources, threads)."""
+    import dask
     from distributed import Client, LocalCluster
 
     if opts.scheduler:
@@ -316,9 +331,10 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
         dashboard: str | None = ":8787"
     except ImportError:
         dashboard = None
-    cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
-                           resources={"GPU": 1} if gpus else None, dashboard_address=dashboard,
-                           scheduler_kwargs={"allowed_failures": opts.retries}, silence_logs=logging.ERROR)
+    with dask.config.set(QUIET_CLUSTER):  # the nannies hand this config to the worker processes
+        cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
+                               resources={"GPU": 1} if gpus else None, dashboard_address=dashboard,
+                               scheduler_kwargs={"allowed_failures": opts.retries}, silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         if gpus:
             client.register_plugin(PinGPU(gpus))
@@ -519,8 +535,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786 "
                                        "(default: start a LocalCluster on this machine)")
-    g.add_argument("--workers", type=int, help="local worker processes, one slide each (default: cores/2, at most "
-                                               "one per slide); with --scheduler: wait until this many have joined")
+    g.add_argument("--workers", type=int, help="local worker processes, one slide each (default: one per core, "
+                                               "as memory allows, at most one per slide); with --scheduler: wait until this many have joined")
     g.add_argument("--threads-per-worker", type=int, help="PyTorch threads per worker process (default: cores/workers)")
     g.add_argument("--gpus", type=int, help="local GPU workers, one slide per GPU (default: all visible GPUs unless "
                                             "--device cpu)")
