@@ -23,6 +23,15 @@ TOLERANCE = 1e-4
 TINY = torch.finfo(torch.float32).tiny
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small inputs: a second OpenMP thread buys little here and spins when the machine is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -170,6 +179,22 @@ def test_bench_command_prints_the_table(capsys):
     for mode in ("eager", "optimized"):
         assert any(line.startswith(mode) for line in out.splitlines())
     assert "max |optimized - eager| / max |eager|" in out
+
+
+def test_bench_counts_the_multiply_adds_flop_counter_mode_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wsi_espnet.bench import count_macs
+
+    model = trained_looking(ESPNet(20, 2, 3))
+    x = torch.randn(2, 3, 32, 64)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode():
+        with counter:
+            model(x)
+        macs, _ = count_macs(model, x)
+        fast_macs, _ = count_macs(optimize_for_inference(model), x)
+    assert macs == fast_macs == counter.get_total_flops() // 2 // 2  # two FLOPs a multiply-add, per frame
 
 
 def test_bench_command_rejects_a_bad_size(capsys):

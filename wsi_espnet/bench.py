@@ -9,7 +9,6 @@ authors' released files are much slower in plain eager mode: they hold subnormal
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,16 +60,33 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def count_macs(model: nn.Module, shape: tuple[int, int, int, int]) -> int:
-    """Multiply-adds of one forward pass (convolutions and deconvolutions; FlopCounterMode counts
-    two FLOPs per multiply-add).  Runs on the meta device: shapes only, no arithmetic."""
-    from torch.utils.flop_counter import FlopCounterMode
+def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Multiply-adds per frame of one forward pass through ``model`` (its convolutions and
+    deconvolutions, eager ones or the fast path's folded ones), and that pass's output.
 
-    meta = copy.deepcopy(model).to("meta")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        meta(torch.empty(shape, device="meta"))
-    return counter.get_total_flops() // 2
+    Forward hooks instead of ``FlopCounterMode`` on the meta device: the same numbers (tested), but
+    the meta device's first use costs seconds and this runs during a call the benchmark makes anyway.
+    """
+    from .fastpath import FoldedConv
+
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        w = module.weight
+        transposed = isinstance(module, nn.ConvTranspose2d) or getattr(module, "transposed", False)
+        # weight: (out, in/groups, kh, kw) for a conv, (in, out/groups, kh, kw) for a deconv; each
+        # output (input, for a deconv) element takes w.shape[1]*kh*kw multiply-adds
+        total += (inputs[0] if transposed else output).numel() * w.shape[1] * w.shape[2] * w.shape[3]
+
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, FoldedConv)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // x.shape[0], out
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -159,10 +175,6 @@ def run(args: argparse.Namespace) -> int:
     model = _build(args).to(device)
     shape = (args.batch, 3, h, w)
     params = sum(t.numel() for t in model.parameters())
-    try:
-        macs = count_macs(model, (1, 3, h, w))
-    except RuntimeError as exc:
-        raise UserError(f"the model does not take a {w}x{h} input{_size_hint(model)}: {_first_line(exc)}") from None
     x = torch.randn(shape, device=device)
 
     candidates: dict[str, nn.Module] = {}
@@ -175,10 +187,15 @@ def run(args: argparse.Namespace) -> int:
         candidates["optimized"] = optimize_for_inference(model, example_shape=shape, compile=args.compile)
     setup_s = time.perf_counter() - started
 
-    timings, outputs = [], {}
+    timings, outputs, macs = [], {}, 0
     with torch.inference_mode():
         for name, net in candidates.items():
-            outputs[name] = net(x)
+            try:
+                # a compiled model runs its uncompiled twin for the count (hooks do not fire inside)
+                macs, _ = count_macs(getattr(net, "fast", net), x)
+                outputs[name] = net(x)
+            except RuntimeError as exc:
+                raise UserError(f"the model does not take a {w}x{h} input{_size_hint(model)}: {_first_line(exc)}") from None
             ms = time_calls(lambda: net(x), args.repeats, args.warmup, device)
             timings.append(Timing(name, tuple(ms), args.batch, h * w))
 
@@ -186,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {name}")
     print(f"input        {args.batch}x3x{h}x{w} float32 on {device} ({torch.get_num_threads()} threads)")
     print(f"parameters   {params:,}")
-    print(f"multiply-add {macs / 1e9:.3f} G per frame ({2 * macs / 1e9:.3f} GFLOPs)")
+    print(f"multiply-add {macs / 1e9:.3f} G per frame ({2 * macs / 1e9:.3f} GFLOPs, convolutions)")
     if "optimized" in candidates:
         print(f"optimize     {setup_s:.2f} s set-up" + (" (torch.compile)" if args.compile else ""))
     print()
