@@ -127,10 +127,12 @@ def test_writing_is_lazy_memory_does_not_grow_with_slide_size(tmp_path):
         return top
 
     DemoSlideSpec(64, 64).render(0, 0, 8, 8)  # one-time caches out of the way
-    small, large = peak(1024, 512), peak(4096, 1536)  # 12x the pixels
-    raw_level0 = 4096 * 1536 * 3
-    assert large < raw_level0 * 0.8, (small, large)
-    assert large < small * 1.3 + 2e6, (small, large)
+    small, large = peak(1024, 512), peak(6144, 2048)  # 24x the pixels
+    raw_level0 = 6144 * 2048 * 3
+    # the peak is a few tiles in flight per thread (10-15 MB, varying with thread timing), whatever
+    # the slide size; holding level 0, or tifffile's default 512 MB encode batches, would show here
+    assert large < raw_level0 / 2, (small, large)
+    assert large < small * 1.5 + 4e6, (small, large)
 
 
 def test_outputs_are_atomic_and_need_overwrite(tmp_path, monkeypatch):

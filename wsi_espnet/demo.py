@@ -93,10 +93,14 @@ def _value_noise(gx: np.ndarray, gy: np.ndarray, scale: float, salt: int) -> np.
     iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
     fu, fv = (u - iu).astype(np.float32), (v - iv).astype(np.float32)
     fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
-    u0, v0 = int(iu.min()), int(iv.min())
-    lat = _hash(np.arange(u0, int(iu.max()) + 2)[None, :], np.arange(v0, int(iv.max()) + 2)[:, None], salt)
-    cols = lat[:, iu - u0] * (1 - fu) + lat[:, iu - u0 + 1] * fu  # (lattice rows, len(gx))
-    return cols[iv - v0] * (1 - fv)[:, None] + cols[iv - v0 + 1] * fv[:, None]
+    # Hash only the lattice points next to a sample: a fine noise sampled on a coarse grid (a low
+    # pyramid level) must not hash the whole lattice in between.
+    ku, ru = np.unique(np.concatenate([iu, iu + 1]), return_inverse=True)
+    kv, rv = np.unique(np.concatenate([iv, iv + 1]), return_inverse=True)
+    lat = _hash(ku[None, :], kv[:, None], salt)
+    n, m = len(iu), len(iv)
+    cols = lat[:, ru[:n]] * (1 - fu) + lat[:, ru[n:]] * fu  # (lattice rows, len(gx))
+    return cols[rv[:m]] * (1 - fv)[:, None] + cols[rv[m:]] * fv[:, None]
 
 
 def _fbm(gx: np.ndarray, gy: np.ndarray, scale: float, octaves: int, salt: int) -> np.ndarray:
@@ -229,8 +233,8 @@ class DemoSlideSpec:
         malignant = (zone > 0.56) & (nest > 0.5)
         labels[malignant] = MALIGNANT
         labels[malignant & (nest > 0.68) & (zone > 0.6)] = NECROSIS
-        self._glands(labels, px, py, f[3], zone)
-        self._vessels(labels, px, py, f[3])
+        self._glands(labels, px, py, mpp, f[3], zone)
+        self._vessels(labels, px, py, mpp, f[3])
         in_tissue = tissue > 0.3
         if self.empty:
             in_tissue[:] = False
@@ -239,18 +243,35 @@ class DemoSlideSpec:
         labels[~in_tissue] = BACKGROUND
         return labels, f, px, py
 
-    def _shapes(self, px: np.ndarray, py: np.ndarray, cell: float, rmax: float, salt: int):
-        """Shapes placed one per cell at most (glands, vessels): yields, per cell whose shape may touch
-        the region, its parameters and the pixel block around it, with coordinates relative to the
-        shape centre.  Working on the block only keeps the cost to the pixels near a shape."""
+    def _shapes(self, px: np.ndarray, py: np.ndarray, mpp: float, cell: float, rmax: float, salt: int):
+        """Shapes placed one per cell at most (glands, vessels), centred at a random point of the cell
+        with room for ``rmax`` all round, so only a pixel's own cell can cover it.
+
+        Yields (params, block, dx, dy): the cell's 6 uniform numbers, the pixel block near the shape,
+        and pixel positions relative to the shape centre.  At fine resolution each cell near the
+        region gets its own small block (cost only where shapes are); where a cell is under 64 pixels
+        wide (low pyramid levels) one block covers the region with per-pixel parameters, instead of a
+        Python loop over thousands of cells.  The choice depends on ``mpp`` only, so a given resolution
+        always gives the same labels.
+        """
+        span = cell - 2 * rmax
+        if cell < 64 * mpp:
+            cx, cy = np.floor(px / cell).astype(np.int64), np.floor(py / cell).astype(np.int64)
+            params = _cell_params(cx, cy, salt, 6)  # (h, w, 6), one cell per pixel
+            centre_x = cx[None, :] * cell + rmax + params[..., 1].astype(np.float64) * span
+            centre_y = cy[:, None] * cell + rmax + params[..., 2].astype(np.float64) * span
+            dx = (px[None, :] - centre_x).astype(np.float32)
+            dy = (py[:, None] - centre_y).astype(np.float32)
+            yield params, (slice(None), slice(None)), dx, dy
+            return
         cxs = np.arange(math.floor(px[0] / cell), math.floor(px[-1] / cell) + 1)
         cys = np.arange(math.floor(py[0] / cell), math.floor(py[-1] / cell) + 1)
         params = _cell_params(cxs, cys, salt, 6)
         for j, cy in enumerate(cys):
             for i, cx in enumerate(cxs):
                 p = params[j, i]
-                centre_x = cx * cell + rmax + float(p[1]) * (cell - 2 * rmax)
-                centre_y = cy * cell + rmax + float(p[2]) * (cell - 2 * rmax)
+                centre_x = cx * cell + rmax + float(p[1]) * span
+                centre_y = cy * cell + rmax + float(p[2]) * span
                 x0, x1 = np.searchsorted(px, [centre_x - rmax, centre_x + rmax])
                 y0, y1 = np.searchsorted(py, [centre_y - rmax, centre_y + rmax])
                 if x1 > x0 and y1 > y0:
@@ -258,32 +279,34 @@ class DemoSlideSpec:
                     dy = (py[y0:y1] - centre_y).astype(np.float32)[:, None]
                     yield p, (slice(y0, y1), slice(x0, x1)), dx, dy
 
-    def _glands(self, labels: np.ndarray, px: np.ndarray, py: np.ndarray, wobble: np.ndarray, zone: np.ndarray) -> None:
+    def _glands(self, labels: np.ndarray, px: np.ndarray, py: np.ndarray, mpp: float,
+                wobble: np.ndarray, zone: np.ndarray) -> None:
         """Benign glands: an epithelial ring around a lumen of secretion, one per cell at most, away
         from the tumour zone."""
-        for p, block, dx, dy in self._shapes(px, py, GLAND_CELL_UM, 57.0, self.seed * 1000 + 11):
-            present, _, _, size, ecc, ang = (float(v) for v in p)
-            if present >= 0.7:
+        for p, block, dx, dy in self._shapes(px, py, mpp, GLAND_CELL_UM, 57.0, self.seed * 1000 + 11):
+            present, size, ecc, ang = p[..., 0], p[..., 3], p[..., 4], p[..., 5]
+            if np.all(present >= 0.7):
                 continue
             a = 30.0 + 20.0 * size
             b = a * (0.65 + 0.35 * ecc)
-            ct, st = math.cos(ang * math.pi), math.sin(ang * math.pi)
+            ct, st = np.cos(ang * np.float32(math.pi)), np.sin(ang * np.float32(math.pi))
             u, v = (dx * ct + dy * st) / a, (dy * ct - dx * st) / b
             rho = np.sqrt(u * u + v * v) * (1.0 + 0.22 * (wobble[block] - 0.5))
-            gland = (rho < 1.0) & (zone[block] < 0.5)
+            gland = (rho < 1.0) & (zone[block] < 0.5) & (present < 0.7)
             sub = labels[block]
             sub[gland] = BENIGN
             sub[gland & (rho < 0.58)] = SECRETION
 
-    def _vessels(self, labels: np.ndarray, px: np.ndarray, py: np.ndarray, wobble: np.ndarray) -> None:
+    def _vessels(self, labels: np.ndarray, px: np.ndarray, py: np.ndarray, mpp: float, wobble: np.ndarray) -> None:
         """Blood: small irregular pools in stroma (a vessel cut across, or haemorrhage)."""
-        for p, block, dx, dy in self._shapes(px, py, VESSEL_CELL_UM, 28.0, self.seed * 1000 + 13):
-            if float(p[0]) >= 0.3:
+        for p, block, dx, dy in self._shapes(px, py, mpp, VESSEL_CELL_UM, 28.0, self.seed * 1000 + 13):
+            present = p[..., 0]
+            if np.all(present >= 0.3):
                 continue
-            radius = 9.0 + 14.0 * float(p[3])
+            radius = 9.0 + 14.0 * p[..., 3]
             rho = np.sqrt(dx * dx + dy * dy) / radius * (1.0 + 0.35 * (wobble[block] - 0.5))
             sub = labels[block]
-            sub[(rho < 1.0) & ((sub == STROMA) | (sub == DESMOPLASTIC))] = BLOOD
+            sub[(rho < 1.0) & (present < 0.3) & ((sub == STROMA) | (sub == DESMOPLASTIC))] = BLOOD
 
     def _pen_mask(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
         """A marker stroke across the upper part of the slide (pathologists circle regions)."""
