@@ -1,0 +1,267 @@
+"""End-to-end throughput of whole-slide segmentation against the model alone (issue 4, "Must show:
+throughput").
+
+The target: slide pixels per second through ``segment_slide`` divided by the model's own rate on the
+same tiles is at least 0.9 on CPU, i.e. reading, decoding, resampling, blending and writing labels
+cost under 10 % on top of the network.
+
+* The slide: a demo slide (``write_demo_slide``: tiled-JPEG Aperio SVS), ``--size`` px square at
+  0.5 µm/px (default 8192, a 4 x 4 mm biopsy at 20x), segmented at the model's 1 µm/px.
+* Model alone: the very tiles ``segment_slide`` runs (same tissue mask, grid, feed order and batch
+  composition: batches of ``--batch`` tiles per band), read into memory beforehand, then only
+  ``engine.predict_proba`` timed over all batches.
+* End to end: ``segment_slide`` with the same engine object (the model is loaded once, outside the
+  timing, as a batch run over many slides does).  Its wall time is split by timing three of its
+  functions (``_tissue``: tissue detection; ``_run_grid``: reading, model, blending and label Zarr
+  writes; ``_write_outputs``: the mask TIFF pyramid) so the rate is given with and without writers.
+* Rate = working-resolution pixels of the processed tiles (tiles x tile²) / seconds.  Ratios:
+  ``tiles`` = model alone / ``_run_grid``; ``no writers`` = model alone / (wall - writers);
+  ``all`` = model alone / wall.  The first model-alone run of each batch size follows a warm-up batch.
+* ``--profile``: one more end-to-end run with timers around each stage inside ``_run_grid``: time
+  the main thread waits for decoded tiles, the model, ``BlendStitcher.add``, ``LabelBand.flush``
+  (Zarr writes), and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode
+  + resample), which on 2 cores competes with the model for the CPU.
+
+Runs are interleaved (model alone, then end to end, per configuration) so that a change in the
+machine's load hits both sides of a ratio alike.
+
+    python benchmarks/bench_segment_throughput.py                    # batch 4/8/16 x workers 2/4
+    python benchmarks/bench_segment_throughput.py --batches 8 --workers 4 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import wsi_espnet.segment as seg  # noqa: E402
+from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
+from wsi_espnet.demo import write_demo_slide  # noqa: E402
+from wsi_espnet.engine import TorchEngine  # noqa: E402
+from wsi_espnet.segment import SegmentOptions, segment_slide  # noqa: E402
+from wsi_espnet.slide import open_slide  # noqa: E402
+from wsi_espnet.stitch import feed_bands  # noqa: E402
+from wsi_espnet.tiling import tile_grid  # noqa: E402
+from wsi_espnet.tissue import detect_tissue  # noqa: E402
+
+SLIDE_MPP = 0.5
+
+
+def demo_slide(work: Path, size: int, seed: int) -> Path:
+    path = work / f"throughput_demo_{size}_s{seed}.svs"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        write_demo_slide(path, size, size, mpp=SLIDE_MPP, seed=seed)
+        print(f"wrote {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def the_tiles(slide_path: Path, engine) -> tuple[list, np.ndarray]:
+    """The kept tiles in segment_slide's feed order (bands), and their pixels, read beforehand."""
+    cfg = engine.config.slide
+    with open_slide(slide_path) as slide:
+        tissue = detect_tissue(slide)
+        grid = tile_grid(slide.size_at_mpp(cfg.mpp), cfg.tile, cfg.overlap, cfg.mpp, slide.mpp, tissue,
+                         cfg.tissue_threshold, level0_size=slide.dimensions)
+        bands = [b.tiles for b in feed_bands(grid)]
+        pixels = [np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in b]) for b in bands]
+    return bands, pixels
+
+
+def model_alone(engine, pixels: list[np.ndarray], batch: int) -> float:
+    """Seconds of ``predict_proba`` over the same batches segment_slide forms (per band)."""
+    t0 = time.perf_counter()
+    for band in pixels:
+        for i in range(0, len(band), batch):
+            engine.predict_proba(band[i : i + batch])
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def phase_timers(times: dict):
+    """Time segment_slide's three phases by wrapping them in the module, restored afterwards."""
+    saved = {name: getattr(seg, name) for name in ("_tissue", "_run_grid", "_write_outputs")}
+
+    def wrap(name, fn):
+        def wrapped(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        return wrapped
+
+    for name, fn in saved.items():
+        setattr(seg, name, wrap(name, fn))
+    try:
+        yield times
+    finally:
+        for name, fn in saved.items():
+            setattr(seg, name, fn)
+
+
+class _TimedEngine:
+    """The engine, with the seconds spent in predict_proba added up."""
+
+    def __init__(self, engine, prof: dict) -> None:
+        self._engine, self._prof = engine, prof
+        self.config, self.device = engine.config, engine.device
+        self.model_id = getattr(engine, "model_id", "bench")
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self._engine.predict_proba(batch)
+        self._prof["model"] += time.perf_counter() - t0
+        return out
+
+
+@contextmanager
+def stage_timers(prof: dict):
+    """Timers inside _run_grid: waiting for tiles, blending, label flushes, reader threads' work."""
+    lock = threading.Lock()
+    saved = (seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile)
+
+    def timed_batches(*a, **k):
+        gen = saved[0](*a, **k)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+            finally:
+                prof["wait_tiles"] += time.perf_counter() - t0
+            yield item
+
+    class TimedStitcher(saved[1]):
+        def add(self, *a, **k):
+            t0 = time.perf_counter()
+            super().add(*a, **k)
+            prof["stitch"] += time.perf_counter() - t0
+
+    class TimedBand(saved[2]):
+        def flush(self, *a, **k):
+            t0 = time.perf_counter()
+            out = super().flush(*a, **k)
+            prof["flush"] += time.perf_counter() - t0
+            return out
+
+    def timed_read(*a, **k):
+        t0 = time.perf_counter()
+        out = saved[3](*a, **k)
+        with lock:
+            prof["read_threads"] += time.perf_counter() - t0
+        return out
+
+    seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile = (
+        timed_batches, TimedStitcher, TimedBand, timed_read)
+    try:
+        yield prof
+    finally:
+        seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile = saved
+
+
+def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int) -> dict:
+    opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False)
+    times: dict = {}
+    t0 = time.perf_counter()
+    with phase_timers(times):
+        result = segment_slide(slide, out, options=opts, engine=engine)
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "tissue": times["_tissue"], "tiles_s": times["_run_grid"],
+            "writers": times["_write_outputs"], "tiles": result.tiles}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model file (default: the shipped one)")
+    p.add_argument("--size", type=int, default=8192, help="demo slide side at 0.5 µm/px (default 8192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches", default="4,8,16")
+    p.add_argument("--workers", default="2,4")
+    p.add_argument("--repeats", type=int, default=1, help="end-to-end runs per configuration")
+    p.add_argument("--profile", action="store_true", help="also break the default run down by stage")
+    p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
+    args = p.parse_args(argv)
+    if not args.model.is_file():
+        raise SystemExit(f"no model at {args.model}; pass --model")
+    import torch
+
+    engine = TorchEngine(load_model(args.model), device="cpu")
+    tile = engine.config.slide.tile
+    print(f"model {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        slide = demo_slide(work, args.size, args.seed)
+        bands, pixels = the_tiles(slide, engine)
+        n = sum(len(b) for b in bands)
+        mpx = n * tile * tile / 1e6
+        print(f"{slide.name}: {n} tissue tiles of {tile}² in {len(bands)} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
+        engine.predict_proba(pixels[0][:2])  # warm-up
+        rows = []
+        for batch in (int(v) for v in args.batches.split(",")):
+            for workers in (int(v) for v in args.workers.split(",")):
+                for _ in range(args.repeats):
+                    load = os.getloadavg()[0]
+                    alone = model_alone(engine, pixels, batch)
+                    e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers)
+                    assert e2e["tiles"] == n, (e2e["tiles"], n)
+                    row = {"batch": batch, "workers": workers, "alone": alone, "load": load, **e2e}
+                    rows.append(row)
+                    print(_fmt(row, mpx), flush=True)
+        prof = None
+        if args.profile:
+            batch, workers = 8, 4
+            prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
+            alone = model_alone(engine, pixels, batch)
+            with stage_timers(prof):
+                e2e = end_to_end(slide, work / "mask.tif", _TimedEngine(engine, prof), batch, workers)
+            prof.update(alone=alone, **e2e)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print(HEADER)
+    for row in rows:
+        print(_fmt(row, mpx))
+    by = {}
+    for r in rows:
+        by.setdefault((r["batch"], r["workers"]), []).append(r["alone"] / (r["wall"] - r["writers"]))
+    print("\nmedian ratio (no writers) per config: " +
+          ", ".join(f"b{b}/w{w} {statistics.median(v):.3f}" for (b, w), v in by.items()))
+    if prof:
+        other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"] - prof["stitch"] - prof["flush"]
+        print(f"\nprofile, batch 8, 4 readers: _run_grid {prof['tiles_s']:.1f} s = model {prof['model']:.1f} "
+              f"(alone, just before: {prof['alone']:.1f}) + waiting for tiles {prof['wait_tiles']:.1f} + "
+              f"blend {prof['stitch']:.1f} + label flush {prof['flush']:.1f} + other {other:.1f}; "
+              f"reader threads busy {prof['read_threads']:.1f} s in all; tissue {prof['tissue']:.1f} s, "
+              f"writers {prof['writers']:.1f} s, wall {prof['wall']:.1f} s")
+    return 0
+
+
+HEADER = ("| batch | readers | tiles | model alone s | e2e s | tissue s | tiles s | writers s | "
+          "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _fmt(r: dict, mpx: float) -> str:
+    nw = r["wall"] - r["writers"]
+    return (f"| {r['batch']} | {r['workers']} | {r['tiles']} | {r['alone']:.1f} | {r['wall']:.1f} | "
+            f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
+            f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
+            f"{r['alone'] / r['wall']:.3f} | {r['load']:.1f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
