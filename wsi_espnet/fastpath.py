@@ -2,28 +2,31 @@
 
 What makes plain eager ESPNet slow on a CPU, largest first (p2q8, 1024×512, 2 cores):
 
-* subnormal numbers.  The authors' released files hold thousands of weights and batch-norm
-  parameters below float32's smallest normal value (1.2e-38): channels that weight decay drove
-  towards zero.  Each product with one is subnormal too and costs an x86 core a micro-code assist;
-  the released p2q8 file runs about ten times slower than the same network with random weights.
-  The twin stores every such value as 0, which changes no output by more than ~1e-38;
-* fresh memory.  Each frame allocates ~150 MB of feature maps; glibc hands the large blocks back to
-  the kernel on free and every page faults again on the next frame (50 ms of system time per
-  frame here).  :func:`retain_freed_memory` keeps freed blocks in the process;
+* subnormal numbers.  Weight decay drove the weights of dead channels in the authors' released
+  files smoothly towards zero, down into float32's subnormal range (below 1.2e-38).  Products with
+  them are subnormal, and an x86 core takes a micro-code assist for each subnormal operand or
+  result: the released p2q8 file runs ten times slower in eager mode than the same network with
+  random weights.  ``torch.set_flush_denormal(True)`` helps only the calling thread (OpenMP
+  workers started earlier keep their own setting).  The twin stores every parameter below 1e-20
+  in magnitude as 0, which no float32 output can show;
+* fresh memory.  A frame allocates ~150 MB of feature maps; glibc hands large freed blocks back to
+  the kernel and their pages fault (and are zeroed) again on the next frame: 50 ms of system time
+  per frame here.  :func:`retain_freed_memory` keeps them in the process;
 * memory passes over the feature maps (batch norms, concatenations, hierarchical sums, residual
-  adds, PReLUs) and the convolutions (4.7 G multiply-adds per frame).
+  adds, PReLUs), and the convolutions themselves (4.7 G multiply-adds per frame).
 
 The twin folds every batch norm that follows a convolution or deconvolution into its weights and
-bias (the decoder's norms before a concatenation go into the layer that produces each half), does
-the hierarchical sums in place, and runs channels-last (NHWC), which oneDNN prefers on CPU and
-cuDNN on tensor-core GPUs.
+bias (the decoder's norms before a concatenation go into the layer that produces each half),
+splits the decoder's last convolution so that its input is never concatenated, does the
+hierarchical sums in place, pools the input with a depthwise convolution, and runs channels-last
+(NHWC), which oneDNN prefers on CPU and cuDNN on tensor-core GPUs.
 
 The batch norm *inside* an ESP module is not folded.  It acts on ``residual + concat(o_1, o_2,
 o_2+o_4, o_2+o_4+o_8, …)``: the partial sums are shared between channel groups, so group ``k``'s
 scale cannot enter branch ``k``'s weights.  A recurrence ``y_k = (s_k/s_{k-1})·y_{k-1} + …`` would
 allow it, but every module of every released file has dead channels with scales near 1e-40, where
 those ratios overflow.  It stays one multiply-add pass, and ``compile=True`` (``torch.compile``
-with frozen weights) fuses it with the concatenation, residual and PReLU into a single pass.
+with frozen weights) fuses it with the concatenation, residual and PReLU into one loop.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .espnet import DILATIONS, ESPModule, ESPNet, ESPNetC, StridedESPModule, Upsampled
+
+# Parameters smaller than this in magnitude are stored as 0 (see _stored).
+NEGLIGIBLE = 1e-20
+
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode batch norm as ``scale·x + shift``, computed in float64 so that folding adds no
@@ -50,10 +57,6 @@ def _channel(t: torch.Tensor) -> torch.Tensor:
     return _stored(t.reshape(1, -1, 1, 1))
 
 
-# Parameters smaller than this in magnitude are stored as 0 (see _stored).
-NEGLIGIBLE = 1e-20
-
-
 def _stored(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy with every value below ``NEGLIGIBLE`` (1e-20) in magnitude set to zero.
 
@@ -67,6 +70,14 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     """
     t = t.detach().to(torch.float32).clone()
     return t.masked_fill_(t.abs() < NEGLIGIBLE, 0.0)
+
+
+def _check_plain(conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
+    """The fold keeps one stride, padding and dilation per layer: ESPNet's layers are all square,
+    zero-padded and ungrouped; anything else is refused rather than silently mis-folded."""
+    square = all(len(set(v)) == 1 for v in (conv.stride, conv.padding, conv.dilation))
+    if conv.groups != 1 or conv.padding_mode != "zeros" or not square:
+        raise ValueError(f"only ungrouped, zero-padded, square convolutions are folded, not {conv}")
 
 
 class FoldedConv(nn.Module):
@@ -93,6 +104,7 @@ class FoldedConv(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: nn.PReLU | None = None) -> "FoldedConv":
         """``act(bn(conv(x)))`` as one convolution (plus PReLU)."""
+        _check_plain(conv)
         weight = conv.weight.detach().double()
         bias = conv.bias.detach().double() if conv.bias is not None else None
         if bn is not None:
@@ -113,8 +125,9 @@ class FoldedConv(nn.Module):
         act: nn.PReLU | None = None,
     ) -> "FoldedConv":
         """``act(scale·deconv(x) + shift)``; a deconvolution's weight is (in, out, k, k)."""
-        if deconv.output_padding != (0, 0) or deconv.groups != 1:
-            raise ValueError("only plain deconvolutions are folded")
+        _check_plain(deconv)
+        if deconv.output_padding != (0, 0):
+            raise ValueError("deconvolutions with output padding are not folded")
         weight = deconv.weight.detach().double()
         bias = deconv.bias.detach().double() if deconv.bias is not None else None
         if scale is not None:
@@ -130,6 +143,34 @@ class FoldedConv(nn.Module):
             y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, 0, 1, self.dilation)
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return y if self.alpha is None else F.prelu(y, self.alpha)
+
+
+class ConcatConv(nn.Module):
+    """``conv(cat(parts))`` computed as ``conv_1(part_1) + conv_2(part_2) + …`` (then the PReLU).
+
+    Why: the concatenation is a full copy of its inputs, and a wide one at the decoder's last
+    resolution; split along its input channels, a convolution needs none, and under
+    ``torch.compile`` each add becomes a post-op of the convolution before it.
+    """
+
+    def __init__(self, conv: FoldedConv, widths: list[int]) -> None:
+        super().__init__()
+        if conv.transposed or sum(widths) != conv.weight.shape[1]:
+            raise ValueError(f"cannot split a {tuple(conv.weight.shape)} convolution into inputs of {widths}")
+        weights = torch.split(conv.weight, widths, dim=1)
+        self.parts = nn.ModuleList(
+            FoldedConv(w, conv.bias if i == 0 else None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            for i, w in enumerate(weights)
+        )
+        self.register_buffer("alpha", conv.alpha)
+
+    def forward(self, *parts: torch.Tensor) -> torch.Tensor:
+        if len(parts) != len(self.parts):
+            raise ValueError(f"expected {len(self.parts)} inputs, got {len(parts)}")
+        y = self.parts[0](parts[0])
+        for conv, part in zip(self.parts[1:], parts[1:]):
+            y = y.add_(conv(part))
         return y if self.alpha is None else F.prelu(y, self.alpha)
 
 
@@ -287,7 +328,8 @@ class FastESPNet(nn.Module):
         self.combine = FastESP(net.combine_l2_l3[1])
         up_scale, up_shift = bn_affine(net.up_l2[1].bn)
         self.up_l2 = FoldedConv.from_deconv(net.up_l2[0], up_scale, up_shift, net.up_l2[1].act)
-        self.conv = FoldedConv.from_conv(net.conv.conv, net.conv.bn, net.conv.act)
+        skip_width = net.conv.conv.in_channels - c
+        self.conv = ConcatConv(FoldedConv.from_conv(net.conv.conv, net.conv.bn, net.conv.act), [c, skip_width])
         self.classifier = FoldedConv.from_deconv(net.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,7 +338,7 @@ class FastESPNet(nn.Module):
         l2 = self.level3_C(level2)
         merged = self.up_l2(self.combine(F.prelu(torch.cat([l2, l3], 1), self.combine_alpha)))
         skip = level1 if self.skip == "level1" else level1_cat
-        return self.classifier(self.conv(torch.cat([merged, skip], 1)))
+        return self.classifier(self.conv(merged, skip))
 
 
 def _fold_conv_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> FoldedConv:
