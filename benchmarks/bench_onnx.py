@@ -4,7 +4,7 @@
     python benchmarks/bench_onnx.py --size 512x512 --tissue-model wsi_espnet/weights/tissue_demo.pt
 
 Prints one table (ms per frame, median and min over --repeats runs after --warmup, and frames/s
-from the median) and the int8 accuracy cost: arg-max agreement with float32 on photos held out from
+from the median; the engines' runs are interleaved) and the int8 accuracy cost: arg-max agreement with float32 on photos held out from
 calibration (all pixels, and pixels where float32's top-2 logit margin is at least 1), and, with
 --tissue-model, mIoU of float32 and int8 against the exact truth of a synthetic H&E demo slide.
 
@@ -47,16 +47,19 @@ def photo(name: str, size: tuple[int, int]) -> np.ndarray:
     return resize_bilinear(img, size).round().astype(np.uint8)
 
 
-def time_it(fn, repeats: int, warmup: int) -> tuple[float, float]:
-    """(median, min) seconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_interleaved(runners: dict[str, object], repeats: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per runner.  Runs are interleaved (A B C D A B C D ...) so that load
+    from other processes, which comes and goes, falls on every engine alike."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), float(np.min(times))
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
 
 
 def torch_runner(model, frame: np.ndarray, threads: int):
@@ -137,7 +140,6 @@ def main() -> int:
 
     model = load_model(args.model)
     frame = photo("rocket", (h, w))[None]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32, int8 = work / "model.onnx", work / "model_int8.onnx"
@@ -147,7 +149,7 @@ def main() -> int:
         quant_s = time.perf_counter() - t0
         set_metadata(int8, model_metadata(model, "int8"))
 
-        rows.append(("PyTorch eager (float32, NCHW)", time_it(torch_runner(model, frame, args.threads), args.repeats, args.warmup)))
+        runners = {"PyTorch eager (float32, NCHW)": torch_runner(model, frame, args.threads)}
         try:
             from wsi_espnet.fastpath import optimize_for_inference
         except ImportError:
@@ -155,11 +157,12 @@ def main() -> int:
         if optimize_for_inference is not None:
             fast = optimize_for_inference(model, example_shape=(1, 3, h, w))
             fast.config = model.config
-            rows.append(("PyTorch optimised (fastpath: folded BN, channels-last)", time_it(torch_runner(fast, frame, args.threads), args.repeats, args.warmup)))
+            runners["PyTorch optimised (fastpath: folded BN, channels-last)"] = torch_runner(fast, frame, args.threads)
         engines = {}
         for name, path in (("float32", fp32), ("int8", int8)):
             engines[name] = engine = OnnxEngine(path, device="cpu", threads=args.threads)
-            rows.append((f"ONNX Runtime {name}", time_it(lambda e=engine: e.logits_numpy(frame), args.repeats, args.warmup)))
+            runners[f"ONNX Runtime {name}"] = lambda e=engine: e.logits_numpy(frame)
+        rows = list(time_interleaved(runners, args.repeats, args.warmup).items())
 
         held = [photo(n, (h, w)) for n in HELD_OUT_PHOTOS]
         per_photo = {n: argmax_agreement(engines["float32"], engines["int8"], [t]) for n, t in zip(HELD_OUT_PHOTOS, held)}

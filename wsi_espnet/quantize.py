@@ -50,7 +50,8 @@ def image_tiles(rgb: np.ndarray, config: DatasetConfig, max_tiles: int) -> list[
         w, h = config.input_size
         return [_pad_to_multiple(resize_bilinear(rgb, (h, w))).round().astype(np.uint8)]
     t = config.slide.tile
-    padded = rgb if min(rgb.shape[:2]) >= t else np.pad(rgb, ((0, max(0, t - rgb.shape[0])), (0, max(0, t - rgb.shape[1])), (0, 0)), mode="reflect")
+    pad = ((0, max(0, t - rgb.shape[0])), (0, max(0, t - rgb.shape[1])), (0, 0))
+    padded = np.pad(rgb, pad, mode="reflect" if min(rgb.shape[:2]) > 1 else "edge")
     ys = range(0, padded.shape[0] - t + 1, t)
     xs = range(0, padded.shape[1] - t + 1, t)
     corners = evenly_spaced([(y, x) for y in ys for x in xs], max_tiles)
