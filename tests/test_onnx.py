@@ -23,7 +23,7 @@ from wsi_espnet.errors import ModelFileError, UserError
 from wsi_espnet.espnet import build_model
 from wsi_espnet.export import TOLERANCE, export_onnx, relative_error, torch_logits
 from wsi_espnet.onnx_engine import KEY_CONFIG, OnnxEngine
-from wsi_espnet.predict import predict_image, resize_bilinear
+from wsi_espnet.predict import resize_bilinear
 from wsi_espnet.quantize import argmax_agreement, quantize_int8
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -225,3 +225,16 @@ def test_export_refuses_to_overwrite_and_cleans_up(released, tmp_path, capsys):
     assert main(["export", "--model", str(RELEASED), "--int8", str(tmp_path / "y.onnx")]) == 2  # no calibration
     assert "--calibration" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.onnx"]  # no partial files left
+
+
+@pytest.mark.parametrize("src, dst", [((37, 53), (64, 128)), ((100, 80), (31, 17)), ((5, 5), (5, 9))])
+def test_numpy_resize_matches_torch_bilinear(src, dst):
+    """The torch-free predict path resizes with numpy; it must sample like F.interpolate(bilinear,
+    align_corners=False) or the two backends would label borders differently."""
+    img = np.random.default_rng(3).uniform(0, 255, (*src, 3)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=dst, mode="bilinear", align_corners=False)
+    got = resize_bilinear(img, dst)
+    assert got.shape == (*dst, 3)
+    assert np.abs(got - ref[0].permute(1, 2, 0).numpy()).max() < 2e-3  # of 255
+    chw = resize_bilinear(img.transpose(2, 0, 1), dst, axes=(1, 2))
+    assert np.allclose(chw.transpose(1, 2, 0), got)
