@@ -61,12 +61,12 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     """A float32 copy with every value below ``NEGLIGIBLE`` (1e-20) in magnitude set to zero.
 
     Why: weight decay drove the weights of dead channels in the released checkpoints towards zero,
-    smoothly, down to float32's subnormal range: the p2q8 file has about 10,000 weights and
-    batch-norm parameters between 1e-38 and 1e-14 and a thousand subnormal ones.  Products with
-    them are subnormal, and x86 cores take a micro-code assist for every subnormal operand or
-    result: the released p2q8 file runs ten times slower in plain eager mode than the same network
-    with random weights.  Zeroing them cannot show: a zeroed weight changes a sum by at most 1e-20
-    times its input, which float32 (7 digits) cannot see next to any term above 1e-13.
+    smoothly, down into float32's subnormal range: of the p2q8 file's 368,341 values 18,302 are
+    subnormal and 5,063 more lie between 1.2e-38 and 1e-20 (tiny enough that their products with
+    small activations are subnormal).  x86 cores take a micro-code assist for every subnormal
+    operand or result: the released p2q8 file runs ten times slower in plain eager mode than the
+    same network with random weights.  Zeroing them cannot show: a zeroed weight changes a sum by
+    at most 1e-20 times its input, which float32 (7 digits) cannot see next to any term above 1e-13.
     """
     t = t.detach().to(torch.float32).clone()
     return t.masked_fill_(t.abs() < NEGLIGIBLE, 0.0)
