@@ -202,13 +202,15 @@ def export_int8(
     overwrite: bool = False,
     opset: int = OPSET,
 ) -> tuple[float, float]:
-    """Export, then quantise to int8 (QDQ, per-channel weights) calibrated on ``calibration`` tiles;
+    """Export, then quantise to int8 (see :mod:`wsi_espnet.quantize`) calibrated on ``calibration`` tiles;
     returns (float32 relative error against PyTorch, int8 argmax agreement with float32 on
     ``held_out``).  The agreement is stored in the file's metadata too."""
-    from .quantize import argmax_agreement, describe_tiles, quantize_int8
+    from .quantize import SCHEME, argmax_agreement, describe_tiles, quantize_int8
 
     model = model.eval()
-    with atomic_output(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory(dir=Path(out).parent) as work:
+    with atomic_output(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory(
+        prefix=f".{Path(out).name}.", dir=Path(out).parent
+    ) as work:
         fp32 = Path(work) / "float32.onnx"
         write_float32(model, fp32, opset)
         err = check_against_torch(model, fp32)
@@ -217,7 +219,7 @@ def export_int8(
         meta = model_metadata(model, "int8")
         meta["wsi_espnet.int8"] = json.dumps(
             {
-                "scheme": "static QDQ, uint8 activations (MinMax), int8 per-channel weights",
+                "scheme": SCHEME,
                 "calibration": describe_tiles(calibration),
                 "held_out": describe_tiles(held_out),
                 "argmax_agreement": round(agreement, 5),
