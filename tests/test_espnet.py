@@ -79,8 +79,13 @@ def test_released_p2q8_reproduces_the_authors_argmax():
     x = norm.apply(data.astronaut())  # HWC float32, BGR, mean/std and the extra /255
     t = torch.from_numpy(x).permute(2, 0, 1)[None]
     t = torch.nn.functional.interpolate(t, size=(512, 1024), mode="bilinear", align_corners=False)
-    with torch.inference_mode():
-        ours = model(t)[0].argmax(0).numpy()
+    # The released file holds subnormal weights; flushing them (as the fast path does) only saves time.
+    torch.set_flush_denormal(True)
+    try:
+        with torch.inference_mode():
+            ours = model(t)[0].argmax(0).numpy()
+    finally:
+        torch.set_flush_denormal(False)
     assert ours.shape == ref.shape
     assert (ours == ref).mean() >= 0.999
     # and the engine/predict path (uint8 resize, fused normalisation) agrees just as well
