@@ -18,7 +18,7 @@ from skimage import data, io
 
 from wsi_espnet.checkpoint import load_model, save_checkpoint
 from wsi_espnet.cli import main
-from wsi_espnet.config import load_config
+from wsi_espnet.config import load_config, with_overrides
 from wsi_espnet.errors import ModelFileError, UserError
 from wsi_espnet.espnet import build_model
 from wsi_espnet.export import TOLERANCE, export_onnx, relative_error, torch_logits
@@ -126,7 +126,8 @@ def test_export_int8_cli_calibrates_on_slide_tissue(tmp_path, capsys):
     """The command as a user runs it: a checkpoint, a real slide to calibrate on, an int8 file whose
     metadata says how it was made and how much it agrees with float32."""
     torch.manual_seed(1)
-    save_checkpoint(tmp_path / "m.pt", build_model("espnet", 8, 2, 3), load_config("breast_biopsy"))
+    config = with_overrides(load_config("breast_biopsy"), ["slide.tile=128", "slide.overlap=16"])  # small: fast
+    save_checkpoint(tmp_path / "m.pt", build_model("espnet", 8, 2, 3), config)
     out = tmp_path / "m_int8.onnx"
     slide = SHARED / "slides/real/CMU-1-Small-Region.svs"
     args = ["export", "--model", str(tmp_path / "m.pt"), "--int8", "--calibration", str(slide), "--calibration-tiles", "2", "--held-out", "1", str(out)]
@@ -134,8 +135,8 @@ def test_export_int8_cli_calibrates_on_slide_tissue(tmp_path, capsys):
     assert "int8 ONNX" in capsys.readouterr().out
     engine = OnnxEngine(out, device="cpu")
     info = json.loads(engine.metadata["wsi_espnet.int8"])
-    assert engine.precision == "int8" and info["calibration"] == "2 tile(s) of 512x512"
-    assert info["held_out"] == "1 tile(s) of 512x512"
+    assert engine.precision == "int8" and info["calibration"] == "2 tile(s) of 128x128"
+    assert info["held_out"] == "1 tile(s) of 128x128"
     assert 0.0 <= info["argmax_agreement"] <= 1.0
     assert engine.predict_proba(np.full((1, 64, 64, 3), 200, np.uint8)).shape == (1, 8, 64, 64)
 
