@@ -27,7 +27,7 @@ import torch
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("bench-train-demo"), help="where data/ and runs/ go")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--threads", type=int, help="torch threads, passed on to wsi-espnet train (default: torch's own)")
     ap.add_argument("--copy-to", type=Path, help="copy best.pt here when done (e.g. wsi_espnet/weights/tissue_demo.pt)")
     ap.add_argument("overrides", nargs="*", help="config overrides, as for wsi-espnet train")
     args = ap.parse_args()
@@ -51,7 +51,8 @@ def main() -> int:
 
     out = Path("runs") / cfg.name
     t0 = time.perf_counter()
-    rc = cli.main(["train", "demo_tissue", *args.overrides, "--out", str(out), "--make-demo-data"])
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    rc = cli.main(["train", "demo_tissue", *args.overrides, "--out", str(out), "--make-demo-data", *threads])
     t_train = time.perf_counter() - t0
     if rc:
         return rc

@@ -144,7 +144,7 @@ class StreetAugment:
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
-HISTOLOGY_LAYOUTS = ("slides", "bcss", "demo")
+HISTOLOGY_LAYOUTS = ("slides", "bcss")
 
 
 def augmentation_for(layout: str, crop: tuple[int, int], ignore_index: int):

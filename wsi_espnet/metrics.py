@@ -173,6 +173,9 @@ def write_json(path: str, summary: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is as readable as any file
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -91,6 +91,11 @@ def transfer_weights(model: nn.Module, source: Mapping[str, torch.Tensor], where
     return {"copied": copied, "reinitialised": fresh}
 
 
+def _module_names(keys: list[str]) -> list[str]:
+    """``encoder.classifier.conv.weight`` -> ``encoder.classifier``; ``up_l3.0.weight`` -> ``up_l3``."""
+    return sorted({".".join(k.split(".")[:2]) if k.startswith("encoder.") else k.split(".")[0] for k in keys})
+
+
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int], stride: int = ENCODER_STRIDE) -> torch.Tensor:
     """(N, H, W) labels to the encoder's (N, h, w) grid by nearest neighbour: the label at the
     centre of each stride × stride block."""
@@ -292,7 +297,7 @@ def train(
             elif init is not None:
                 info = transfer_weights(model, _state_dict_of(init), str(init))
                 log(f"{stage} stage: {len(info['copied'])} tensors from {init}, {len(info['reinitialised'])} re-initialised "
-                    f"(class-count dependent: {', '.join(sorted({k.split('.')[0] if not k.startswith('encoder.') else 'encoder.' + k.split('.')[1] for k in info['reinitialised']}))})")
+                    f"(class-count dependent: {', '.join(_module_names(info['reinitialised']))})")
         model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.999), weight_decay=cfg.train.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -379,12 +384,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make-demo-data", action="store_true", help="first generate the synthetic demo slides and "
                         "their QuPath GeoJSON truth in data.root (if not there yet)")
     parser.add_argument("--workers", type=int, help="threads for cutting patch stores (default: all cores)")
+    parser.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest on a "
+                        "machine busy with other work)")
     parser.add_argument("--cache", type=Path, help="folder for the patch stores cut from slides (default OUT/patches; "
                         "reused while slides, labels and settings are unchanged)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = with_overrides(load_config(args.config), list(args.overrides))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.make_demo_data:
         from .datasets import make_demo_dataset
 
@@ -393,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
     words = ["wsi-espnet", "train", str(args.config), *args.overrides, "--out", str(out)]
     words += ["--init", str(args.init)] if args.init else []
     words += ["--make-demo-data"] if args.make_demo_data else []
+    words += ["--threads", str(args.threads)] if args.threads else []
     command = " ".join(shlex.quote(w) for w in words)
     result = train(cfg, out, resume=args.resume, device=args.device, init=args.init, command=command, workers=args.workers,
                    cache=args.cache)
