@@ -39,7 +39,9 @@ def resize_label(label: np.ndarray, height: int, width: int) -> np.ndarray:
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a uint8 RGB image (antialiased when shrinking, so a ×4 reduction averages
     the pixels it drops instead of aliasing them)."""
-    t = torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C")).permute(2, 0, 1)[None].float()
+    if not (image.flags.writeable and image.flags.c_contiguous):  # torch wants writable, C-ordered memory
+        image = np.array(image, order="C")
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     shrink = height < image.shape[0] or width < image.shape[1]
     out = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
