@@ -26,9 +26,9 @@ from wsi_espnet.train import downsample_labels, train, transfer_weights
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RELEASED = SHARED / "espnet-pretrained" / "decoder" / "espnet_p_2_q_8.pth"
 
-#: Observed on this 2-core machine (shared, loaded): 0.47 after 32 ESPNet-C steps; the test asks
-#: for a modest 0.30 (a model that learnt nothing scores ~0.05-0.15: stroma everywhere).
-SCRATCH_MIOU = 0.30
+#: Observed on this 2-core machine: 0.59 after 40 ESPNet-C steps (batch 8, 128 px crops); the test
+#: asks for a modest 0.40 (a model that learnt nothing scores ~0.05-0.15: stroma everywhere).
+SCRATCH_MIOU = 0.40
 
 
 @pytest.fixture
@@ -119,8 +119,8 @@ def test_finetune_init_from_released_cityscapes_keeps_the_encoder():
 
 
 def test_training_from_scratch_on_demo_slides_reaches_a_stated_miou(demo_root, store_cache, tmp_path, one_thread):
-    cfg = _cfg(demo_root, "model.variant=espnet_c", "train.encoder_epochs=4", "train.steps_per_epoch=8",
-               "train.crop=[128,128]", "train.lr=5e-3", "slide.tile=256", "slide.overlap=32")
+    cfg = _cfg(demo_root, "model.variant=espnet_c", "train.encoder_epochs=4", "train.steps_per_epoch=10",
+               "train.crop=[128,128]", "slide.tile=256", "slide.overlap=32")
     lines: list[str] = []
     result = train(cfg, tmp_path / "run", device="cpu", cache=store_cache, log=lines.append)
     assert result.best_miou >= SCRATCH_MIOU, lines
