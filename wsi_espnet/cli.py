@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"wsi-espnet {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    # intermixed: `train CONFIG --out X train.lr=1e-3` puts options between positionals
+    args = sub.parse_intermixed_args(argv[1:])
     return _run_guarded(lambda: module.run(args))
 
 
