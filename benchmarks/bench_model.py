@@ -11,12 +11,12 @@ Rows ([group] = the process they run in):
   eager [plain]                  the authors' way: NCHW, torch.no_grad, weights as released
   eager, NHWC [plain]            + channels_last, inference_mode
   folded, NCHW [plain]           batch norms folded, subnormal weights stored as 0
-  folded, NHWC [plain]           + channels_last: optimize_for_inference(retain_memory=False)
+  folded, NHWC [plain]           + channels_last: optimize_for_inference(model)
   eager, FTZ [ftz]               the CPU flushes subnormals to zero (torch.set_flush_denormal)
   eager, FTZ, NHWC [ftz]         + channels_last
   folded, NHWC (control) [ftz]   the same as in [plain], to compare the two processes
-  folded, NHWC, retain [retain]  + freed memory kept in the process: optimize_for_inference()
-  compiled [retain]              + torch.compile, frozen weights: optimize_for_inference(compile=True)
+  folded, NHWC, retain [retain]  + freed memory kept: optimize_for_inference(model, retain_memory=True)
+  compiled [retain]              + torch.compile, frozen weights (compile=True, retain_memory=True)
 
 Flush-to-zero is per thread (OpenMP workers inherit it only when it is set before they start) and
 the allocator setting is per process, so those groups each get a fresh process.
@@ -113,11 +113,11 @@ def child(args: argparse.Namespace) -> int:
         "eager, NHWC": lambda: run(model_cl, channels_last=True),
         "eager, FTZ": lambda: run(model, torch.no_grad),
         "eager, FTZ, NHWC": lambda: run(model_cl, channels_last=True),
-        "folded, NCHW": lambda: run(optimize_for_inference(model, channels_last=False, retain_memory=False)),
-        "folded, NHWC": lambda: run(optimize_for_inference(model, retain_memory=False)),
-        "folded, NHWC (control)": lambda: run(optimize_for_inference(model, retain_memory=False)),
-        "folded, NHWC, retain": lambda: run(optimize_for_inference(model)),
-        "compiled": lambda: run(optimize_for_inference(model, example_shape=tuple(x.shape), compile=True)),
+        "folded, NCHW": lambda: run(optimize_for_inference(model, channels_last=False)),
+        "folded, NHWC": lambda: run(optimize_for_inference(model)),
+        "folded, NHWC (control)": lambda: run(optimize_for_inference(model)),
+        "folded, NHWC, retain": lambda: run(optimize_for_inference(model, retain_memory=True)),
+        "compiled": lambda: run(optimize_for_inference(model, example_shape=tuple(x.shape), compile=True, retain_memory=True)),
     }
     names = [n for n in GROUPS[args.group] if not (n == "compiled" and args.no_compile)]
     set_up = {}
