@@ -48,6 +48,8 @@ COMPILE_TOLERANCE = 1e-5
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode batch norm as ``scale·x + shift``, computed in float64 so that folding adds no
     rounding of its own."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError("a batch norm without running statistics normalises by each batch: it cannot be folded")
     var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
     weight = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
@@ -194,14 +196,8 @@ class AffinePReLU(nn.Module):
 
 
 class FastESP(nn.Module):
-    """An ESP module (plain or strided) with in-place hierarchical sums and one affine pass.
-
-    Its batch norm stays a separate pass: it acts on ``residual + concat(o_1, o_2, o_2+o_4, …)``,
-    where the partial sums are shared between channel groups, so a per-group scale cannot enter
-    the branch weights.  (Written as a recurrence it can, with ratios ``s_k/s_{k-1}`` of batch-norm
-    scales, but every released checkpoint has dead channels with scales near 1e-40 in every
-    module, which makes those ratios overflow.)
-    """
+    """An ESP module (plain or strided) with in-place hierarchical sums; its batch norm stays one
+    multiply-add pass (why it cannot be folded: see the module's docstring)."""
 
     def __init__(self, esp: ESPModule) -> None:
         super().__init__()
