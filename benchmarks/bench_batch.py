@@ -131,7 +131,7 @@ def warm_cluster(workers: int, threads: int, warm_slide: Path, model: Path, tile
     from pipelines.batch import QUIET_CLUSTER, process_slide
 
     with dask.config.set(QUIET_CLUSTER if quiet else {}):  # as wsi-batch starts its LocalCluster
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
     spec = {"slide": str(warm_slide), "model": str(model), "torch_threads": threads,
             "segment": {"mpp": None, "tile": tile, "overlap": None, "batch": 8, "tissue_threshold": None,

@@ -328,9 +328,9 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
     try:
         import bokeh  # noqa: F401
 
-        dashboard: str | None = ":8787"
-    except ImportError:
-        dashboard = None
+        dashboard = ":8787"
+    except ImportError:  # no dashboard; the scheduler's HTTP endpoints then take any free port
+        dashboard = ":0"
     with dask.config.set(QUIET_CLUSTER):  # the nannies hand this config to the worker processes
         cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
                                resources={"GPU": 1} if gpus else None, dashboard_address=dashboard,
@@ -440,6 +440,8 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: not writable")
     csv_path = Path(opts.report).expanduser().resolve() if opts.report else out / "report.csv"
+    if csv_path.suffix.lower() == ".json":  # --report x.json: the CSV goes beside it, not over it
+        csv_path = csv_path.with_suffix(".csv")
     meta = {"inputs": [str(i) for i in inputs], "out": str(out), "model": opts.model,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "options": {k: v for k, v in asdict(opts).items() if k not in ("report", "patterns")}}

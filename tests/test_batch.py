@@ -45,7 +45,7 @@ def scheduler():
 
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       scheduler_kwargs={"allowed_failures": 2}, silence_logs=logging.ERROR) as cluster:
         yield cluster.scheduler_address
 
@@ -326,3 +326,16 @@ def test_cuda_on_a_cluster_without_gpu_workers_is_a_user_error(tmp_path, model_f
     slide.write_bytes(b"x")
     with pytest.raises(UserError, match="no worker declares a GPU"):
         run_batch([slide], tmp_path / "out", _options(model_file, scheduler, device="cuda"))
+
+
+def test_a_model_that_cannot_load_stops_the_batch_as_a_user_error(tmp_path, scheduler):
+    """Every slide would fail the same way: one line and exit 2, not N failed slides."""
+    bad_model = tmp_path / "model.pt"
+    bad_model.write_text("not a checkpoint")
+    for name in ("a.svs", "b.svs"):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    with pytest.raises(UserError, match="refused to load"):
+        run_batch([tmp_path / "in"], tmp_path / "out", _options(bad_model, scheduler, report=tmp_path / "r.json"))
+    statuses = {r["status"] for r in json.loads((tmp_path / "r.json").read_text())["slides"]}
+    assert "failed" in statuses and (tmp_path / "r.csv").is_file()
