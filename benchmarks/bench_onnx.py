@@ -8,6 +8,9 @@ from the median; the engines' runs are interleaved) and the int8 accuracy cost: 
 calibration (all pixels, and pixels where float32's top-2 logit margin is at least 1), and, with
 --tissue-model, mIoU of float32 and int8 against the exact truth of a synthetic H&E demo slide.
 
+The ONNX files are exported with subnormal weights zeroed (wsi_espnet.export.flush_subnormals_),
+as the fast PyTorch path also does; eager PyTorch on the weights as loaded is the slow baseline.
+
 Timings are wall-clock on a shared machine: other processes running at the same time slow every
 row, so the load average before and after is printed with the table.
 """
@@ -62,15 +65,21 @@ def time_interleaved(runners: dict[str, object], repeats: int, warmup: int) -> d
     return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
 
 
-def torch_runner(model, frame: np.ndarray, threads: int):
+def torch_runner(model, frame: np.ndarray, threads: int, flush_denormal: bool = False):
+    """One eager forward.  ``flush_denormal`` turns on the CPU's flush-to-zero for the call: the
+    released weights hold ~30k subnormal values, which x86 computes with in slow microcode."""
     import torch
 
     torch.set_num_threads(threads)
     x = torch.from_numpy(np.ascontiguousarray(model.config.normalization.apply(frame).transpose(0, 3, 1, 2)))
 
     def run():
-        with torch.inference_mode():
-            return model(x)
+        torch.set_flush_denormal(flush_denormal)
+        try:
+            with torch.inference_mode():
+                return model(x)
+        finally:
+            torch.set_flush_denormal(False)
 
     return run
 
@@ -149,7 +158,10 @@ def main() -> int:
         quant_s = time.perf_counter() - t0
         set_metadata(int8, model_metadata(model, "int8"))
 
-        runners = {"PyTorch eager (float32, NCHW)": torch_runner(model, frame, args.threads)}
+        runners = {
+            "PyTorch eager (float32, NCHW; weights as loaded)": torch_runner(model, frame, args.threads),
+            "PyTorch eager, flush-to-zero on (torch.set_flush_denormal)": torch_runner(model, frame, args.threads, True),
+        }
         try:
             from wsi_espnet.fastpath import optimize_for_inference
         except ImportError:
