@@ -127,15 +127,15 @@ def child(args: argparse.Namespace) -> int:
         rows[name] = (makers[name](), x, args.eager_repeats if name == "eager" else args.repeats)
         set_up[name] = time.perf_counter() - t0
     reference_path = Path(args.reference)
-    if args.group == "plain":
-        torch.save(rows["eager"][0](x), reference_path)
+    if not reference_path.exists():  # the first group computes the plain eager model's logits
+        with torch.no_grad():
+            torch.save(model(x), reference_path)
     reference = torch.load(reference_path)
     for fn, xx, _ in rows.values():  # warm-up
         fn(xx)
     results = interleaved(rows, args.repeats)
     diffs = {name: max_relative_difference(fn(xx), reference) for name, (fn, xx, _) in rows.items()}
-    print(json.dumps({"results": results, "diffs": diffs, "set_up": set_up, "retained": retained,
-                      "params": count_parameters(model), "load": os.getloadavg()[0]}))
+    print(json.dumps({"results": results, "diffs": diffs, "set_up": set_up, "retained": retained}))
     return 0
 
 
@@ -148,6 +148,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--eager-repeats", type=int, default=5, help="repeats of the (very slow) plain eager row")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--groups", default=",".join(GROUPS), help="processes to run (default: all)")
     ap.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)
     ap.add_argument("--reference", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,31 +159,32 @@ def main() -> int:
     import subprocess
     import tempfile
 
+    groups = args.groups.split(",")
+    if not set(groups) <= set(GROUPS):
+        ap.error(f"--groups takes a comma-separated subset of {','.join(GROUPS)}")
     load = os.getloadavg()[0]
-    results, diffs, set_up = {}, {}, {}
+    weights = Path(args.model).name if args.model else "random weights"
+    params = count_parameters(load_model(args.model) if args.model else build_model("espnet", 20, 2, 8))
+    print(f"ESPNet p=2 q=8, {params:,} parameters ({weights}); input {args.size} (skimage astronaut), batch 1, float32, "
+          f"{args.threads} threads, torch {torch.__version__}; [group] = the process it ran in")
+    print("\n| step | median ms | min ms | max ms | FPS (median) | CPU ms/frame | max rel. diff vs eager |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    set_up = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for group in GROUPS:
+        for group in groups:
             cmd = [sys.executable, __file__, "--group", group, "--reference", str(Path(tmp) / "reference.pt"),
                    "--size", args.size, "--threads", str(args.threads), "--repeats", str(args.repeats),
                    "--eager-repeats", str(args.eager_repeats)]
             cmd += ["--model", args.model] if args.model else []
             cmd += ["--no-compile"] if args.no_compile else []
             out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            results.update({f"{k} [{group}]": v for k, v in out["results"].items()})
-            diffs.update({f"{k} [{group}]": v for k, v in out["diffs"].items()})
             set_up.update(out["set_up"])
-            params = out["params"]
-    weights = Path(args.model).name if args.model else "random weights"
-    print(f"ESPNet p=2 q=8, {params:,} parameters ({weights}); input {args.size} (skimage astronaut), batch 1, "
-          f"float32, {args.threads} threads, torch {torch.__version__}; [group] = the process it ran in")
-    print("\n| step | median ms | min ms | max ms | FPS (median) | CPU ms/frame | max rel. diff vs eager |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, samples in results.items():
-        wall = [w for w, _ in samples]
-        cpu = [c for _, c in samples]
-        med = statistics.median(wall)
-        print(f"| {name} | {med:.1f} | {min(wall):.1f} | {max(wall):.1f} | {1000 / med:.2f} | "
-              f"{statistics.median(cpu):.0f} | {diffs[name]:.1e} |")
+            for name, samples in out["results"].items():
+                wall = [w for w, _ in samples]
+                cpu = [c for _, c in samples]
+                med = statistics.median(wall)
+                print(f"| {name} [{group}] | {med:.1f} | {min(wall):.1f} | {max(wall):.1f} | {1000 / med:.2f} | "
+                      f"{statistics.median(cpu):.0f} | {out['diffs'][name]:.1e} |", flush=True)
     print(f"\nrepeats {args.repeats} (plain eager {args.eager_repeats}), interleaved within a group; load average "
           f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end (other work on the machine inflates wall times; "
           f"CPU ms/frame counts all threads, spin-waits included)")
