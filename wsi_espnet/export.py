@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .checkpoint import flush_subnormals_
 from .errors import OutputExistsError, UserError
 from .onnx_engine import (
     INPUT_NAME,
@@ -50,31 +51,6 @@ def relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(candidate.astype(np.float64) - reference).max()) / scale
 
 
-def flush_subnormals_(module) -> int:
-    """Zero the subnormal (denormal) values of ``module``'s float parameters and buffers, in place;
-    returns how many there were.
-
-    Why: the authors' released files hold tens of thousands of them (weights and batch-norm terms of
-    channels that weight decay drove towards zero), and x86 CPUs handle subnormal arithmetic in
-    microcode, tens of times slower.  Exported as they are, three small convolutions of
-    ``level2.1`` took 40% of ONNX Runtime's time for a frame.  Values below 1.2e-38 contribute
-    nothing a float32 logit can represent, so zeroing them changes no output.
-    """
-    import itertools
-
-    import torch
-
-    tiny = torch.finfo(torch.float32).tiny
-    count = 0
-    with torch.no_grad():
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if t.is_floating_point():
-                sub = (t != 0) & (t.abs() < tiny)
-                count += int(sub.sum())
-                t.masked_fill_(sub, 0.0)
-    return count
-
-
 def deployable(model):
     """A copy of ``model`` wrapped to take RGB 0-255 NHWC float32 and apply its own normalisation
     (channel reorder, then one multiply-add per channel), so the ONNX file is usable without its
@@ -86,7 +62,7 @@ def deployable(model):
 
     norm = model.config.normalization
     model = copy.deepcopy(model)
-    flush_subnormals_(model)
+    flush_subnormals_(model)  # load_model already did; a model built in code may not have
 
     class NormalizedInput(nn.Module):
         def __init__(self) -> None:
