@@ -1,16 +1,19 @@
 """ESPNet p=2, q=8 (20 classes) at 1024×512, batch 1, float32, on the CPU: the plain eager model as
 the authors run it, then each optimisation step of :mod:`wsi_espnet.fastpath`.  Rows that share a
 process are timed interleaved call by call (A B C A B C …) so that a drift in the machine's speed
-hits them alike.  Every row's output is compared with the plain eager model's.
+hits them alike.  Every row's output is compared with the eager model's with the weights exactly
+as released.
 
     python benchmarks/bench_model.py                  # released weights when ../shared has them
     python benchmarks/bench_model.py --repeats 30 --threads 2
-    python benchmarks/bench_model.py --no-compile     # skip torch.compile (~30-80 s to compile)
+    python benchmarks/bench_model.py --no-compile     # skip torch.compile (10-80 s to compile)
+    python benchmarks/bench_model.py --groups retain  # only the fastest rows
 
 Rows ([group] = the process they run in):
-  eager [plain]                  the authors' way: NCHW, torch.no_grad, weights as released
+  eager, as released [plain]     the authors' way: NCHW, torch.no_grad, the file's weights as stored
+  eager [plain]                  the same from load_model, which zeroes the subnormal weights
   eager, NHWC [plain]            + channels_last, inference_mode
-  folded, NCHW [plain]           batch norms folded, subnormal weights stored as 0
+  folded, NCHW [plain]           batch norms folded, weights below 1e-20 stored as 0
   folded, NHWC [plain]           + channels_last: optimize_for_inference(model)
   eager, FTZ [ftz]               the CPU flushes subnormals to zero (torch.set_flush_denormal)
   eager, FTZ, NHWC [ftz]         + channels_last
@@ -74,10 +77,22 @@ def interleaved(rows: dict[str, tuple[Callable, torch.Tensor, int]], repeats: in
 # per thread: OpenMP workers inherit it only when it is set before they start), so each group runs
 # in a fresh child with its setting made first; rows within a group are interleaved.
 GROUPS = {
-    "plain": ["eager", "eager, NHWC", "folded, NCHW", "folded, NHWC"],
+    "plain": ["eager, as released", "eager", "eager, NHWC", "folded, NCHW", "folded, NHWC"],
     "ftz": ["eager, FTZ", "eager, FTZ, NHWC", "folded, NHWC (control)"],
     "retain": ["folded, NHWC, retain", "compiled"],
 }
+
+
+def as_released(path: str) -> torch.nn.Module:
+    """The file's weights exactly as stored, in eval mode: unlike ``load_model`` (which zeroes the
+    released files' subnormal values since it learned of them), the authors' own code path."""
+    from wsi_espnet.checkpoint import FORMAT, describe_state_dict
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    sd, arch = (obj["state_dict"], obj["arch"]) if obj.get("format") == FORMAT else (obj, describe_state_dict(obj))
+    net = build_model(arch["variant"], arch["classes"], arch["p"], arch["q"], arch.get("skip", "level1"))
+    net.load_state_dict(sd, strict=False)  # the released files predate num_batches_tracked
+    return net.eval()
 
 
 def child(args: argparse.Namespace) -> int:
@@ -91,12 +106,14 @@ def child(args: argparse.Namespace) -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.model:
         model, model_cl = load_model(args.model), load_model(args.model).to(memory_format=torch.channels_last)
+        released = as_released(args.model)
     else:
         torch.manual_seed(0)
         model = build_model("espnet", 20, 2, 8).eval()
         model_cl = build_model("espnet", 20, 2, 8).eval()
         model_cl.load_state_dict(model.state_dict())
         model_cl = model_cl.to(memory_format=torch.channels_last)
+        released = model
     x = astronaut_input(height, width, model)
 
     def run(net: torch.nn.Module, grad_off: type = torch.inference_mode, channels_last: bool = False) -> Callable:
@@ -109,6 +126,7 @@ def child(args: argparse.Namespace) -> int:
         return fn
 
     makers: dict[str, Callable[[], Callable]] = {
+        "eager, as released": lambda: run(released, torch.no_grad),
         "eager": lambda: run(model, torch.no_grad),
         "eager, NHWC": lambda: run(model_cl, channels_last=True),
         "eager, FTZ": lambda: run(model, torch.no_grad),
@@ -124,12 +142,12 @@ def child(args: argparse.Namespace) -> int:
     rows = {}
     for name in names:
         t0 = time.perf_counter()
-        rows[name] = (makers[name](), x, args.eager_repeats if name == "eager" else args.repeats)
+        rows[name] = (makers[name](), x, args.eager_repeats if name == "eager, as released" else args.repeats)
         set_up[name] = time.perf_counter() - t0
     reference_path = Path(args.reference)
-    if not reference_path.exists():  # the first group computes the plain eager model's logits
+    if not reference_path.exists():  # the first group computes the logits of the weights as released
         with torch.no_grad():
-            torch.save(model(x), reference_path)
+            torch.save(released(x), reference_path)
     reference = torch.load(reference_path)
     for fn, xx, _ in rows.values():  # warm-up
         fn(xx)
@@ -146,7 +164,7 @@ def main() -> int:
     ap.add_argument("--size", default="1024x512", help="WIDTHxHEIGHT")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--eager-repeats", type=int, default=5, help="repeats of the (very slow) plain eager row")
+    ap.add_argument("--eager-repeats", type=int, default=5, help="repeats of the (very slow) 'as released' row")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--groups", default=",".join(GROUPS), help="processes to run (default: all)")
     ap.add_argument("--group", choices=sorted(GROUPS), help=argparse.SUPPRESS)
@@ -185,7 +203,7 @@ def main() -> int:
                 med = statistics.median(wall)
                 print(f"| {name} [{group}] | {med:.1f} | {min(wall):.1f} | {max(wall):.1f} | {1000 / med:.2f} | "
                       f"{statistics.median(cpu):.0f} | {out['diffs'][name]:.1e} |", flush=True)
-    print(f"\nrepeats {args.repeats} (plain eager {args.eager_repeats}), interleaved within a group; load average "
+    print(f"\nrepeats {args.repeats} ('as released' {args.eager_repeats}), interleaved within a group; load average "
           f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end (other work on the machine inflates wall times; "
           f"CPU ms/frame counts all threads, spin-waits included)")
     if "compiled" in set_up:
