@@ -59,7 +59,10 @@ def astronaut_input(height: int, width: int, model: torch.nn.Module) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(norm.transpose(2, 0, 1)))[None].float()
 
 
-def interleaved(rows: dict[str, tuple[Callable, torch.Tensor, int]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+Row = tuple[Callable, torch.Tensor, int]  # (call, input, repeats)
+
+
+def interleaved(rows: dict[str, Row], repeats: int) -> dict[str, list[tuple[float, float]]]:
     """(wall ms, process CPU ms) of each row's calls, the rows taking turns; a row with a smaller
     ``repeats`` of its own (the very slow plain eager) drops out after that many."""
     out: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
@@ -135,7 +138,9 @@ def child(args: argparse.Namespace) -> int:
         "folded, NHWC": lambda: run(optimize_for_inference(model)),
         "folded, NHWC (control)": lambda: run(optimize_for_inference(model)),
         "folded, NHWC, retain": lambda: run(optimize_for_inference(model, retain_memory=True)),
-        "compiled": lambda: run(optimize_for_inference(model, example_shape=tuple(x.shape), compile=True, retain_memory=True)),
+        "compiled": lambda: run(
+            optimize_for_inference(model, example_shape=tuple(x.shape), compile=True, retain_memory=True)
+        ),
     }
     names = [n for n in GROUPS[args.group] if not (n == "compiled" and args.no_compile)]
     set_up = {}
@@ -183,7 +188,8 @@ def main() -> int:
     load = os.getloadavg()[0]
     weights = Path(args.model).name if args.model else "random weights"
     params = count_parameters(load_model(args.model) if args.model else build_model("espnet", 20, 2, 8))
-    print(f"ESPNet p=2 q=8, {params:,} parameters ({weights}); input {args.size} (skimage astronaut), batch 1, float32, "
+    print(f"ESPNet p=2 q=8, {params:,} parameters ({weights}); input {args.size} (skimage astronaut), "
+          f"batch 1, float32, "
           f"{args.threads} threads, torch {torch.__version__}; [group] = the process it ran in")
     print("\n| step | median ms | min ms | max ms | FPS (median) | CPU ms/frame | max rel. diff vs eager |")
     print("|---|---:|---:|---:|---:|---:|---:|", flush=True)

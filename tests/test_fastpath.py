@@ -51,7 +51,8 @@ def trained_looking(model: nn.Module, seed: int = 0, subnormal: bool = False) ->
                 n = m.num_features
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
                 m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
-                m.weight.copy_((torch.rand(n, generator=g) * 1.5 + 0.2) * torch.where(torch.rand(n, generator=g) < 0.2, -1.0, 1.0))
+                sign = torch.where(torch.rand(n, generator=g) < 0.2, -1.0, 1.0)
+                m.weight.copy_((torch.rand(n, generator=g) * 1.5 + 0.2) * sign)
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
                 m.weight[0] = 0.0
                 if subnormal and n > 2:
@@ -190,11 +191,11 @@ with torch.inference_mode():
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
 def test_retain_freed_memory_stops_the_page_faults_of_each_frame():
     """Minor page faults of three frames after two warm-up ones, in a child process (the setting
-    is process-wide and must not leak into the test session): thousands by default, none after."""
+    is process-wide and must not leak into the test session): thousands by default, next to none after."""
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True)
     default, retained, after = out.stdout.split()
-    assert int(default) > 5_000
-    assert retained == "True" and int(after) < 100
+    assert int(default) > 5_000  # ~20,000 here: megabytes of pages, faulted and zeroed anew each frame
+    assert retained == "True" and int(after) < 1_000  # 0 to 100 here
 
 
 def test_bench_command_prints_the_table(capsys):

@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     shape = (args.batch, 3, h, w)
     params = sum(t.numel() for t in model.parameters())
     tiny = torch.finfo(torch.float32).tiny
-    subnormal = sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in model.state_dict().values() if t.is_floating_point())
+    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
+    subnormal = sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in floats)
     x = torch.randn(shape, device=device)
 
     from .fastpath import optimize_for_inference
@@ -218,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"{'mode':<10} {'median ms':>10} {'p90 ms':>9} {'min ms':>9} {'frames/s':>9} {'Mpixel/s':>9}")
     for t in timings:
-        print(f"{t.mode:<10} {t.median:>10.1f} {t.p90:>9.1f} {min(t.ms):>9.1f} {t.fps:>9.2f} {t.megapixels_per_s:>9.2f}")
+        print(f"{t.mode:<10} {t.median:>10.1f} {t.p90:>9.1f} {min(t.ms):>9.1f} {t.fps:>9.2f} "
+              f"{t.megapixels_per_s:>9.2f}")
     if len(outputs) == 2:
         diff = max_relative_difference(outputs["optimized"], outputs["eager"])
         print(f"\nmax |optimized - eager| / max |eager| = {diff:.2e} (tolerance 1e-4)")

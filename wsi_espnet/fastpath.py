@@ -166,7 +166,9 @@ class ConcatConv(nn.Module):
             raise ValueError(f"cannot split a {tuple(conv.weight.shape)} convolution into inputs of {widths}")
         weights = torch.split(conv.weight, widths, dim=1)
         self.parts = nn.ModuleList(
-            FoldedConv(w, conv.bias if i == 0 else None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            FoldedConv(
+                w, conv.bias if i == 0 else None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+            )
             for i, w in enumerate(weights)
         )
         self.register_buffer("alpha", conv.alpha)
