@@ -34,7 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import OutputExistsError, UserError
+from .errors import UserError
+from .outputs import check_output
 
 # Class ids of configs/breast_biopsy.yaml.
 BACKGROUND, BENIGN, MALIGNANT, STROMA, DESMOPLASTIC, SECRETION, BLOOD, NECROSIS = range(8)
@@ -444,15 +445,6 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir():
-        raise UserError(f"{path} is a directory")
-    if not path.parent.exists():
-        raise UserError(f"output folder {path.parent} does not exist")
-
-
 def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5, seed: int = 0,
                      fmt: str = "svs", tile: int = 256, quality: int = 90, pen: bool = False,
                      overwrite: bool = False, workers: int | None = None, empty: bool = False,
@@ -473,7 +465,7 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
         raise UserError(f"tile size must be a multiple of 16, got {tile}")
     if not 1 <= quality <= 100:
         raise UserError(f"JPEG quality must be 1..100, got {quality}")
-    _check_output(path, overwrite)
+    check_output(path, overwrite)
     spec = DemoSlideSpec(width, height, mpp, seed, pen, empty)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     dims = _pyramid(width, height, tile)
@@ -559,7 +551,7 @@ def write_truth(path: str | Path, spec: DemoSlideSpec, mpp: float | None = None,
     import tifffile
 
     path = Path(path)
-    _check_output(path, overwrite)
+    check_output(path, overwrite)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise UserError(f"truth resolution must be a positive µm per pixel, got {mpp}")
     mpp = mpp or default_truth_mpp(spec)
@@ -626,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
     w, h = args.size
     outputs = [args.out] + [p for p in (args.ome, args.truth) if p is not None]
     for p in outputs:  # check all before writing any: no partial set of outputs
-        _check_output(p, args.overwrite)
+        check_output(p, args.overwrite)
     if args.truth is not None and args.truth.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise UserError(f"truth must be .png or .tif, got {args.truth.name}")
     if args.truth_mpp is not None and not (math.isfinite(args.truth_mpp) and args.truth_mpp > 0):

@@ -45,7 +45,7 @@ import numpy as np
 import shapely
 from skimage.measure import label as connected_components
 
-from .errors import OutputExistsError, UserError
+from .outputs import check_output
 
 NOT_COMPUTED = 255
 QUPATH_GRID = 0.01  # QuPath 0.6 snaps coordinates to this grid on import
@@ -96,7 +96,7 @@ def write_geojson(
     keep[: len(class_names)] = [n.casefold() not in excluded for n in class_names]
     if block < 16:
         raise ValueError(f"block must be at least 16, got {block}")
-    _check_output(path, overwrite)
+    check_output(path, overwrite)
 
     counts = np.zeros(256, np.int64)
     # Per kept class: pieces inside their block, and pieces touching its border (to be merged).
@@ -422,10 +422,3 @@ def _rgb(color: Sequence[int]) -> tuple[int, int, int]:
     return c  # type: ignore[return-value]
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: folder {path.parent} is not writable")

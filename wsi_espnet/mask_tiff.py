@@ -57,7 +57,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from .errors import OutputExistsError, UserError
+from .errors import UserError
+from .outputs import check_output
 
 NOT_COMPUTED = 255
 CLASSES_NAMESPACE = "wsi-espnet/classes"
@@ -123,7 +124,7 @@ def write_mask_tiff(
     if compression not in _COMPRESSIONS:
         raise ValueError(f"compression must be one of {sorted(map(str, _COMPRESSIONS))}, got {compression!r}")
     block = max(tile, block - block % tile)
-    _check_output(path, overwrite)
+    check_output(path, overwrite)
 
     shapes = pyramid_shapes(height, width, tile)
     if bigtiff is None:
@@ -234,15 +235,6 @@ def _palette(class_names: Sequence[str], colors: Sequence[Sequence[int]]) -> tup
     colormap = np.zeros((3, 256), np.uint16)
     colormap[:, : len(rgb)] = np.asarray(rgb, np.uint16).T * 257  # 8-bit to 16-bit: 255 -> 65535
     return colormap, rgb
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
 
 
 def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:

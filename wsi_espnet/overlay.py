@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import OutputExistsError, UserError
+from .outputs import check_output
 
 NOT_COMPUTED = 255
 
@@ -55,7 +55,7 @@ def write_overlay(
         raise ValueError(f"{len(class_names)} class names but {len(colors)} colours")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    _check_output(path, overwrite)
+    check_output(path, overwrite)
 
     h, w = rgb.shape[:2]
     if labels_small.shape != (h, w):
@@ -163,10 +163,3 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: folder {path.parent} is not writable")

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .engine import Engine, make_engine
-from .errors import NoMppError, OutputExistsError, UserError
+from .errors import NoMppError, UserError
+from .outputs import check_output
 from .slide import Slide, open_slide
 from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
@@ -89,19 +90,15 @@ class SegmentResult:
 # Outputs: check before any work, so a mistake costs nothing
 
 
-def check_output(path: Path, overwrite: bool, resuming: bool = False) -> None:
-    if path.exists() and path.is_dir():
-        raise UserError(f"output {path} is a directory")
-    if path.exists() and not (overwrite or resuming):
-        raise OutputExistsError(f"output {path} exists (use --overwrite to replace it)")
-    parent = path.parent
-    if not parent.exists():
+def _prepare_output(path: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Create the output's folder, then the writers' common check (a resumed run may replace the
+    outputs of its own earlier, unfinished attempt)."""
+    if not path.parent.exists():
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"cannot create output folder {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {parent} is not writable")
+            raise UserError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+    check_output(path, overwrite or resuming)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -211,7 +208,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     resuming = work.is_dir() and (work / "progress.json").is_file()
     extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
     for p in [out, *[Path(v) for v in extra.values() if v]]:
-        check_output(Path(p), opts.overwrite, resuming)
+        _prepare_output(Path(p), opts.overwrite, resuming)
 
     with open_slide(slide_path, mpp=opts.mpp) as slide:
         if slide.mpp is None:
