@@ -352,10 +352,14 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def _class_counts(labels, num_classes: int) -> np.ndarray:
-    counts = np.zeros(max(num_classes, 256), np.int64)
+    """Pixels per class, in fixed-size blocks: bincount widens uint8 to 64-bit, so a block as wide
+    as the slide would cost 8 bytes per pixel of a whole band."""
+    counts = np.zeros(256, np.int64)
     step = CHUNK * 4
     for y in range(0, labels.shape[0], step):
-        counts += np.bincount(np.asarray(labels[y : y + step]).ravel(), minlength=counts.size)[: counts.size]
+        for x in range(0, labels.shape[1], step):
+            block = np.asarray(labels[y : y + step, x : x + step])
+            counts += np.bincount(block.ravel(), minlength=256)
     return counts[:num_classes]
 
 
