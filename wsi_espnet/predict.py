@@ -164,10 +164,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backend == "torch":
-        from .fastpath import retain_freed_memory
-
-        retain_freed_memory()  # own process: no page faults per frame (fastpath.retain_freed_memory)
     engine = make_engine(args.model, backend=args.backend, device=args.device)
     size = parse_size(args.size) if args.size else None
     if size is None and not args.native and engine.config.input_size:

@@ -427,12 +427,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--mpp must be positive, got {args.mpp}")
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if args.backend == "torch":  # the ONNX Runtime path must not import torch
-        from .fastpath import retain_freed_memory
-
-        # A CLI run is its own process: keep freed feature maps in the heap instead of faulting
-        # fresh pages for every batch (~45 ms per 1024×512 frame on CPU; fastpath.retain_freed_memory).
-        retain_freed_memory()
     opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
                           tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
                           workers=args.workers, probs=args.probs, geojson=args.geojson, overlay=args.overlay,
