@@ -169,16 +169,17 @@ def prefetched_batches(slide: Slide, groups: list[list[Tile]], mpp: float, batch
     every floating-point result, is the same on a resumed run), read ``ahead`` tiles in advance."""
     batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
     flat = [t for b in batches for t in b]
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader") as pool:
-        queue: deque[Future] = deque()
-        nxt = 0
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader")
+    queue: deque[Future] = deque()
+    nxt = 0
 
-        def top_up() -> None:
-            nonlocal nxt
-            while nxt < len(flat) and len(queue) < ahead:
-                queue.append(pool.submit(_read_tile, slide, flat[nxt], mpp))
-                nxt += 1
+    def top_up() -> None:
+        nonlocal nxt
+        while nxt < len(flat) and len(queue) < ahead:
+            queue.append(pool.submit(_read_tile, slide, flat[nxt], mpp))
+            nxt += 1
 
+    try:
         for b in batches:
             top_up()
             images = []
@@ -186,6 +187,11 @@ def prefetched_batches(slide: Slide, groups: list[list[Tile]], mpp: float, batch
                 images.append(queue.popleft().result())
                 top_up()
             yield b, np.stack(images)
+    finally:
+        # Also when the consumer stops early (an error, Ctrl-C): no read may outlive this
+        # generator, because the caller closes the slide next and OpenSlide aborts the process on
+        # a read from a closed handle.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,16 +330,19 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
     batches = prefetched_batches(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers,
                                  ahead=2 * opts.batch)
-    for b in bands:
-        for _ in range(-(-len(b.tiles) // opts.batch)):
-            tiles, images = next(batches)
-            probs = engine.predict_proba(images)
-            for t, p in zip(tiles, probs):
-                stitcher.add(t.row, t.col, p)
-            bar.update(len(tiles))
-        if band.flush(b.bottom) != int(state["flushed_y"]):
-            state["flushed_y"] = band.flushed_y
-            _atomic_json(work / "progress.json", state)
+    try:
+        for b in bands:
+            for _ in range(-(-len(b.tiles) // opts.batch)):
+                tiles, images = next(batches)
+                probs = engine.predict_proba(images)
+                for t, p in zip(tiles, probs):
+                    stitcher.add(t.row, t.col, p)
+                bar.update(len(tiles))
+            if band.flush(b.bottom) != int(state["flushed_y"]):
+                state["flushed_y"] = band.flushed_y
+                _atomic_json(work / "progress.json", state)
+    finally:
+        batches.close()  # stop and join the reader threads before the slide is closed
     bar.close()
     band.flush(height)
     state["flushed_y"] = height
