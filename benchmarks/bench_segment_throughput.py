@@ -17,13 +17,20 @@ cost under 10 % on top of the network.
 * Rate = working-resolution pixels of the processed tiles (tiles x tile²) / seconds.  Ratios:
   ``tiles`` = model alone / ``_run_grid``; ``no writers`` = model alone / (wall - writers);
   ``all`` = model alone / wall.  The first model-alone run of each batch size follows a warm-up batch.
+  ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
+  both measured in the same run, so it shows how much of the run the model is kept busy whatever
+  the machine's load (it does not show the model being slowed by the reader threads' CPU use).
 * ``--profile``: one more end-to-end run with timers around each stage inside ``_run_grid``: time
   the main thread waits for decoded tiles, the model, ``BlendStitcher.add``, ``LabelBand.flush``
   (Zarr writes), and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode
   + resample), which on 2 cores competes with the model for the CPU.
 
 Runs are interleaved (model alone, then end to end, per configuration) so that a change in the
-machine's load hits both sides of a ratio alike.
+machine's load hits both sides of a ratio alike.  On a shared machine wall times still swing by tens
+of percent from minute to minute, so each row also gives CPU seconds (``time.process_time``: all
+threads of this process, so other processes' load does not count): ``CPU ratio`` = model-alone CPU
+/ end-to-end CPU (whole ``segment_slide``, writers included) is the pipeline's extra work, the
+figure that the wall ratio approaches on an idle machine where the model keeps every core busy.
 
     python benchmarks/bench_segment_throughput.py                    # batch 4/8/16 x workers 2/4
     python benchmarks/bench_segment_throughput.py --batches 8 --workers 4 --profile
@@ -80,13 +87,13 @@ def the_tiles(slide_path: Path, engine) -> tuple[list, np.ndarray]:
     return bands, pixels
 
 
-def model_alone(engine, pixels: list[np.ndarray], batch: int) -> float:
-    """Seconds of ``predict_proba`` over the same batches segment_slide forms (per band)."""
-    t0 = time.perf_counter()
+def model_alone(engine, pixels: list[np.ndarray], batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of ``predict_proba`` over the batches segment_slide forms (per band)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for band in pixels:
         for i in range(0, len(band), batch):
             engine.predict_proba(band[i : i + batch])
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 @contextmanager
@@ -173,15 +180,20 @@ def stage_timers(prof: dict):
         seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile = saved
 
 
-def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int) -> dict:
+def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int, prof: dict | None = None) -> dict:
+    """One ``segment_slide`` run, its phases timed, and the seconds its engine spent in the model."""
     opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False)
     times: dict = {}
-    t0 = time.perf_counter()
+    prof = prof if prof is not None else {"model": 0.0}
+    timed = _TimedEngine(engine, prof)
+    t0, c0 = time.perf_counter(), time.process_time()
     with phase_timers(times):
-        result = segment_slide(slide, out, options=opts, engine=engine)
-    wall = time.perf_counter() - t0
-    return {"wall": wall, "tissue": times["_tissue"], "tiles_s": times["_run_grid"],
-            "writers": times["_write_outputs"], "tiles": result.tiles}
+        result = segment_slide(slide, out, options=opts, engine=timed)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # A left-over work folder of a killed run would make this a (faster) resumed run.
+    assert result.resumed_from_row == 0, f"resumed from tile row {result.resumed_from_row}"
+    return {"wall": wall, "cpu": cpu, "tissue": times["_tissue"], "tiles_s": times["_run_grid"],
+            "writers": times["_write_outputs"], "tiles": result.tiles, "model_in": prof["model"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,29 +229,35 @@ def main(argv: list[str] | None = None) -> int:
             for workers in (int(v) for v in args.workers.split(",")):
                 for _ in range(args.repeats):
                     load = os.getloadavg()[0]
-                    alone = model_alone(engine, pixels, batch)
+                    alone, alone_cpu = model_alone(engine, pixels, batch)
                     e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers)
                     assert e2e["tiles"] == n, (e2e["tiles"], n)
-                    row = {"batch": batch, "workers": workers, "alone": alone, "load": load, **e2e}
+                    row = {"batch": batch, "workers": workers, "alone": alone, "alone_cpu": alone_cpu, "load": load,
+                           **e2e}
                     rows.append(row)
                     print(_fmt(row, mpx), flush=True)
         prof = None
         if args.profile:
             batch, workers = 8, 4
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
-            alone = model_alone(engine, pixels, batch)
+            alone, _ = model_alone(engine, pixels, batch)
             with stage_timers(prof):
-                e2e = end_to_end(slide, work / "mask.tif", _TimedEngine(engine, prof), batch, workers)
+                e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, prof)
             prof.update(alone=alone, **e2e)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print(HEADER)
     for row in rows:
         print(_fmt(row, mpx))
-    by = {}
+    by: dict = {}
     for r in rows:
-        by.setdefault((r["batch"], r["workers"]), []).append(r["alone"] / (r["wall"] - r["writers"]))
-    print("\nmedian ratio (no writers) per config: " +
-          ", ".join(f"b{b}/w{w} {statistics.median(v):.3f}" for (b, w), v in by.items()))
+        by.setdefault((r["batch"], r["workers"]), []).append(r)
+    print("\nper configuration, over its runs: median wall ratio (no writers); ratio of the fastest model-alone "
+          "run to the fastest end-to-end run (no writers); median CPU-time ratio (all)")
+    for (b, w), rs in by.items():
+        med = statistics.median(r["alone"] / (r["wall"] - r["writers"]) for r in rs)
+        best = min(r["alone"] for r in rs) / min(r["wall"] - r["writers"] for r in rs)
+        cpu = statistics.median(r["alone_cpu"] / r["cpu"] for r in rs)
+        print(f"  batch {b}, readers {w}: {len(rs)} runs, median {med:.3f}, best/best {best:.3f}, CPU {cpu:.3f}")
     if prof:
         other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"] - prof["stitch"] - prof["flush"]
         print(f"\nprofile, batch 8, 4 readers: _run_grid {prof['tiles_s']:.1f} s = model {prof['model']:.1f} "
@@ -251,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADER = ("| batch | readers | tiles | model alone s | e2e s | tissue s | tiles s | writers s | "
-          "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | "
+          "model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(r: dict, mpx: float) -> str:
@@ -260,7 +279,8 @@ def _fmt(r: dict, mpx: float) -> str:
     return (f"| {r['batch']} | {r['workers']} | {r['tiles']} | {r['alone']:.1f} | {r['wall']:.1f} | "
             f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
             f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
-            f"{r['alone'] / r['wall']:.3f} | {r['load']:.1f} |")
+            f"{r['alone'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "
+            f"{r['load']:.1f} |")
 
 
 if __name__ == "__main__":
