@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -256,10 +257,13 @@ sys.exit(rc)
 
 
 def run_segment(slide: Path, out: Path, model: Path, extras: bool) -> dict:
+    probs, geojson = out.with_suffix(".probs.zarr"), out.with_suffix(".geojson")
+    for old in (out, probs, geojson, out.with_name(out.name + ".work")):  # a fresh run, never a resumed one
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     cmd = [sys.executable, "-c", _CHILD, str(slide), "--out", str(out), "--model", str(model),
            "--overwrite", "--quiet", "--device", "cpu"]
     if extras:
-        cmd += ["--probs", str(out.with_suffix(".probs.zarr")), "--geojson", str(out.with_suffix(".geojson"))]
+        cmd += ["--probs", str(probs), "--geojson", str(geojson)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
