@@ -120,7 +120,8 @@ def _fingerprint(slide: Slide, model_id: str, settings: dict) -> str:
 
 class LabelBand:
     """Holds emitted labels from ``flushed_y`` down to the lowest pending cell; finished rows go to the
-    Zarr array in one write per band."""
+    Zarr array in one write per band.  ``height`` bounds how far below ``flushed_y`` a label may land
+    (the deepest band: the last two tile rows are fed together)."""
 
     def __init__(self, labels, flushed_y: int, height: int, fill: int = 0) -> None:
         self.labels = labels
@@ -129,6 +130,7 @@ class LabelBand:
         self.flushed_y = flushed_y
         self.fill = fill
         self.buf = np.full((height, self.width), fill, np.uint8)
+        self.used = 0  # rows of buf that may hold labels
 
     def write(self, y: int, x: int, block: np.ndarray) -> None:
         if y < self.flushed_y:  # recomputed on resume, already on disk
@@ -140,6 +142,7 @@ class LabelBand:
         if r + block.shape[0] > self.buf.shape[0]:
             raise AssertionError("label band overflow: tile rows fed out of order")
         self.buf[r : r + block.shape[0], x : x + block.shape[1]] = block
+        self.used = max(self.used, r + block.shape[0])
 
     def flush(self, final_y: int) -> int:
         """Write the final rows < ``final_y`` (once per band: a partly written chunk row costs one
@@ -149,8 +152,14 @@ class LabelBand:
         if n <= 0:
             return self.flushed_y
         self.labels[self.flushed_y : end, :] = self.buf[:n]
-        self.buf[:-n] = self.buf[n:].copy()
-        self.buf[-n:] = self.fill
+        # Move the rows still in use up by n, n rows at a time: source and destination never
+        # overlap, so numpy copies in place instead of through a temporary as large as the band.
+        keep = max(self.used - n, 0)
+        for i in range(0, keep, n):
+            j = min(i + n, keep)
+            self.buf[i:j] = self.buf[n + i : n + j]
+        self.buf[keep : max(self.used, keep)] = self.fill
+        self.used = keep
         self.flushed_y = end
         return end
 
@@ -317,7 +326,9 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     # Resume at the first band that reaches below the flushed height: bands above it touch only
     # rows already on disk, and cells below it are covered only by this band and later ones.
     bands = [b for b in feed_bands(grid) if grid.ys[b.rows[-1]] + grid.tile > flushed_y]
-    band = LabelBand(labels, flushed_y, height=2 * grid.tile)
+    # The band buffer spans the deepest band: one tile row, or the last two fed together.
+    depth = max((min(grid.ys[b.rows[-1]] + grid.tile, height) - max(b.top, flushed_y) for b in bands), default=1)
+    band = LabelBand(labels, flushed_y, height=max(depth, 1))
 
     def on_probs(y: int, x: int, p: np.ndarray) -> None:
         if y < flushed_y:
@@ -328,20 +339,38 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
 
     stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, on_probs if probs_arr is not None else None)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
+
+    def blend(tiles: list[Tile], probs: np.ndarray) -> None:
+        for t, p in zip(tiles, probs):
+            stitcher.add(t.row, t.col, p)
+
+    def finish_band(b) -> None:
+        stitcher.pack_pending()
+        if band.flush(b.bottom) != int(state["flushed_y"]):
+            state["flushed_y"] = band.flushed_y
+            _atomic_json(work / "progress.json", state)
+
     batches = prefetched_batches(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers,
                                  ahead=2 * opts.batch)
+    # Blending and label writes run on one thread of their own, in feed order, one batch behind
+    # the model, so the model is never kept waiting for them (and the result is the same as done
+    # in line: same operations, same order).
+    blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
+    behind: deque[Future] = deque()
     try:
         for b in bands:
             for _ in range(-(-len(b.tiles) // opts.batch)):
                 tiles, images = next(batches)
                 probs = engine.predict_proba(images)
-                for t, p in zip(tiles, probs):
-                    stitcher.add(t.row, t.col, p)
+                while behind:
+                    behind.popleft().result()
+                behind.append(blender.submit(blend, tiles, probs))
                 bar.update(len(tiles))
-            if band.flush(b.bottom) != int(state["flushed_y"]):
-                state["flushed_y"] = band.flushed_y
-                _atomic_json(work / "progress.json", state)
+            behind.append(blender.submit(finish_band, b))
+        while behind:
+            behind.popleft().result()
     finally:
+        blender.shutdown(wait=True, cancel_futures=True)
         batches.close()  # stop and join the reader threads before the slide is closed
     bar.close()
     band.flush(height)

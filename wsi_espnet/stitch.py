@@ -4,7 +4,7 @@ Why cells: every tile edge of the grid cuts the image into rectangular *cells*; 
 by a fixed set of tiles (one in a tile's interior, two or four where tiles overlap).  A cell is final
 once all of its covering tiles have been seen, so with tiles fed in raster order only the cells in
 the overlap strip below the current tile row (and beside the current tile) are ever pending.  Memory
-is O(overlap × width × classes) floats plus one uint8 band, never a full-slide float buffer, and
+is O(overlap × width × classes) float32s plus one uint8 band, never a full-slide float buffer, and
 interior cells (one tile) skip the blending arithmetic altogether.
 
 Why this window: each tile's probabilities are weighted by a separable raised-cosine ramp over the
@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 
 from .tiling import Tile, TileGrid
+
+_PACK_SCALE = 65535  # uint16 fixed point for probabilities in [0, 1]
 
 
 def border_ramp(tile: int, overlap: int) -> np.ndarray:
@@ -78,7 +80,8 @@ class _Cell:
     x1: int
     pending: int
     acc: np.ndarray | None = None  # (C, h, w) weighted probability sum
-    wsum: np.ndarray | None = None  # (h, w) weight sum
+    packed: np.ndarray | None = None  # or, between bands, the partial average as uint16 fixed point
+    seen: list[tuple[int, int]] = field(default_factory=list)  # (y, x) of the tiles summed so far
 
 
 @dataclass
@@ -134,6 +137,8 @@ class BlendStitcher:
         # Only the tiles that will be fed count towards a cell's coverage.
         self.present = {(t.row, t.col) for t in grid.tiles}
         self._cells: dict[tuple[int, int], _Cell] = {}
+        self._strip: np.ndarray | None = None  # packed overlap strip (see _pack)
+        self._strip_top = 0
         self.emitted_pixels = 0
 
     @property
@@ -161,25 +166,78 @@ class BlendStitcher:
     def add(self, row: int, col: int, probs: np.ndarray) -> None:
         """Feed the (C, tile, tile) probabilities of grid tile (row, col)."""
         ty, tx = self.ys.starts[row], self.xs.starts[col]
+        # Cells below the next row's top and left of the next tile's start get nothing more from
+        # this row: they wait, packed, for the next one.
+        below = self.ys.starts[row + 1] if row + 1 < len(self.ys.starts) else self.height + self.tile
+        right = self.xs.starts[col + 1] if col + 1 < len(self.xs.starts) else self.width + self.tile
         for cy in self.ys.cells_of(ty):
             for cx in self.xs.cells_of(tx):
                 cell = self._cell(cy, cx)
                 sy = slice(cell.y0 - ty, cell.y1 - ty)
                 sx = slice(cell.x0 - tx, cell.x1 - tx)
-                if cell.pending == 1 and cell.acc is None:
+                if cell.pending == 1 and not cell.seen:
                     # Seen by this tile alone: the weighted average is the tile's own value.
                     self._emit(cell, probs[:, sy, sx])
                     continue
+                if cell.packed is not None:
+                    cell.acc = cell.packed * (self._weight_sum(cell) / np.float32(_PACK_SCALE))
+                    cell.packed = None
                 w = self.window[sy, sx]
                 if cell.acc is None:
                     cell.acc = probs[:, sy, sx] * w
-                    cell.wsum = w.copy()
                 else:
                     cell.acc += probs[:, sy, sx] * w
-                    cell.wsum += w
+                cell.seen.append((ty, tx))
                 cell.pending -= 1
                 if cell.pending == 0:
-                    self._emit(cell, cell.acc / cell.wsum)
+                    self._emit(cell, cell.acc / self._weight_sum(cell))
+                elif cell.y0 >= below and cell.x1 <= right:
+                    self._pack(cell, below)  # waits for the next tile row: the strip across the width
+        self._strip_top = below
+
+    def _pack(self, cell: _Cell, top: int) -> None:
+        """Keep a pending cell of the overlap strip below a tile row as its partial average in 16-bit
+        fixed point (step 1/65535: at most 7.6e-6 off per probability, the size of the model's own
+        float noise, so a label can change only at a tie; probabilities are clipped to [0, 1]).
+
+        Why: that strip, C values per pixel across the whole width, is the one part of memory that
+        grows with the slide.  Packed, it takes half the bytes, and it lives in one buffer allocated
+        once, shared by all strips: a strip cell is unpacked (by the tile below it) before the cell
+        under that tile, at the same x, is packed (buffer rows count from ``top``, the next tile row's
+        first pixel row).  Thousands of long-lived small arrays would instead pin the C library's
+        heap, which then grows with the run.  Taller strips (the last two rows, fed together) are
+        consumed at once and stay as they are."""
+        if cell.y1 - top > self.overlap or cell.y0 < top:
+            return
+        if self._strip is None:
+            width = self.xs.starts[-1] + self.tile if self.xs.starts else self.width
+            self._strip = np.zeros((self.num_classes, max(self.overlap, 1), width), np.uint16)
+        avg = cell.acc
+        avg /= self._weight_sum(cell)
+        np.clip(avg, 0.0, 1.0, out=avg)
+        avg *= np.float32(_PACK_SCALE)
+        np.rint(avg, out=avg)
+        view = self._strip[:, cell.y0 - top : cell.y1 - top, cell.x0 : cell.x1]
+        np.copyto(view, avg, casting="unsafe")
+        cell.packed = view
+        cell.acc = None
+
+    def pack_pending(self) -> None:
+        """Pack every pending cell (between tile rows: catches the cells beside a tile that was not
+        run, which :meth:`add` leaves as they are)."""
+        for cell in self._cells.values():
+            if cell.acc is not None:
+                self._pack(cell, self._strip_top)
+
+    def _weight_sum(self, cell: _Cell) -> np.ndarray:
+        """The cell's sum of window weights, recomputed from the tiles it saw instead of kept beside
+        ``acc``: pending memory is then C, not C + 1, floats per pixel of the overlap strip (the same
+        additions in the same order, so the same float32 values)."""
+        (ty, tx), *rest = cell.seen
+        wsum = self.window[cell.y0 - ty : cell.y1 - ty, cell.x0 - tx : cell.x1 - tx].copy()
+        for ty, tx in rest:
+            wsum += self.window[cell.y0 - ty : cell.y1 - ty, cell.x0 - tx : cell.x1 - tx]
+        return wsum
 
     def _emit(self, cell: _Cell, probs: np.ndarray) -> None:
         del self._cells[cell.key]
@@ -199,4 +257,5 @@ class BlendStitcher:
         return len(self._cells)
 
     def pending_bytes(self) -> int:
-        return sum((c.acc.nbytes + c.wsum.nbytes) for c in self._cells.values() if c.acc is not None)
+        floats = sum(c.acc.nbytes for c in self._cells.values() if c.acc is not None)
+        return floats + (self._strip.nbytes if self._strip is not None else 0)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
@@ -94,7 +94,6 @@ class TissueMask:
     mpp: float | None = None
     level0_size: tuple[int, int] | None = None
     mode: str = "brightfield"
-    _sat: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, dtype=bool)
@@ -116,18 +115,17 @@ class TissueMask:
         # (h+1, w+1) summed-area table with a zero first row and column.  Bilinear interpolation of it
         # at fractional positions is the *exact* area integral of the piecewise-constant mask, which is
         # what lets a 512-px tile over a 64-px patch of mask get a fraction that is not quantised.
-        if self._sat is None:
-            h, w = self.mask.shape
-            dtype = np.int32 if h * w < 2**31 else np.int64
-            sat = np.zeros((h + 1, w + 1), dtype=dtype)
-            np.cumsum(self.mask, axis=0, dtype=dtype, out=sat[1:, 1:])
-            np.cumsum(sat[1:, 1:], axis=1, dtype=dtype, out=sat[1:, 1:])
-            self._sat = sat
-        return self._sat
+        # Not cached: callers ask for all their rectangles at once, and at 4 bytes per mask pixel a
+        # kept table would sit in memory for the whole run (40 MB on a 100k² slide).
+        h, w = self.mask.shape
+        dtype = np.int32 if h * w < 2**31 else np.int64
+        sat = np.zeros((h + 1, w + 1), dtype=dtype)
+        np.cumsum(self.mask, axis=0, dtype=dtype, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], axis=1, dtype=dtype, out=sat[1:, 1:])
+        return sat
 
-    def _integral(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _integral(self, sat: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Tissue area (mask px²) of [0, x] × [0, y], x and y in mask pixels (clipped to the mask)."""
-        sat = self._summed_area()
         h, w = self.mask.shape
         x = np.clip(x, 0.0, w)
         y = np.clip(y, 0.0, h)
@@ -162,7 +160,9 @@ class TissueMask:
         x0, y0 = np.clip(r[:, 0], 0, bw) / ds, np.clip(r[:, 1], 0, bh) / ds
         x1, y1 = np.clip(r[:, 0] + r[:, 2], 0, bw) / ds, np.clip(r[:, 1] + r[:, 3], 0, bh) / ds
         area = (x1 - x0) * (y1 - y0)
-        inside = self._integral(x1, y1) - self._integral(x0, y1) - self._integral(x1, y0) + self._integral(x0, y0)
+        sat = self._summed_area()
+        inside = (self._integral(sat, x1, y1) - self._integral(sat, x0, y1) - self._integral(sat, x1, y0)
+                  + self._integral(sat, x0, y0))
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(area > 0, inside / np.where(area > 0, area, 1.0), 0.0)
         return np.clip(frac, 0.0, 1.0)
