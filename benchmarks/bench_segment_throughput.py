@@ -20,10 +20,11 @@ cost under 10 % on top of the network.
   ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
   both measured in the same run, so it shows how much of the run the model is kept busy whatever
   the machine's load (it does not show the model being slowed by the reader threads' CPU use).
-* ``--profile``: one more end-to-end run with timers around each stage inside ``_run_grid``: time
-  the main thread waits for decoded tiles, the model, ``BlendStitcher.add``, ``LabelBand.flush``
-  (Zarr writes), and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode
-  + resample), which on 2 cores competes with the model for the CPU.
+* ``--profile``: one more end-to-end run (the CLI's default batch and readers) with timers around
+  each stage inside ``_run_grid``: on the main thread, the model and the time it waits for decoded
+  tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush`` (Zarr writes, class
+  counts); and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode +
+  resample).  On 2 cores all of them compete with the model for the CPU.
 
 Runs are interleaved (model alone, then end to end, per configuration) so that a change in the
 machine's load hits both sides of a ratio alike.  On a shared machine wall times still swing by tens
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(_fmt(row, mpx), flush=True)
         prof = None
         if args.profile:
-            batch, workers = 8, 4
+            batch, workers = SegmentOptions().batch, SegmentOptions().workers  # the CLI's defaults
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
             alone, _ = model_alone(engine, pixels, batch)
             with stage_timers(prof):
@@ -259,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu = statistics.median(r["alone_cpu"] / r["cpu"] for r in rs)
         print(f"  batch {b}, readers {w}: {len(rs)} runs, median {med:.3f}, best/best {best:.3f}, CPU {cpu:.3f}")
     if prof:
-        other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"] - prof["stitch"] - prof["flush"]
-        print(f"\nprofile, batch 8, 4 readers: _run_grid {prof['tiles_s']:.1f} s = model {prof['model']:.1f} "
-              f"(alone, just before: {prof['alone']:.1f}) + waiting for tiles {prof['wait_tiles']:.1f} + "
-              f"blend {prof['stitch']:.1f} + label flush {prof['flush']:.1f} + other {other:.1f}; "
+        other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"]
+        print(f"\nprofile, batch {batch}, {workers} readers: _run_grid {prof['tiles_s']:.1f} s = model "
+              f"{prof['model']:.1f} (alone, just before: {prof['alone']:.1f}) + waiting for tiles "
+              f"{prof['wait_tiles']:.1f} + other {other:.1f} (waiting for the blender, the last band); "
+              f"on the blender thread: blend {prof['stitch']:.1f} s + label flush {prof['flush']:.1f} s; "
               f"reader threads busy {prof['read_threads']:.1f} s in all; tissue {prof['tissue']:.1f} s, "
               f"writers {prof['writers']:.1f} s, wall {prof['wall']:.1f} s")
     return 0

@@ -91,7 +91,7 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     opts = dict(tile=256, overlap=32, batch=2, progress=False)
     ref = tmp_path / "ref" / "mask.tif"  # same name: the name is part of the OME metadata
     counting = _Interrupting(engine)
-    segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
+    ref_result = segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
 
     out = tmp_path / "mask.tif"
     with pytest.raises(KeyboardInterrupt):
@@ -103,6 +103,13 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert result.resumed_from_row > 0
     assert out.read_bytes() == ref.read_bytes()
     assert not (tmp_path / "mask.tif.work").exists()
+    # class areas, counted as rows are flushed (and carried over the interruption), are the mask's
+    mask = tifffile.imread(out)
+    px_mm2 = (result.mpp / 1000) ** 2
+    expected = np.bincount(mask.ravel(), minlength=8) * px_mm2
+    assert result.class_mm2 == ref_result.class_mm2
+    np.testing.assert_allclose([result.class_mm2[n] for n in engine.config.class_names], expected, rtol=1e-12)
+    assert len(np.flatnonzero(expected)) > 1
 
 
 def test_killed_process_resumes(tmp_path, demo_svs, small_model):

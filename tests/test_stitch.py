@@ -159,3 +159,13 @@ def test_packed_strip_is_never_overwritten_on_odd_grids(seed):
         covered[t.y : t.y + T, t.x : t.x + T] = True
     assert (writes[covered] == 1).all() and (writes[~covered] == 0).all()
     np.testing.assert_allclose(blended[:, covered], truth[:, covered], rtol=1e-6, atol=0.5 / 65535 + 1e-7)
+
+
+def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
+    from wsi_espnet.stitch import class_argmax
+
+    rng = np.random.default_rng(5)
+    p = rng.random((6, 40, 50)).astype(np.float32)
+    p[2, :5] = p[4, :5] = 2.0  # ties: class 2 wins
+    assert class_argmax(p).dtype == np.uint8
+    np.testing.assert_array_equal(class_argmax(p), p.argmax(0))
