@@ -143,16 +143,26 @@ def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path):
     partial = Path(str(out) + ".partial")
     args = [sys.executable, "-m", "wsi_espnet.cli", "tile", str(CMU), "--out", str(out), "--mpp-out", "2.0",
             "--tile", "64", "--tissue-threshold", "0", "--workers", "1", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # PYTHONFAULTHANDLER: should the interrupted run ever hang, SIGABRT makes it print every
+    # thread's stack, and the failure shows where.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     chunks = partial / "patches" / "c"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if chunks.exists() and sum(1 for _ in chunks.iterdir()) >= 10:
-            break
+        try:
+            if sum(1 for _ in chunks.iterdir()) >= 10:
+                break
+        except OSError:  # not there yet
+            pass
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate()
+        pytest.fail(f"the interrupted run did not stop within 60 s:\n{err[-6000:]}")
     assert proc.returncode == 130, err  # interrupted, not finished
     assert "re-run" in err
     assert partial.exists() and not out.exists()
