@@ -263,6 +263,8 @@ def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, til
             for x0 in range(0, w, block):
                 y1, x1 = min(y0 + block, h), min(x0 + block, w)
                 piece = np.asarray(source[2 * y0: min(2 * y1, src_h), 2 * x0: min(2 * x1, src_w)])
+                if not piece.any():
+                    continue  # all background: the level's fill value already says so (most of a slide)
                 if k == 1:
                     piece = clean_block(piece, num_classes)
                 pad = ((0, 2 * (y1 - y0) - piece.shape[0]), (0, 2 * (x1 - x0) - piece.shape[1]))
@@ -280,7 +282,7 @@ def _tiles(level: Any, shape: tuple[int, int], tile: int, block: int, clean: int
     for y0 in range(0, h, tile):
         for xb in range(0, w, block):
             band = np.asarray(level[y0: y0 + tile, xb: min(xb + block, w)])
-            if clean is not None:
+            if clean is not None and band.any():
                 band = clean_block(band, clean)
             for x0 in range(0, band.shape[1], tile):
                 yield band[:, x0: x0 + tile]
