@@ -4,8 +4,9 @@ Why cells: every tile edge of the grid cuts the image into rectangular *cells*; 
 by a fixed set of tiles (one in a tile's interior, two or four where tiles overlap).  A cell is final
 once all of its covering tiles have been seen, so with tiles fed in raster order only the cells in
 the overlap strip below the current tile row (and beside the current tile) are ever pending.  Memory
-is O(overlap × width × classes) float32s plus one uint8 band, never a full-slide float buffer, and
-interior cells (one tile) skip the blending arithmetic altogether.
+is O(overlap × width × classes) 16-bit values (the strip, packed: see ``_pack``) plus float32 cells
+around the current tile, never a full-slide float buffer, and interior cells (one tile) skip the
+blending arithmetic altogether.
 
 Why this window: each tile's probabilities are weighted by a separable raised-cosine ramp over the
 ``overlap`` pixels at each border (``sin²``, flat 1 inside).  Two neighbours overlapping by exactly
