@@ -169,3 +169,16 @@ def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
     p[2, :5] = p[4, :5] = 2.0  # ties: class 2 wins
     assert class_argmax(p).dtype == np.uint8
     np.testing.assert_array_equal(class_argmax(p), p.argmax(0))
+
+
+def test_tiles_fed_out_of_order_fail_loudly_instead_of_blending_wrongly():
+    C, T, O = 2, 64, 16
+    grid = tile_grid((200, 250), T, O, 1.0, 1.0)
+    assert len(grid.ys) >= 4
+    st = BlendStitcher(grid, C, lambda y, x, lab: None)
+    p = np.full((C, T, T), 0.5, np.float32)
+    for t in [t for t in grid.tiles if t.row == 0]:
+        st.add(t.row, t.col, p)
+    with pytest.raises(AssertionError, match="out of order"):
+        for t in [t for t in grid.tiles if t.row == 2]:  # row 1 skipped: its strip is still waiting
+            st.add(t.row, t.col, p)

@@ -93,7 +93,8 @@ class _Cell:
     x1: int
     pending: int
     acc: np.ndarray | None = None  # (C, h, w) weighted probability sum
-    packed: np.ndarray | None = None  # or, between bands, the partial average as uint16 fixed point
+    packed: np.ndarray | None = None  # or, waiting for the next row, the partial average as uint16
+    packed_rows: slice | None = None  # where in the strip buffer
     seen: list[tuple[int, int]] = field(default_factory=list)  # (y, x) of the tiles summed so far
 
 
@@ -152,6 +153,7 @@ class BlendStitcher:
         self._cells: dict[tuple[int, int], _Cell] = {}
         self._strip: np.ndarray | None = None  # packed overlap strip (see _pack)
         self._strip_top = 0
+        self._in_use: np.ndarray | None = None  # strip pixels holding a packed cell
         self.emitted_pixels = 0
 
     @property
@@ -195,6 +197,7 @@ class BlendStitcher:
                 if cell.packed is not None:
                     cell.acc = cell.packed * (self._weight_sum(cell) / np.float32(_PACK_SCALE))
                     cell.packed = None
+                    self._in_use[cell.packed_rows, cell.x0 : cell.x1] = False
                 w = self.window[sy, sx]
                 if cell.acc is None:
                     cell.acc = probs[:, sy, sx] * w
@@ -225,14 +228,19 @@ class BlendStitcher:
         if self._strip is None:
             width = self.xs.starts[-1] + self.tile if self.xs.starts else self.width
             self._strip = np.zeros((self.num_classes, max(self.overlap, 1), width), np.uint16)
+            self._in_use = np.zeros(self._strip.shape[1:], bool)
+        rows = slice(cell.y0 - top, cell.y1 - top)
+        if self._in_use[rows, cell.x0 : cell.x1].any():  # tiles fed out of order: fail, never blend wrongly
+            raise AssertionError(f"packed strip at x {cell.x0}-{cell.x1} still in use: tiles fed out of order")
+        self._in_use[rows, cell.x0 : cell.x1] = True
         avg = cell.acc
         avg /= self._weight_sum(cell)
         np.clip(avg, 0.0, 1.0, out=avg)
         avg *= np.float32(_PACK_SCALE)
         np.rint(avg, out=avg)
-        view = self._strip[:, cell.y0 - top : cell.y1 - top, cell.x0 : cell.x1]
+        view = self._strip[:, rows, cell.x0 : cell.x1]
         np.copyto(view, avg, casting="unsafe")
-        cell.packed = view
+        cell.packed, cell.packed_rows = view, rows
         cell.acc = None
 
     def pack_pending(self) -> None:
