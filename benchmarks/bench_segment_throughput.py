@@ -35,6 +35,7 @@ figure that the wall ratio approaches on an idle machine where the model keeps e
 
     python benchmarks/bench_segment_throughput.py                    # batch 4/8/16 x workers 2/4
     python benchmarks/bench_segment_throughput.py --batches 8 --workers 4 --profile
+    python benchmarks/bench_segment_throughput.py --batches 4 --workers 4 --torch-threads 1  # a core left free
 """
 
 from __future__ import annotations
@@ -207,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="end-to-end runs per configuration")
     p.add_argument("--profile", action="store_true", help="also break the default run down by stage")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
+                   "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")
     import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     engine = TorchEngine(load_model(args.model), device="cpu")
     tile = engine.config.slide.tile
