@@ -371,7 +371,6 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
             stitcher.add(t.row, t.col, p)
 
     def finish_band(b) -> None:
-        stitcher.pack_pending()
         if band.flush(b.bottom) != int(state["flushed_y"]):
             state["flushed_y"] = band.flushed_y
             state["counts"] = band.counts.tolist()

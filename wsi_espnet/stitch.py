@@ -150,9 +150,11 @@ class BlendStitcher:
         self.window = np.outer(ramp, ramp)
         # Only the tiles that will be fed count towards a cell's coverage.
         self.present = {(t.row, t.col) for t in grid.tiles}
+        self._row_cols: dict[int, list[int]] = {}  # per tile row, the columns that will be fed
+        for r, c in sorted(self.present):
+            self._row_cols.setdefault(r, []).append(c)
         self._cells: dict[tuple[int, int], _Cell] = {}
         self._strip: np.ndarray | None = None  # packed overlap strip (see _pack)
-        self._strip_top = 0
         self._in_use: np.ndarray | None = None  # strip pixels holding a packed cell
         self.emitted_pixels = 0
 
@@ -181,10 +183,12 @@ class BlendStitcher:
     def add(self, row: int, col: int, probs: np.ndarray) -> None:
         """Feed the (C, tile, tile) probabilities of grid tile (row, col)."""
         ty, tx = self.ys.starts[row], self.xs.starts[col]
-        # Cells below the next row's top and left of the next tile's start get nothing more from
-        # this row: they wait, packed, for the next one.
+        # Cells below the next row's top and left of the next tile this row will feed get nothing
+        # more from this row: they wait, packed, for the next one.
         below = self.ys.starts[row + 1] if row + 1 < len(self.ys.starts) else self.height + self.tile
-        right = self.xs.starts[col + 1] if col + 1 < len(self.xs.starts) else self.width + self.tile
+        cols = self._row_cols.get(row, [])
+        i = bisect.bisect_right(cols, col)
+        right = self.xs.starts[cols[i]] if i < len(cols) else self.width + self.tile
         for cy in self.ys.cells_of(ty):
             for cx in self.xs.cells_of(tx):
                 cell = self._cell(cy, cx)
@@ -209,7 +213,6 @@ class BlendStitcher:
                     self._emit(cell, cell.acc / self._weight_sum(cell))
                 elif cell.y0 >= below and cell.x1 <= right:
                     self._pack(cell, below)  # waits for the next tile row: the strip across the width
-        self._strip_top = below
 
     def _pack(self, cell: _Cell, top: int) -> None:
         """Keep a pending cell of the overlap strip below a tile row as its partial average in 16-bit
@@ -242,13 +245,6 @@ class BlendStitcher:
         np.copyto(view, avg, casting="unsafe")
         cell.packed, cell.packed_rows = view, rows
         cell.acc = None
-
-    def pack_pending(self) -> None:
-        """Pack every pending cell (between tile rows: catches the cells beside a tile that was not
-        run, which :meth:`add` leaves as they are)."""
-        for cell in self._cells.values():
-            if cell.acc is not None:
-                self._pack(cell, self._strip_top)
 
     def _weight_sum(self, cell: _Cell) -> np.ndarray:
         """The cell's sum of window weights, recomputed from the tiles it saw instead of kept beside
