@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no model at {args.model}; pass --model")
     import torch
 
-    if args.torch_threads:
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            p.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
         torch.set_num_threads(args.torch_threads)
 
     engine = TorchEngine(load_model(args.model), device="cpu")

@@ -444,8 +444,8 @@ def optimize_for_inference(
     compiles for tens of seconds).  The call compiles for ``example_shape`` and checks the compiled
     logits against the twin's (within 1e-5 of their range); if they disagree it warns and returns
     the uncompiled twin.  ``retain_memory=True`` also calls :func:`retain_freed_memory` (when the
-    model is on the CPU): 20% faster frames, but a process-wide allocator setting, so it is for
-    processes that exist to run inference (the CLI commands), not a library default.
+    model is on the CPU): 20% faster frames, but a process-wide allocator setting that keeps freed
+    memory for good, so only ``wsi-espnet bench`` uses it (the segment CLI does not: README).
     """
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
