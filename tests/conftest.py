@@ -28,6 +28,17 @@ import pytest
 from wsi_espnet.demo import DemoSlideSpec, write_demo_slide, write_truth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+_SHARED_PARTS = ("espnet-pretrained", "slides", "docs")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, when the data folder beside the checkout is missing: otherwise
+    dozens of tests fail, each with its own missing-file traceback."""
+    missing = [part for part in _SHARED_PARTS if not (SHARED / part).is_dir()]
+    if missing:
+        pytest.exit(f"the tests read {SHARED} (the released ESPNet checkpoints, real slides, QuPath notes: "
+                    f"not in the repository); missing there: {', '.join(missing)}. Clone beside that "
+                    f"folder (README, 'Install').", returncode=4)
 
 DEMO_SIZE = (2048, 1536)
 DEMO_MPP = 0.5
