@@ -325,3 +325,24 @@ def test_transparent_pixels_are_white(tmp_path):
         assert (r[:, :15] == (200, 0, 0)).all()
         assert (r[:, 20:] == 255).all()
         assert (r[:, 15:20] == (227, 127, 127)).all()  # (200*128 + 255*127) / 255, on white
+
+
+@pytest.mark.parametrize("name", ["real/TCGA-CR-7395-01A-01-TS1.svs", "real/test3-DAPI-2-387.ndpi",
+                                  "real/dicom-camelyon16/camelyon16-lymph-node.dcm", f"{FIX}/boxes.tiff"])
+def test_direct_openslide_reads_match_openslide_python(slides_dir, name):
+    """Tiles are read by OpenSlide straight into numpy (no PIL); the pixels must be those of the public
+    ``OpenSlide.read_region`` composited on white: the same bytes where opaque, and where OpenSlide's
+    premultiplied alpha is partial (level edges), within one grey level."""
+    from wsi_espnet.slide import _RAW_READ, _composite_on_white
+
+    assert _RAW_READ is not None  # the fast path is live on this openslide-python
+    with open_slide(slides_dir / name) as s:
+        w, h = s.dimensions
+        for level in range(s.level_count):
+            for loc in [(0, 0), (-37, -50), (w - 150, h - 90), (w // 3, h // 3)]:
+                ours = s.read_region(loc, level, (200, 120))
+                ref = _composite_on_white(np.asarray(s._osr.read_region(loc, level, (200, 120))))
+                alpha = np.asarray(s._osr.read_region(loc, level, (200, 120)))[..., 3]
+                np.testing.assert_array_equal(ours[alpha == 255], ref[alpha == 255])
+                assert np.abs(ours.astype(int) - ref).max() <= 1
+                assert (ours[alpha == 0] == 255).all()

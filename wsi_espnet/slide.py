@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -391,6 +392,8 @@ class OpenSlideSlide(Slide):
 
         super().__init__(path, mpp)
         self._osr = openslide.OpenSlide(str(path))
+        # The C handle, for reads without a PIL detour (see _raw_openslide_read).
+        self._handle = getattr(self._osr, "_osr", None) if _RAW_READ is not None else None
         self._error_type = openslide.OpenSlideError
         props = dict(self._osr.properties)
         self.properties = props
@@ -437,6 +440,8 @@ class OpenSlideSlide(Slide):
 
     def _read_openslide(self, loc: tuple[int, int], level: int, w: int, h: int) -> np.ndarray:
         try:
+            if self._handle is not None:
+                return _raw_openslide_read(self._handle, loc, level, w, h)
             img = self._osr.read_region(loc, level, (w, h))
         except self._error_type as exc:
             raise self._read_failed(exc, level, loc[0], loc[1], w, h) from None
@@ -444,6 +449,43 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._osr.close()
+
+
+def _openslide_raw_reader():
+    """OpenSlide's C ``openslide_read_region`` as openslide-python binds it (with its checks: a
+    closed handle is refused, a slide in error raises), or None if this openslide-python binds it
+    differently; then reads go through ``OpenSlide.read_region`` instead."""
+    try:
+        from openslide import lowlevel
+
+        fn = lowlevel._read_region
+        return fn if callable(fn) and sys.byteorder == "little" else None
+    except (ImportError, AttributeError):
+        return None
+
+
+_RAW_READ = _openslide_raw_reader()
+
+
+def _raw_openslide_read(handle: Any, loc: tuple[int, int], level: int, w: int, h: int) -> np.ndarray:
+    """RGB of a region, read by OpenSlide straight into a numpy buffer.
+
+    Why not ``OpenSlide.read_region``: it un-premultiplies the pixels into a PIL image, which is then
+    copied to numpy and composited on white again; that took 40 % of a tile's read time (6.6 → 3.9 ms
+    CPU per 512² tile, the CPU the model competes with).  OpenSlide's pixels are premultiplied ARGB, so
+    "over white" is exact and cheap: ``c + (255 - alpha)``.  Opaque regions (the usual case) are the
+    very bytes PIL would give."""
+    import ctypes
+
+    argb = np.empty((h, w), np.uint32)
+    _RAW_READ(handle, argb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), loc[0], loc[1], level, w, h)
+    bgra = argb.view(np.uint8).reshape(h, w, 4)  # little-endian ARGB words: B, G, R, A bytes
+    rgb = np.empty((h, w, 3), np.uint8)
+    for c in range(3):  # plane by plane: ~4x faster than copying the reversed-channel view at once
+        rgb[:, :, c] = bgra[:, :, 2 - c]
+    if argb.min() < 0xFF000000:  # some pixel is not opaque: premultiplied over white
+        rgb += 255 - bgra[:, :, 3:4]
+    return rgb
 
 
 # --------------------------------------------------------------------------- tifffile
