@@ -111,6 +111,37 @@ def test_mode_downsample_2x2_majority_and_ties():
     assert mode_downsample_2x2(np.array([[4, 5], [5, 7]], np.uint8)).tolist() == [[5]]
 
 
+def _pyramid(level0: np.ndarray, shapes: list) -> list[np.ndarray]:
+    """Independent reference: each level the 2x2 mode of the one above, odd edges repeated."""
+    levels = [level0]
+    for _ in shapes[1:]:
+        h, w = levels[-1].shape
+        levels.append(mode_downsample_2x2(np.pad(levels[-1], ((0, h % 2), (0, w % 2)), mode="edge")))
+    return levels
+
+
+@pytest.mark.parametrize("compression", ["zlib", "lzw", "packbits", None])
+def test_mostly_empty_mask_skips_nothing_that_has_labels(tmp_path, compression):
+    """A slide's mask is mostly background: empty regions are neither read twice nor encoded anew
+    (one shared encoding of a zero tile), which must not lose a single labelled pixel at any level,
+    whatever the compression; "not computed" alone in a region still reads as background."""
+    lab = np.zeros((2300, 2900), np.uint8)
+    lab[1800:1900, 2500:2650] = 2  # far from the origin, straddling tile and block edges
+    lab[1201, 767] = 3  # one pixel alone in its block
+    lab[0:40, 1500:1600] = 255  # a block holding only "not computed"
+    lab[2299, 2899] = 1  # the last pixel (edge tiles, odd shapes)
+    path = write_mask_tiff(tmp_path / "sparse.tif", _zarr(tmp_path, lab, chunks=(300, 300)), MPP, NAMES,
+                           COLORS, tile=128, block=256, compression=compression)
+    expected = _pyramid(np.where(lab == 255, 0, lab), pyramid_shapes(*lab.shape, 128))
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == len(expected) == 6
+        for level, want in zip(levels, expected):
+            assert np.array_equal(level.asarray(), want)
+        counts = tif.pages.first.tags["TileByteCounts"].value
+        assert len(set(counts)) < len(counts) // 10  # the empty tiles are one repeated encoding
+
+
 def test_numpy_input_bigtiff_and_one_level(tmp_path):
     lab = _labels(100, 120)
     path = write_mask_tiff(tmp_path / "small.tif", lab, 2.0, NAMES, COLORS, tile=128, bigtiff=True)
