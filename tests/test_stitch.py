@@ -140,6 +140,42 @@ def test_label_band_streams_rows_to_zarr_in_order(tmp_path):
         LabelBand(labels, flushed_y=0, height=50).write(10, 0, truth[10:70])
 
 
+def test_label_band_writes_only_where_labels_landed(tmp_path):
+    """A band whose tissue covers a few columns writes just those chunks, and a band without tissue
+    writes nothing; the array still equals the labels everywhere and the class counts are exact."""
+    import zarr
+
+    from wsi_espnet.segment import LabelBand
+
+    H, W = 600, 1000
+    rng = np.random.default_rng(4)
+    truth = np.zeros((H, W), np.uint8)
+    truth[0:200, 500:610] = rng.integers(1, 5, (200, 110))  # band 1: chunk columns 3 and 4
+    truth[400:600, 990:1000] = 3  # band 3: the last, narrow chunk column; band 2 (200-400): nothing
+    labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(200, 128), dtype="uint8",
+                               fill_value=0)
+    written = []
+
+    class Recorded:  # the real array, with the regions written to it noted
+        shape, chunks = labels.shape, labels.chunks
+
+        def __setitem__(self, key, value):
+            written.append((key[0].start, key[1].start, key[1].stop))
+            labels[key] = value
+
+    band = LabelBand(Recorded(), flushed_y=0, height=200)
+    for y0 in (0, 200, 400):
+        rows = truth[y0 : y0 + 200]
+        cols = np.flatnonzero(rows.any(0))
+        if cols.size:
+            band.write(y0, int(cols[0]), rows[:, cols[0] : cols[-1] + 1])
+        band.flush(y0 + 200)
+    np.testing.assert_array_equal(labels[:], truth)
+    assert labels.nchunks_initialized == 3  # chunks (0, 3), (0, 4) and (2, 7), nothing else
+    assert written == [(0, 384, 640), (400, 896, 1000)]  # whole chunks around the labels; band 2: none
+    np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_packed_strip_is_never_overwritten_on_odd_grids(seed):
     """Random sizes, overlaps and tissue: every covered pixel's blend is the truth to the packing
