@@ -142,6 +142,37 @@ def test_mostly_empty_mask_skips_nothing_that_has_labels(tmp_path, compression):
         assert len(set(counts)) < len(counts) // 10  # the empty tiles are one repeated encoding
 
 
+def test_occupied_hint_spares_reading_level_0_where_it_is_background(tmp_path):
+    """Where the caller knows level 0 is background (no tissue tile ran there) it is not read at all;
+    the mask is still exact at every level."""
+    from wsi_espnet.mask_tiff import Occupancy
+
+    lab = np.zeros((900, 1100), np.uint8)
+    lab[250:700, 300:900] = _labels(450, 600)  # labels only inside the hinted cells
+    hint = np.zeros((-(-900 // 200), -(-1100 // 200)), bool)
+    hint[1:4, 1:5] = True  # rows 200..800, columns 200..1000
+    z = _zarr(tmp_path, lab)
+    reads = []
+
+    class Recorded:  # the real array, with the regions read from it noted
+        shape, dtype = z.shape, z.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return z[key]
+
+    path = write_mask_tiff(tmp_path / "hint.tif", Recorded(), MPP, NAMES, COLORS, tile=128, block=128,
+                           occupied=Occupancy(200, hint))
+    with tifffile.TiffFile(path) as tif:
+        for level, ref in zip(tif.series[0].levels, _pyramid(np.where(lab == 255, 0, lab), pyramid_shapes(900, 1100, 128))):
+            assert np.array_equal(level.asarray(), ref)
+    assert reads
+    for ys, xs in reads:  # every read touches a hinted cell
+        assert hint[ys.start // 200 : -(-ys.stop // 200), xs.start // 200 : -(-xs.stop // 200)].any()
+    read_px = sum((ys.stop - ys.start) * (xs.stop - xs.start) for ys, xs in reads)
+    assert read_px < 2 * lab.size * 0.75  # two passes over level 0, each skipping most of its background
+
+
 def test_numpy_input_bigtiff_and_one_level(tmp_path):
     lab = _labels(100, 120)
     path = write_mask_tiff(tmp_path / "small.tif", lab, 2.0, NAMES, COLORS, tile=128, bigtiff=True)

@@ -77,6 +77,23 @@ def test_tissue_threshold_filters_tiles_but_geometry_is_kept():
     assert straddle.tissue == pytest.approx(0.5)
 
 
+def test_footprint_marks_exactly_the_cells_kept_tiles_touch():
+    mask = np.zeros((100, 100), bool)
+    mask[10:30, 60:95] = True  # tissue in one corner region
+    tm = TissueMask(mask=mask, downsample=10.0, mpp=10.0)
+    grid = tile_grid((1000, 950), 200, 40, mpp=1.0, level0_mpp=1.0, tissue=tm, threshold=0.2)
+    covered = np.zeros((950, 1000), bool)
+    for t in grid.tiles:
+        covered[t.y : t.y + t.height, t.x : t.x + t.width] = True
+    for cell in (64, 100, 300):
+        fp = grid.footprint(cell)
+        assert fp.shape == (-(-950 // cell), -(-1000 // cell))
+        want = np.array([[covered[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].any()
+                          for c in range(fp.shape[1])] for r in range(fp.shape[0])])
+        np.testing.assert_array_equal(fp, want)
+        assert 0 < fp.sum() < fp.size
+
+
 def test_no_tissue_gives_an_empty_tile_list():
     tm = TissueMask(mask=np.zeros((10, 10), bool), downsample=100.0)
     grid = tile_grid((1000, 1000), 256, 0, mpp=1.0, level0_mpp=1.0, tissue=tm, threshold=0.5)

@@ -102,6 +102,7 @@ def write_mask_tiff(
     block: int = 1024,
     scale: float | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
+    occupied: Occupancy | None = None,
 ) -> Path:
     """Write ``labels`` (H x W uint8 class ids; a Zarr array or anything sliceable like NumPy) as a
     pyramidal OME-TIFF at ``path``, reading it ``block``-sized pieces at a time.
@@ -112,6 +113,8 @@ def write_mask_tiff(
     ``scale`` (slide level-0 px per mask px) and ``offset`` (the slide's ``openslide.bounds-x/y``)
     are only recorded, for tools that map the mask back onto the slide (the QuPath import script
     in ``examples/`` uses them; a slide without mpp in QuPath has nothing else to go by).
+
+    ``occupied`` says where ``labels`` may be non-zero; regions it rules out are not read at all.
     """
     path = Path(path)
     height, width = _check_labels(labels)
@@ -134,7 +137,7 @@ def write_mask_tiff(
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
     try:
-        reduced, occupancy = _build_levels(labels, shapes, scratch, tile, block, len(class_names))
+        reduced, occupancy = _build_levels(labels, shapes, scratch, tile, block, len(class_names), occupied)
         levels = [labels] + reduced
         description = _ome_xml(path.name, width, height, mpp, class_names, palette[1], scale, offset)
         _write_tiff(partial, levels, occupancy, shapes, mpp, palette[0], description, tile,
@@ -254,42 +257,46 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 @dataclass
-class _Occupancy:
+class Occupancy:
     """Which ``cell`` x ``cell`` squares of a level may hold a non-zero class id (False: certainly all
-    background), learnt while the pyramid is built.  Why: a slide's mask is mostly background, and
-    reading an empty region back from Zarr is not free (~0.2 ms per missing chunk); with this map the
-    second pass over each level reads only where something was found in the first."""
+    background).  Why: a slide's mask is mostly background, and reading an empty region back from
+    Zarr is not free (~0.2 ms per missing chunk).  Learnt while the pyramid is built, so the second
+    pass over each level reads only where the first found something; for level 0 the caller may
+    also know it beforehand (where no tissue tile was run: :meth:`TileGrid.footprint`)."""
 
     cell: int
     grid: np.ndarray  # bool, (ceil(h / cell), ceil(w / cell))
+    within: "Occupancy | None" = None  # a coarser or finer map that also has to allow a region
 
     @classmethod
-    def empty(cls, shape: tuple[int, int], cell: int) -> "_Occupancy":
-        return cls(cell, np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool))
+    def empty(cls, shape: tuple[int, int], cell: int, within: "Occupancy | None" = None) -> "Occupancy":
+        return cls(cell, np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool), within)
 
     def mark(self, y0: int, x0: int) -> None:
         self.grid[y0 // self.cell, x0 // self.cell] = True
 
     def may_have(self, y0: int, y1: int, x0: int, x1: int) -> bool:
         c = self.cell
-        return bool(self.grid[y0 // c: -(-y1 // c), x0 // c: -(-x1 // c)].any())
+        if not self.grid[y0 // c: -(-y1 // c), x0 // c: -(-x1 // c)].any():
+            return False
+        return self.within is None or self.within.may_have(y0, y1, x0, x1)
 
 
-def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int,
-                  block: int, num_classes: int) -> tuple[list[zarr.Array], list[_Occupancy | None]]:
+def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,
+                  num_classes: int, occupied: Occupancy | None = None) -> tuple[list[zarr.Array], list[Occupancy | None]]:
     """Levels 1.. as Zarr arrays under ``scratch``, each from the previous one in blocks, and for
     every level (0 included) where it may be non-zero (None: not known, read it all)."""
     levels: list[zarr.Array] = []
-    occupancy: list[_Occupancy | None] = [None] * len(shapes)
+    occupancy: list[Occupancy | None] = [occupied] + [None] * (len(shapes) - 1)
     source = labels
     for k, (h, w) in enumerate(shapes[1:], start=1):
         dest = zarr.create_array(store=str(scratch / f"level{k}.zarr"), shape=(h, w), dtype="uint8",
                                  chunks=(tile, tile), fill_value=0)
         src_h, src_w = shapes[k - 1]
         src_occ = occupancy[k - 1]
-        if src_occ is None:  # level 0: learn where it has labels while reading it for level 1
-            occupancy[k - 1] = found = _Occupancy.empty((src_h, src_w), 2 * block)
-        occupancy[k] = _Occupancy.empty((h, w), block)
+        if k == 1:  # learn where level 0 has labels while reading it for level 1
+            occupancy[0] = found = Occupancy.empty((src_h, src_w), 2 * block, within=occupied)
+        occupancy[k] = Occupancy.empty((h, w), block)
         for y0 in range(0, h, block):
             for x0 in range(0, w, block):
                 y1, x1 = min(y0 + block, h), min(x0 + block, w)
@@ -313,7 +320,7 @@ def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, til
 
 
 def _tiles(level: Any, shape: tuple[int, int], tile: int, block: int, clean: int | None,
-           occupancy: _Occupancy | None = None) -> Iterator[np.ndarray]:
+           occupancy: Occupancy | None = None) -> Iterator[np.ndarray]:
     """Row-major tiles of one level, read ``tile`` rows by ``block`` columns at a time (regions the
     occupancy map rules out are not read: zeros)."""
     h, w = shape
@@ -374,7 +381,7 @@ def _tile_encoder(compression: str | None):
     return encoder
 
 
-def _write_tiff(path: Path, levels: list, occupancy: list[_Occupancy | None], shapes: list[tuple[int, int]], mpp: float,
+def _write_tiff(path: Path, levels: list, occupancy: list[Occupancy | None], shapes: list[tuple[int, int]], mpp: float,
                 colormap: np.ndarray, description: str, tile: int, compression: str | None,
                 bigtiff: bool, block: int, num_classes: int) -> None:
     height, width = shapes[0]

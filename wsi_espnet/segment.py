@@ -451,10 +451,11 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.replace(tmp, dst)
         written["probs"] = str(dst)
-    from .mask_tiff import write_mask_tiff
+    from .mask_tiff import Occupancy, write_mask_tiff
 
+    cell = 2048  # outside the tissue tiles' footprint the label map is background: not read back
     write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True,
-                    scale=scale, offset=offset)
+                    scale=scale, offset=offset, occupied=Occupancy(cell, grid.footprint(cell)))
     written["mask"] = str(out)
     return written
 

@@ -105,6 +105,16 @@ class TileGrid:
     def tissue_fractions(self) -> np.ndarray:
         return np.array([t.tissue for t in self.tiles], dtype=np.float32)
 
+    def footprint(self, cell: int) -> np.ndarray:
+        """Which ``cell`` x ``cell`` squares of the working-resolution image the kept tiles touch
+        (bool, rows x columns of cells): outside them a segmentation has nothing but background,
+        which lets the writers skip reading those regions back."""
+        w, h = self.image_size
+        grid = np.zeros((-(-h // cell), -(-w // cell)), bool)
+        for t in self.tiles:
+            grid[t.y // cell : -(-min(t.y + t.height, h) // cell), t.x // cell : -(-min(t.x + t.width, w) // cell)] = True
+        return grid
+
     def describe(self) -> dict:
         """JSON-able summary of the geometry (what a patch store records)."""
         return {
