@@ -84,7 +84,7 @@ def the_tiles(slide_path: Path, engine) -> tuple[list, np.ndarray]:
         tissue = detect_tissue(slide)
         grid = tile_grid(slide.size_at_mpp(cfg.mpp), cfg.tile, cfg.overlap, cfg.mpp, slide.mpp, tissue,
                          cfg.tissue_threshold, level0_size=slide.dimensions)
-        bands = [b.tiles for b in feed_bands(grid)]
+        bands = [b.tiles for b in feed_bands(grid) if b.tiles]
         pixels = [np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in b]) for b in bands]
     return bands, pixels
 
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="end-to-end runs per configuration")
     p.add_argument("--profile", action="store_true", help="also break the default run down by stage")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
+    p.add_argument("--slide", type=Path, help="measure on this slide instead of a demo slide (e.g. the 100k² "
+                   "banded slide of bench_segment_memory.py: most of it background)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        slide = demo_slide(work, args.size, args.seed)
+        slide = args.slide or demo_slide(work, args.size, args.seed)
         bands, pixels = the_tiles(slide, engine)
         n = sum(len(b) for b in bands)
         mpx = n * tile * tile / 1e6

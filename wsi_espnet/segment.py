@@ -174,7 +174,10 @@ class LabelBand:
         for i in range(0, keep, n):
             j = min(i + n, keep)
             self.buf[i:j] = self.buf[n + i : n + j]
-        self.buf[keep : max(self.used, keep)] = self.fill
+        if keep:
+            self.buf[keep : max(self.used, keep)] = self.fill
+        elif x1 > x0:
+            self.buf[: self.used, x0:x1] = self.fill  # nothing was written outside these columns
         self.used = keep
         self.x_range = (0, self.width) if keep else (self.width, 0)
         self.flushed_y = end
@@ -191,6 +194,7 @@ class LabelBand:
                 self.counts += np.bincount(block.ravel(), minlength=256)
                 counted += block.size
         self.counts[self.fill] += rows.shape[0] * self.width - counted
+
 
 
 # ---------------------------------------------------------------------------------------------
