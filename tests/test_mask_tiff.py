@@ -145,7 +145,7 @@ def test_mostly_empty_mask_skips_nothing_that_has_labels(tmp_path, compression):
 def test_occupied_hint_spares_reading_level_0_where_it_is_background(tmp_path):
     """Where the caller knows level 0 is background (no tissue tile ran there) it is not read at all;
     the mask is still exact at every level."""
-    from wsi_espnet.mask_tiff import Occupancy
+    from wsi_espnet.tiling import Occupancy
 
     lab = np.zeros((900, 1100), np.uint8)
     lab[250:700, 300:900] = _labels(450, 600)  # labels only inside the hinted cells

@@ -187,6 +187,25 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_svs, small_model, capsys
     assert tifffile.imread(out).shape == (75, 100)
 
 
+def test_probs_store_is_replaced_with_overwrite_but_no_other_folder(tmp_path, tiny_svs, small_model, capsys):
+    """--probs writes a Zarr store (a folder): a re-run needs --overwrite to replace it, and even
+    then a folder that is not a Zarr store is refused rather than deleted."""
+    args = ["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model), *FAST,
+            "--probs", str(tmp_path / "p.zarr")]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert main([*args, "--overwrite"]) == 0
+    assert zarr.open_array(str(tmp_path / "p.zarr"), mode="r").shape[1:] == (75, 100)
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "slide.svs").write_text("x")
+    args[-1] = str(precious)
+    assert main([*args, "--overwrite"]) == 2
+    assert "not a Zarr store" in _one_line_error(capsys)
+    assert (precious / "slide.svs").read_text() == "x"
+
+
 def test_unwritable_output_is_refused(tmp_path, tiny_svs, small_model, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")

@@ -86,7 +86,7 @@ def test_footprint_marks_exactly_the_cells_kept_tiles_touch():
     for t in grid.tiles:
         covered[t.y : t.y + t.height, t.x : t.x + t.width] = True
     for cell in (64, 100, 300):
-        fp = grid.footprint(cell)
+        fp = grid.footprint(cell).grid
         assert fp.shape == (-(-950 // cell), -(-1000 // cell))
         want = np.array([[covered[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].any()
                           for c in range(fp.shape[1])] for r in range(fp.shape[0])])

@@ -46,6 +46,7 @@ import shapely
 from skimage.measure import label as connected_components
 
 from .outputs import check_output
+from .tiling import Occupancy
 
 NOT_COMPUTED = 255
 QUPATH_GRID = 0.01  # QuPath 0.6 snaps coordinates to this grid on import
@@ -67,12 +68,14 @@ def write_geojson(
     simplify: float = 0.0,
     block: int = 2048,
     overwrite: bool = False,
+    occupied: Occupancy | None = None,
 ) -> dict:
     """Write ``labels`` (H x W uint8 class ids, Zarr or NumPy) as a GeoJSON FeatureCollection.
 
     ``scale``: level-0 pixels per label pixel. ``offset``: level-0 ``(x, y)`` subtracted from every
     coordinate (the slide's ``openslide.bounds-x/y`` for QuPath). ``mpp``: µm per label pixel, for
-    the ``Area um^2`` measurement and the summary (left out when None).
+    the ``Area um^2`` measurement and the summary (left out when None).  ``occupied``: where
+    ``labels`` may be non-zero; blocks it rules out are counted as class 0 without being read.
 
     Returns a summary: ``{"features": n, "classes": {name: {"pixels", "area_um2", "polygons",
     "holes", "vertices", "written_name"}}}`` with pixel counts for *every* class, written or not.
@@ -104,15 +107,21 @@ def write_geojson(
     edge: dict[int, list[np.ndarray]] = {int(c): [] for c in np.flatnonzero(keep)}
     for y0 in range(0, height, block):
         for x0 in range(0, width, block):
-            raw = np.asarray(labels[y0: y0 + block, x0: x0 + block], dtype=np.uint8)
-            counts += np.bincount(raw.ravel(), minlength=256)
+            y1, x1 = min(y0 + block, height), min(x0 + block, width)
+            if occupied is not None and not occupied.may_have(y0, y1, x0, x1):
+                counts[0] += (y1 - y0) * (x1 - x0)
+                continue
+            raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
+            block_counts = np.bincount(raw.ravel(), minlength=256)
+            counts += block_counts
             unnamed = np.flatnonzero(counts[len(class_names):NOT_COMPUTED])
             if unnamed.size:
                 raise ValueError(f"label value {unnamed[0] + len(class_names)} found, "
                                  f"but only {len(class_names)} classes are named")
+            if not block_counts[keep].any():
+                continue  # no class to draw here (all background, say): nothing to trace
             traced = np.where(keep[raw], raw.astype(np.int16), np.int16(-1))
             polygons, classes = trace_regions(traced, origin=(x0, y0))
-            x1, y1 = x0 + traced.shape[1], y0 + traced.shape[0]
             b = shapely.bounds(polygons)
             touches = (b[:, 0] == x0) | (b[:, 1] == y0) | (b[:, 2] == x1) | (b[:, 3] == y1)
             for c in np.unique(classes):

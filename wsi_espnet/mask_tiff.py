@@ -61,6 +61,7 @@ import zarr
 
 from .errors import UserError
 from .outputs import check_output
+from .tiling import Occupancy
 
 NOT_COMPUTED = 255
 CLASSES_NAMESPACE = "wsi-espnet/classes"
@@ -254,32 +255,6 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- pyramid
-
-
-@dataclass
-class Occupancy:
-    """Which ``cell`` x ``cell`` squares of a level may hold a non-zero class id (False: certainly all
-    background).  Why: a slide's mask is mostly background, and reading an empty region back from
-    Zarr is not free (~0.2 ms per missing chunk).  Learnt while the pyramid is built, so the second
-    pass over each level reads only where the first found something; for level 0 the caller may
-    also know it beforehand (where no tissue tile was run: :meth:`TileGrid.footprint`)."""
-
-    cell: int
-    grid: np.ndarray  # bool, (ceil(h / cell), ceil(w / cell))
-    within: "Occupancy | None" = None  # a coarser or finer map that also has to allow a region
-
-    @classmethod
-    def empty(cls, shape: tuple[int, int], cell: int, within: "Occupancy | None" = None) -> "Occupancy":
-        return cls(cell, np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool), within)
-
-    def mark(self, y0: int, x0: int) -> None:
-        self.grid[y0 // self.cell, x0 // self.cell] = True
-
-    def may_have(self, y0: int, y1: int, x0: int, x1: int) -> bool:
-        c = self.cell
-        if not self.grid[y0 // c: -(-y1 // c), x0 // c: -(-x1 // c)].any():
-            return False
-        return self.within is None or self.within.may_have(y0, y1, x0, x1)
 
 
 def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,

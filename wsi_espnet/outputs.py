@@ -10,10 +10,15 @@ from pathlib import Path
 from .errors import OutputExistsError, UserError
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    """Raise a one-line :class:`UserError` if ``path`` cannot or must not be written."""
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a directory")
+def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
+    """Raise a one-line :class:`UserError` if ``path`` cannot or must not be written.
+
+    ``zarr_store``: the output is a Zarr store, i.e. a folder; an existing one is replaced with
+    ``overwrite`` only if it *is* a Zarr store (has a ``zarr.json``), never any other folder a
+    mistyped path may name."""
+    if path.is_dir() and not (zarr_store and (path / "zarr.json").is_file()):
+        what = "a folder that is not a Zarr store" if zarr_store else "a directory"
+        raise UserError(f"cannot write {path}: it is {what}")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():

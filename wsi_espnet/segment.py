@@ -91,7 +91,7 @@ class SegmentResult:
 # Outputs: check before any work, so a mistake costs nothing
 
 
-def _prepare_output(path: Path, overwrite: bool, resuming: bool = False) -> None:
+def _prepare_output(path: Path, overwrite: bool, resuming: bool = False, zarr_store: bool = False) -> None:
     """Create the output's folder, then the writers' common check (a resumed run may replace the
     outputs of its own earlier, unfinished attempt)."""
     if not path.parent.exists():
@@ -99,7 +99,7 @@ def _prepare_output(path: Path, overwrite: bool, resuming: bool = False) -> None
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
-    check_output(path, overwrite or resuming)
+    check_output(path, overwrite or resuming, zarr_store)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -255,8 +255,8 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     work = out.with_name(out.name + ".work")
     resuming = work.is_dir() and (work / "progress.json").is_file()
     extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
-    for p in [out, *[Path(v) for v in extra.values() if v]]:
-        _prepare_output(Path(p), opts.overwrite, resuming)
+    for key, p in [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]:
+        _prepare_output(Path(p), opts.overwrite, resuming, zarr_store=key == "probs")
 
     with open_slide(slide_path, mpp=opts.mpp) as slide:
         if slide.mpp is None:
@@ -431,13 +431,14 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
                    thumbnail, bounds, class_mm2: dict, state: dict) -> dict[str, str]:
     """Optional outputs first, the mask last: the mask's presence means the run is complete."""
     written: dict[str, str] = {}
+    footprint = grid.footprint(2048)  # outside the tissue tiles the label map is background: not read back
     scale = grid.mpp / grid.level0_mpp
     offset = (bounds[0], bounds[1]) if bounds else (0, 0)
     if opts.geojson:
         from .geojson import write_geojson
 
         write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
-                      colors=[c.color for c in cfg.classes], mpp=mpp, overwrite=True)
+                      colors=[c.color for c in cfg.classes], mpp=mpp, overwrite=True, occupied=footprint)
         written["geojson"] = str(opts.geojson)
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
@@ -455,11 +456,10 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.replace(tmp, dst)
         written["probs"] = str(dst)
-    from .mask_tiff import Occupancy, write_mask_tiff
+    from .mask_tiff import write_mask_tiff
 
-    cell = 2048  # outside the tissue tiles' footprint the label map is background: not read back
     write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True,
-                    scale=scale, offset=offset, occupied=Occupancy(cell, grid.footprint(cell)))
+                    scale=scale, offset=offset, occupied=footprint)
     written["mask"] = str(out)
     return written
 

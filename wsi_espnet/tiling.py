@@ -105,15 +105,14 @@ class TileGrid:
     def tissue_fractions(self) -> np.ndarray:
         return np.array([t.tissue for t in self.tiles], dtype=np.float32)
 
-    def footprint(self, cell: int) -> np.ndarray:
-        """Which ``cell`` x ``cell`` squares of the working-resolution image the kept tiles touch
-        (bool, rows x columns of cells): outside them a segmentation has nothing but background,
-        which lets the writers skip reading those regions back."""
+    def footprint(self, cell: int) -> "Occupancy":
+        """The ``cell`` x ``cell`` squares of the working-resolution image that the kept tiles touch:
+        outside them a segmentation has nothing but background, so the writers need not read there."""
         w, h = self.image_size
-        grid = np.zeros((-(-h // cell), -(-w // cell)), bool)
+        occ = Occupancy.empty((h, w), cell)
         for t in self.tiles:
-            grid[t.y // cell : -(-min(t.y + t.height, h) // cell), t.x // cell : -(-min(t.x + t.width, w) // cell)] = True
-        return grid
+            occ.grid[t.y // cell : -(-min(t.y + t.height, h) // cell), t.x // cell : -(-min(t.x + t.width, w) // cell)] = True
+        return occ
 
     def describe(self) -> dict:
         """JSON-able summary of the geometry (what a patch store records)."""
@@ -133,6 +132,32 @@ class TileGrid:
             "xs": list(self.xs),
             "ys": list(self.ys),
         }
+
+
+@dataclass
+class Occupancy:
+    """Which ``cell`` x ``cell`` squares of an image may hold a non-zero label (False: certainly all
+    background, 0).  Why: a slide's label map is mostly background, and reading an empty region back
+    from Zarr is not free (~0.2 ms per missing chunk), nor is tracing it.  The segmentation knows it
+    beforehand (:meth:`TileGrid.footprint`: where no tissue tile ran, nothing was written); the
+    mask writer also learns it per pyramid level while building the pyramid."""
+
+    cell: int
+    grid: np.ndarray  # bool, (ceil(h / cell), ceil(w / cell))
+    within: "Occupancy | None" = None  # a coarser or finer map that also has to allow a region
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], cell: int, within: "Occupancy | None" = None) -> "Occupancy":
+        return cls(cell, np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool), within)
+
+    def mark(self, y0: int, x0: int) -> None:
+        self.grid[y0 // self.cell, x0 // self.cell] = True
+
+    def may_have(self, y0: int, y1: int, x0: int, x1: int) -> bool:
+        c = self.cell
+        if not self.grid[y0 // c: -(-y1 // c), x0 // c: -(-x1 // c)].any():
+            return False
+        return self.within is None or self.within.may_have(y0, y1, x0, x1)
 
 
 def validate_tiling(tile: int, overlap: int) -> None:
