@@ -91,17 +91,23 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     opts = dict(tile=256, overlap=32, batch=2, progress=False)
     ref = tmp_path / "ref" / "mask.tif"  # same name: the name is part of the OME metadata
     counting = _Interrupting(engine)
-    ref_result = segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
+    ref_result = segment_slide(demo_svs, ref, options=SegmentOptions(**opts, probs=tmp_path / "ref" / "p.zarr"),
+                               engine=counting)
 
     out = tmp_path / "mask.tif"
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, counting.calls * 4 // 5))
-    assert not out.exists()  # nothing at the final path
+        segment_slide(demo_svs, out, options=SegmentOptions(**opts, probs=tmp_path / "p.zarr"),
+                      engine=_Interrupting(engine, counting.calls * 4 // 5))
+    assert not out.exists() and not (tmp_path / "p.zarr").exists()  # nothing at the final paths
     progress = json.loads((tmp_path / "mask.tif.work" / "progress.json").read_text())
     assert progress["flushed_y"] > 0
-    result = segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=engine)
+    result = segment_slide(demo_svs, out, options=SegmentOptions(**opts, probs=tmp_path / "p.zarr"), engine=engine)
     assert result.resumed_from_row > 0
     assert out.read_bytes() == ref.read_bytes()
+    # the probabilities too: rows before the interruption kept, the rest recomputed, none lost
+    probs, ref_probs = (zarr.open_array(str(d / "p.zarr"), mode="r") for d in (tmp_path, tmp_path / "ref"))
+    np.testing.assert_array_equal(probs[:], ref_probs[:])
+    assert (probs[:].sum(0) > 0.5).mean() > 0.3
     assert not (tmp_path / "mask.tif.work").exists()
     # class areas, counted as rows are flushed (and carried over the interruption), are the mask's
     mask = tifffile.imread(out)

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .chunk_assembler import ChunkAssembler
 from .engine import Engine, make_engine
 from .errors import NoMppError, UserError
 from .outputs import check_output
@@ -336,13 +337,13 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     import zarr
 
     width, height = grid.image_size
+    stride = grid.tile - grid.overlap
     labels_path = work / "labels.zarr"
     if labels_path.exists() and state["flushed_y"] > 0:
         labels = zarr.open_array(str(labels_path), mode="r+")
     else:
         # Chunk rows one tile stride tall: each band then writes whole chunks once, never decoding
         # and re-encoding a chunk that the band before it half filled.
-        stride = grid.tile - grid.overlap
         labels = zarr.create_array(str(labels_path), shape=(height, width),
                                    chunks=(stride if stride >= 128 else CHUNK, CHUNK), dtype="uint8",
                                    fill_value=0, overwrite=True)
@@ -353,8 +354,11 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
         if probs_path.exists() and state["flushed_y"] > 0:
             probs_arr = zarr.open_array(str(probs_path), mode="r+")
         else:
+            # Chunks one tile stride square, aligned with the grid: each completes within the tile
+            # row that covers it, so ChunkAssembler holds only a few at a time.
+            side = stride if stride >= 128 else CHUNK
             probs_arr = zarr.create_array(str(probs_path), shape=(engine.config.num_classes, height, width),
-                                          chunks=(engine.config.num_classes, 256, 256), dtype="float16",
+                                          chunks=(engine.config.num_classes, side, side), dtype="float16",
                                           fill_value=0, overwrite=True)
             probs_arr.attrs.update({"mpp": grid.mpp, "classes": engine.config.class_names,
                                     "axes": ["class", "y", "x"], "level0_mpp": grid.level0_mpp})
@@ -367,14 +371,11 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     depth = max((min(grid.ys[b.rows[-1]] + grid.tile, height) - max(b.top, flushed_y) for b in bands), default=1)
     band = LabelBand(labels, flushed_y, height=max(depth, 1), counts=state.get("counts") if flushed_y else None)
 
-    def on_probs(y: int, x: int, p: np.ndarray) -> None:
-        if y < flushed_y:
-            p = p[:, flushed_y - y :]
-            y = flushed_y
-        if p.shape[1]:
-            probs_arr[:, y : y + p.shape[1], x : x + p.shape[2]] = p.astype(np.float16)
-
-    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, on_probs if probs_arr is not None else None)
+    probs_out = None
+    if probs_arr is not None:
+        probs_out = ChunkAssembler(probs_arr, [(t.y, t.y + t.height, t.x, t.x + t.width) for t in grid.tiles],
+                                   start_y=flushed_y)
+    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, probs_out.write if probs_out else None)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
 
     def blend(tiles: list[Tile], probs: np.ndarray) -> None:
@@ -383,6 +384,8 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
 
     def finish_band(b) -> None:
         if band.flush(b.bottom) != int(state["flushed_y"]):
+            if probs_out is not None:
+                probs_out.flush_above(band.flushed_y)  # on disk before the resume point moves past it
             state["flushed_y"] = band.flushed_y
             state["counts"] = band.counts.tolist()
             _atomic_json(work / "progress.json", state)
@@ -410,6 +413,8 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
         blender.shutdown(wait=True, cancel_futures=True)
         batches.close()  # stop and join the reader threads before the slide is closed
     bar.close()
+    if probs_out is not None:
+        probs_out.close()
     band.flush(height)
     state["flushed_y"] = height
     state["counts"] = band.counts.tolist()
