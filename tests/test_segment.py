@@ -229,13 +229,24 @@ def test_model_whose_classes_do_not_match_its_config(tmp_path, tiny_svs, small_m
 
 
 def test_bad_options(tmp_path, tiny_svs, small_model, capsys):
-    for extra in (["--tile", "100"], ["--overlap", "600"], ["--mpp", "-1"], ["--batch", "0"]):
+    for extra in (["--tile", "100"], ["--overlap", "600"], ["--mpp", "-1"], ["--batch", "0"], ["--threads", "0"]):
         rc = main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model),
                    "--quiet", *extra])
         assert rc == 2, extra
         _one_line_error(capsys)
     assert main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.png"), "--model", str(small_model)]) == 2
     _one_line_error(capsys)
+
+
+def test_threads_sets_the_models_cpu_threads(tmp_path, tiny_svs, small_model):
+    before = torch.get_num_threads()
+    try:
+        assert main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model),
+                     *FAST, "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert tifffile.imread(tmp_path / "m.tif").shape == (75, 100)
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,13 +86,22 @@ class TorchEngine:
             return torch.softmax(self.logits(batch), dim=1).cpu().numpy()
 
 
-def make_engine(model_path=None, backend: str = "torch", device: str = "auto", optimize: bool = True) -> Engine:
-    """The engine a CLI asks for: ``backend`` is ``torch`` or ``onnxruntime``."""
+def make_engine(model_path=None, backend: str = "torch", device: str = "auto", optimize: bool = True,
+                threads: int | None = None) -> Engine:
+    """The engine a CLI asks for: ``backend`` is ``torch`` or ``onnxruntime``.  ``threads``: CPU
+    threads for the model (default: one per core); for PyTorch this is process-wide
+    (``torch.set_num_threads``)."""
     from .fileid import file_sha256
 
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     if backend == "torch":
+        import torch
+
         from .checkpoint import DEFAULT_MODEL, load_model
 
+        if threads:
+            torch.set_num_threads(threads)
         engine: Engine = TorchEngine(load_model(model_path), device=device, optimize=optimize)
         model_path = model_path or DEFAULT_MODEL
     elif backend == "onnxruntime":
@@ -100,7 +109,7 @@ def make_engine(model_path=None, backend: str = "torch", device: str = "auto", o
 
         if model_path is None:
             raise UserError("--backend onnxruntime needs --model FILE.onnx (make one with wsi-espnet export)")
-        engine = OnnxEngine(model_path, device=device)
+        engine = OnnxEngine(model_path, device=device, threads=threads)
     else:
         raise UserError(f"unknown backend {backend!r}: use torch or onnxruntime")
     # Identifies the weights in resume fingerprints: a changed model file never resumes old work.

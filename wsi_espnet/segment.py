@@ -56,6 +56,7 @@ class SegmentOptions:
     device: str = "auto"
     backend: str = "torch"
     workers: int = 4  # reader threads
+    threads: int | None = None  # the model's CPU threads (None: one per core)
     probs: Path | None = None
     geojson: Path | None = None
     overlay: Path | None = None
@@ -263,7 +264,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
         if slide.mpp is None:
             raise NoMppError(f"{slide.path.name} records no pixel size (µm/px); give it with --mpp, e.g. --mpp 0.25")
         if engine is None:
-            engine = make_engine(model, backend=opts.backend, device=opts.device)
+            engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         cfg = engine.config
         mpp = cfg.slide.mpp
         tile = opts.tile or cfg.slide.tile
@@ -485,6 +486,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4, help="tiles per model call (default 4)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
     p.add_argument("--workers", type=int, default=4, help="tile reader threads (default 4)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: one per core; fewer leaves "
+                   "cores to other work, e.g. several runs side by side)")
     p.add_argument("--probs", type=Path, help="also write per-class probabilities (float16 Zarr)")
     p.add_argument("--geojson", type=Path, help="also write QuPath GeoJSON (one MultiPolygon per class)")
     p.add_argument("--overlay", type=Path, help="also write a PNG preview with a legend")
@@ -497,9 +500,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--mpp must be positive, got {args.mpp}")
     if args.batch < 1:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
                           tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
-                          workers=args.workers, probs=args.probs, geojson=args.geojson, overlay=args.overlay,
+                          workers=args.workers, threads=args.threads, probs=args.probs, geojson=args.geojson,
+                          overlay=args.overlay,
                           overwrite=args.overwrite, progress=not args.quiet)
     result = segment_slide(args.slide, args.out, args.model, opts)
     print(result.summary())
