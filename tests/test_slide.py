@@ -337,6 +337,7 @@ def test_direct_openslide_reads_match_openslide_python(slides_dir, name):
 
     assert _RAW_READ is not None  # the fast path is live on this openslide-python
     with open_slide(slides_dir / name) as s:
+        assert s._handle is not None  # its own check at open passed
         w, h = s.dimensions
         for level in range(s.level_count):
             for loc in [(0, 0), (-37, -50), (w - 150, h - 90), (w // 3, h // 3)]:

@@ -413,8 +413,6 @@ class OpenSlideSlide(Slide):
 
         super().__init__(path, mpp)
         self._osr = openslide.OpenSlide(str(path))
-        # The C handle, for reads without a PIL detour (see _raw_openslide_read).
-        self._handle = getattr(self._osr, "_osr", None) if _RAW_READ is not None else None
         self._error_type = openslide.OpenSlideError
         props = dict(self._osr.properties)
         self.properties = props
@@ -434,6 +432,7 @@ class OpenSlideSlide(Slide):
                 {"inch": 2, "centimeter": 3}.get(props.get("tiff.ResolutionUnit", "inch"), 1),
             )
         self._finish_init(file_mpp)
+        self._handle = self._raw_handle()
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         # OpenSlide maps level-0 locations itself (sub-pixel where the downsample is not an integer).
@@ -458,6 +457,22 @@ class OpenSlideSlide(Slide):
                 sx, sy = max(x, bx * b), max(y, by * b)
                 out[sy - y:y1 - y, sx - x:x1 - x] = block[sy - by * b:, sx - bx * b:]
         return out
+
+    def _raw_handle(self) -> Any:
+        """The C handle for reads without the PIL detour (see ``_raw_openslide_read``), once a small
+        read through it matched openslide-python's own; None (the public path) otherwise, e.g. if a
+        later openslide-python binds its internals differently."""
+        handle = getattr(self._osr, "_osr", None) if _RAW_READ is not None else None
+        if handle is None:
+            return None
+        level = len(self.level_dimensions) - 1
+        w, h = (min(16, v) for v in self.level_dimensions[level])
+        try:
+            raw = _raw_openslide_read(handle, (0, 0), level, w, h)
+            ref = _composite_on_white(np.asarray(self._osr.read_region((0, 0), level, (w, h))))
+        except Exception:
+            return None
+        return handle if raw.shape == ref.shape and np.abs(raw.astype(np.int16) - ref).max() <= 1 else None
 
     def _read_openslide(self, loc: tuple[int, int], level: int, w: int, h: int) -> np.ndarray:
         try:
