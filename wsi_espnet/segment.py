@@ -198,7 +198,6 @@ class LabelBand:
         self.counts[self.fill] += rows.shape[0] * self.width - counted
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Reading ahead
 
