@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .outputs import check_output
+from .tiling import Occupancy
 
 NOT_COMPUTED = 255
 
@@ -88,13 +89,14 @@ def write_overlay(
     return path
 
 
-def downsample_labels(labels: Any, max_size: int, *, block: int = 2048) -> np.ndarray:
+def downsample_labels(labels: Any, max_size: int, *, block: int = 2048, occupied: Occupancy | None = None) -> np.ndarray:
     """Label image whose longer side is at most ``max_size``, by mode over ``f x f`` windows.
 
     ``f = ceil(longer side / max_size)``; windows cut by the array's edge vote with the pixels they
     have; ties go to the lower class id. Reads ``labels`` (Zarr or NumPy) about ``block`` x
     ``block`` source pixels at a time, so memory stays bounded whatever the slide size. ``255``
-    (not computed) is counted as class 0, as everywhere else in the writers.
+    (not computed) is counted as class 0, as everywhere else in the writers.  ``occupied``: where
+    ``labels`` may be non-zero; blocks it rules out are class 0 without being read.
     """
     height, width = (int(v) for v in labels.shape)
     if max_size < 1:
@@ -105,7 +107,10 @@ def downsample_labels(labels: Any, max_size: int, *, block: int = 2048) -> np.nd
     step = max(1, block // f)  # output pixels per block side
     for oy in range(0, out_h, step):
         for ox in range(0, out_w, step):
-            src = np.asarray(labels[oy * f: (oy + step) * f, ox * f: (ox + step) * f], dtype=np.uint8)
+            y0, y1, x0, x1 = oy * f, min((oy + step) * f, height), ox * f, min((ox + step) * f, width)
+            if occupied is not None and not occupied.may_have(y0, y1, x0, x1):
+                continue  # background: out is already 0
+            src = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
             src = np.where(src == NOT_COMPUTED, np.uint8(0), src)
             out[oy: oy + step, ox: ox + step] = window_mode(src, f)
     return out
@@ -122,9 +127,12 @@ def window_mode(src: np.ndarray, f: int) -> np.ndarray:
     valid[:h, :w] = True
     padded = np.zeros((oh * f, ow * f), np.uint8)
     padded[:h, :w] = src
+    present = np.flatnonzero(np.bincount(src.ravel(), minlength=256))  # not np.unique: no sort
+    if present.size == 1:  # one class in the whole block (background, mostly): every window's mode
+        return np.full((oh, ow), present[0], np.uint8)
     best = np.zeros((oh, ow), np.int32)
     out = np.zeros((oh, ow), np.uint8)
-    for value in np.unique(src):
+    for value in present:
         votes = ((padded == value) & valid).reshape(oh, f, ow, f).sum(axis=(1, 3), dtype=np.int32)
         wins = votes > best
         out[wins] = value

@@ -448,7 +448,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
 
-        small = downsample_labels(labels, max(thumbnail.shape[:2]))
+        small = downsample_labels(labels, max(thumbnail.shape[:2]), occupied=footprint)
         write_overlay(opts.overlay, thumbnail, small, [c.color for c in cfg.classes], cfg.class_names,
                       areas_mm2=class_mm2, overwrite=True)
         written["overlay"] = str(opts.overlay)
