@@ -364,8 +364,9 @@ def _validate(opts: BatchOptions) -> None:
         raise UserError(f"--mpp must be positive, got {opts.mpp}")
     if opts.tile is not None and opts.tile % 8:
         raise UserError(f"--tile {opts.tile}: ESPNet needs a tile size divisible by 8")
-    if opts.tile is not None and opts.overlap is not None and opts.overlap >= opts.tile:
-        raise UserError(f"--overlap ({opts.overlap}) must be smaller than --tile ({opts.tile})")
+    if opts.tile is not None and opts.overlap is not None and 2 * opts.overlap > opts.tile:
+        raise UserError(f"--overlap ({opts.overlap}) can be at most half of --tile ({opts.tile}): the blending "
+                        "window ramps over the overlap at both borders of a tile")
 
 
 def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:

@@ -96,6 +96,23 @@ def test_occupied_hint_skips_empty_blocks_and_changes_nothing(tmp_path):
         assert hint.may_have(ys.start, ys.stop, xs.start, xs.stop)
 
 
+def test_occupied_hint_does_not_hide_a_drawn_class_0(tmp_path):
+    """When class 0 is drawn as well (``exclude=()`` or a class 0 not called Background), the
+    regions the footprint rules out are its pixels: they must be in its polygon, not skipped. A map
+    made for another image size is refused."""
+    from wsi_espnet.tiling import Occupancy
+
+    lab = np.zeros((64, 64), np.uint8)
+    lab[40:50, 40:50] = 1
+    hint = Occupancy.empty(lab.shape, 32)
+    hint.grid[1, 1] = True
+    summary, feats = _write(tmp_path, lab, class_names=["Other", "Tumor"], colors=COLORS[:2], block=32,
+                            occupied=hint)
+    assert shape(feats["Other"]["geometry"]).area == summary["classes"]["Other"]["pixels"] == 64 * 64 - 100
+    with pytest.raises(ValueError, match="does not fit"):
+        _write(tmp_path, lab, block=32, occupied=Occupancy.empty((64, 96), 32), overwrite=True)
+
+
 def test_region_over_many_blocks_is_one_polygon_without_seams(tmp_path):
     lab = np.zeros((100, 120), np.uint8)
     lab[10:90, 7:113] = 2

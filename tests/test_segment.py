@@ -229,7 +229,8 @@ def test_model_whose_classes_do_not_match_its_config(tmp_path, tiny_svs, small_m
 
 
 def test_bad_options(tmp_path, tiny_svs, small_model, capsys):
-    for extra in (["--tile", "100"], ["--overlap", "600"], ["--mpp", "-1"], ["--batch", "0"], ["--threads", "0"]):
+    for extra in (["--tile", "100"], ["--overlap", "600"], ["--tile", "256", "--overlap", "160"], ["--mpp", "-1"],
+                  ["--batch", "0"], ["--threads", "0"]):
         rc = main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model),
                    "--quiet", *extra])
         assert rc == 2, extra

@@ -75,7 +75,8 @@ def write_geojson(
     ``scale``: level-0 pixels per label pixel. ``offset``: level-0 ``(x, y)`` subtracted from every
     coordinate (the slide's ``openslide.bounds-x/y`` for QuPath). ``mpp``: µm per label pixel, for
     the ``Area um^2`` measurement and the summary (left out when None).  ``occupied``: where
-    ``labels`` may be non-zero; blocks it rules out are counted as class 0 without being read.
+    ``labels`` may be non-zero; blocks it rules out are counted as class 0 without being read
+    (when class 0 is not excluded, they are read and drawn as any other).
 
     Returns a summary: ``{"features": n, "classes": {name: {"pixels", "area_um2", "polygons",
     "holes", "vertices", "written_name"}}}`` with pixel counts for *every* class, written or not.
@@ -102,13 +103,17 @@ def write_geojson(
     check_output(path, overwrite)
 
     counts = np.zeros(256, np.int64)
+    # Regions the footprint rules out are class 0: skipped unread, unless class 0 is drawn too.
+    skip_empty = occupied is not None and not keep[0]
+    if occupied is not None:
+        occupied.check_shape((height, width))
     # Per kept class: pieces inside their block, and pieces touching its border (to be merged).
     inner: dict[int, list[np.ndarray]] = {int(c): [] for c in np.flatnonzero(keep)}
     edge: dict[int, list[np.ndarray]] = {int(c): [] for c in np.flatnonzero(keep)}
     for y0 in range(0, height, block):
         for x0 in range(0, width, block):
             y1, x1 = min(y0 + block, height), min(x0 + block, width)
-            if occupied is not None and not occupied.may_have(y0, y1, x0, x1):
+            if skip_empty and not occupied.may_have(y0, y1, x0, x1):
                 counts[0] += (y1 - y0) * (x1 - x0)
                 continue
             raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)

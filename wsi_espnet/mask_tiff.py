@@ -128,6 +128,8 @@ def write_mask_tiff(
     if compression not in _COMPRESSIONS:
         raise ValueError(f"compression must be one of {sorted(map(str, _COMPRESSIONS))}, got {compression!r}")
     block = max(tile, block - block % tile)
+    if occupied is not None:
+        occupied.check_shape((height, width))
     check_output(path, overwrite)
 
     shapes = pyramid_shapes(height, width, tile)

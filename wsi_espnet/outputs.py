@@ -14,11 +14,15 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
     """Raise a one-line :class:`UserError` if ``path`` cannot or must not be written.
 
     ``zarr_store``: the output is a Zarr store, i.e. a folder; an existing one is replaced with
-    ``overwrite`` only if it *is* a Zarr store (has a ``zarr.json``), never any other folder a
-    mistyped path may name."""
-    if path.is_dir() and not (zarr_store and (path / "zarr.json").is_file()):
-        what = "a folder that is not a Zarr store" if zarr_store else "a directory"
-        raise UserError(f"cannot write {path}: it is {what}")
+    ``overwrite`` only if it *is* a Zarr store (v3 or v2 metadata at its top, not a link), never any
+    other folder a mistyped path may name."""
+    if path.is_dir():
+        if not zarr_store:
+            raise UserError(f"cannot write {path}: it is a directory")
+        if path.is_symlink():
+            raise UserError(f"cannot write {path}: it is a link to a folder; name the store itself")
+        if not any((path / marker).is_file() for marker in ("zarr.json", ".zarray", ".zgroup")):  # v3, v2
+            raise UserError(f"cannot write {path}: it is a folder that is not a Zarr store")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():

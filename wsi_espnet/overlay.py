@@ -101,6 +101,8 @@ def downsample_labels(labels: Any, max_size: int, *, block: int = 2048, occupied
     height, width = (int(v) for v in labels.shape)
     if max_size < 1:
         raise ValueError(f"max_size must be at least 1, got {max_size}")
+    if occupied is not None:
+        occupied.check_shape((height, width))
     f = max(1, math.ceil(max(height, width) / max_size))
     out_h, out_w = math.ceil(height / f), math.ceil(width / f)
     out = np.zeros((out_h, out_w), np.uint8)

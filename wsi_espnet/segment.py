@@ -272,6 +272,9 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
         validate_tiling(tile, overlap)
         if tile % 8:
             raise UserError(f"--tile {tile}: ESPNet needs a tile size divisible by 8")
+        if 2 * overlap > tile:
+            raise UserError(f"--overlap {overlap}: the blending window ramps over the overlap at both borders "
+                            f"of a tile, so it can be at most half the tile ({tile // 2})")
         settings = {"mpp": mpp, "tile": tile, "overlap": overlap, "threshold": threshold, "slide_mpp": slide.mpp,
                     "probs": bool(opts.probs), "backend": opts.backend}
         fp = _fingerprint(slide, getattr(engine, "model_id", cfg.name + str(cfg.num_classes)), settings)

@@ -150,6 +150,13 @@ class Occupancy:
     def empty(cls, shape: tuple[int, int], cell: int, within: "Occupancy | None" = None) -> "Occupancy":
         return cls(cell, np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool), within)
 
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """Refuse a map made for another image: it would rule out regions that hold labels."""
+        want = (-(-shape[0] // self.cell), -(-shape[1] // self.cell))
+        if self.grid.shape != want:
+            raise ValueError(f"occupancy map {self.grid.shape} of {self.cell}-px cells does not fit a "
+                             f"{shape[0]} x {shape[1]} image (needs {want})")
+
     def mark(self, y0: int, x0: int) -> None:
         self.grid[y0 // self.cell, x0 // self.cell] = True
 
