@@ -347,3 +347,20 @@ def test_direct_openslide_reads_match_openslide_python(slides_dir, name):
                 np.testing.assert_array_equal(ours[alpha == 255], ref[alpha == 255])
                 assert np.abs(ours.astype(int) - ref).max() <= 1
                 assert (ours[alpha == 0] == 255).all()
+
+
+def test_direct_reads_fall_back_when_their_check_at_open_fails(slides_dir, monkeypatch):
+    """If openslide-python ever binds its C read differently, the check at open sees the mismatch
+    and every read takes the public path: same pixels, no crash."""
+    import wsi_espnet.slide as slide_mod
+
+    def broken(handle, buf, x, y, level, w, h):  # fills the buffer with the wrong pixels
+        import ctypes
+
+        ctypes.memset(buf, 0x7F, w * h * 4)
+
+    monkeypatch.setattr(slide_mod, "_RAW_READ", broken)
+    with open_slide(slides_dir / "real/CMU-1-Small-Region.svs") as s:
+        assert s._handle is None
+        ref = slide_mod._composite_on_white(np.asarray(s._osr.read_region((100, 200), 0, (64, 48))))
+        np.testing.assert_array_equal(s.read_region((100, 200), 0, (64, 48)), ref)
