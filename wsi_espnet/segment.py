@@ -4,8 +4,11 @@ Data flows one way.  Tiles are read and decoded on a thread pool ahead of the mo
 the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own,
 one batch behind, :class:`BlendStitcher` blends overlaps and emits finished cells into a uint8 band
 that is flushed, whole Zarr chunk rows at a time (class areas counted on the way), into
-``<out>.work/labels.zarr``.  The writers (mask TIFF, GeoJSON, overlay) read that array block by
-block, so memory grows only with the slide's width (the blending strip), never with its area.
+``<out>.work/labels.zarr`` (with ``--probs``, the blended probabilities go to
+:class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is complete).  The writers
+(mask TIFF, GeoJSON, overlay) read that array block by block, and only where the tissue tiles ran
+(:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
+never with its area.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
