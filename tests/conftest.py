@@ -90,3 +90,26 @@ def empty_svs(demo_dir: Path) -> Path:
     from wsi_espnet import demo
 
     return demo.write_demo_slide(demo_dir / "empty.svs", 1024, 768, mpp=DEMO_MPP, seed=2, empty=True)
+
+
+class RecordedArray:
+    """A real array (Zarr or NumPy) with every region read from it or written to it noted (the index
+    keys, in order): lets a test check that a writer touches only what it must."""
+
+    def __init__(self, array) -> None:
+        self.array, self.reads, self.writes = array, [], []
+        self.shape, self.dtype, self.chunks = array.shape, array.dtype, getattr(array, "chunks", None)
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.writes.append(key)
+        self.array[key] = value
+
+
+@pytest.fixture
+def recorded():
+    """``recorded(array)``: the array wrapped in a :class:`RecordedArray`."""
+    return RecordedArray

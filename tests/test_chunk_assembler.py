@@ -9,18 +9,6 @@ import zarr
 from wsi_espnet.chunk_assembler import ChunkAssembler
 
 
-class _Recorded:
-    """A real Zarr array, with the regions written to it noted."""
-
-    def __init__(self, array) -> None:
-        self.array, self.writes = array, []
-        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
-
-    def __setitem__(self, key, value) -> None:
-        self.writes.append((key[1].start, key[1].stop, key[2].start, key[2].stop))
-        self.array[key] = value
-
-
 def _cells(rects, rng):
     """The union of ``rects`` cut into disjoint blocks along every rectangle edge (as the stitcher's
     cells), in random order."""
@@ -34,7 +22,7 @@ def _cells(rects, rng):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("chunk", [(100, 100), (64, 96)])
-def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, chunk):
+def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, chunk, recorded):
     rng = np.random.default_rng(seed)
     H, W, C = 330, 410, 3
     rects = []
@@ -44,7 +32,7 @@ def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, c
     padded = rng.random((C, H + 200, W + 200)).astype(np.float32)  # blocks may run past the array
     truth = padded[:, :H, :W]
     arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(C, H, W), chunks=(C, *chunk), dtype="float16", fill_value=0)
-    rec = _Recorded(arr)
+    rec = recorded(arr)
     asm = ChunkAssembler(rec, rects)
     for a, b, c, d in _cells(rects, rng):
         asm.write(a, c, padded[:, a:b, c:d])
@@ -55,9 +43,10 @@ def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, c
         covered[a:b, c:d] = True
     want = np.where(covered, truth, 0).astype(np.float16)
     np.testing.assert_array_equal(arr[:], want)
-    chunks_written = [(y0 // chunk[0], x0 // chunk[1]) for y0, _, x0, _ in rec.writes]
+    regions = [(ys.start, ys.stop, xs.start, xs.stop) for _, ys, xs in rec.writes]
+    chunks_written = [(y0 // chunk[0], x0 // chunk[1]) for y0, _, x0, _ in regions]
     assert len(chunks_written) == len(set(chunks_written))  # one write per chunk
-    assert all(y1 - y0 <= chunk[0] and x1 - x0 <= chunk[1] for y0, y1, x0, x1 in rec.writes)
+    assert all(y1 - y0 <= chunk[0] and x1 - x0 <= chunk[1] for y0, y1, x0, x1 in regions)
 
 
 def test_flush_above_puts_rows_on_disk_and_a_resumed_start_is_kept(tmp_path):

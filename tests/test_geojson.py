@@ -64,7 +64,7 @@ def test_areas_exact_and_valid_on_qupath_grid_across_blocks(tmp_path):
         assert np.array_equal(inside, lab == c)
 
 
-def test_occupied_hint_skips_empty_blocks_and_changes_nothing(tmp_path):
+def test_occupied_hint_skips_empty_blocks_and_changes_nothing(tmp_path, recorded):
     """With the segmentation's footprint (labels only inside it), blocks outside are never read,
     and the file's geometry and the class counts are those of the full pass."""
     from wsi_espnet.tiling import Occupancy
@@ -74,17 +74,10 @@ def test_occupied_hint_skips_empty_blocks_and_changes_nothing(tmp_path):
     hint = Occupancy.empty(lab.shape, 50)
     hint.grid[0:3, 1:4] = True  # rows 0..150, columns 50..200: covers every label
     z = _zarr(tmp_path, lab)
-    reads = []
-
-    class Recorded:  # the real array, with the regions read from it noted
-        shape, dtype = z.shape, z.dtype
-
-        def __getitem__(self, key):
-            reads.append(key)
-            return z[key]
-
+    rec = recorded(z)
+    reads = rec.reads
     full, full_feats = _write(tmp_path, z, block=32)
-    hinted, hinted_feats = _write(tmp_path, Recorded(), block=32, occupied=hint, overwrite=True)
+    hinted, hinted_feats = _write(tmp_path, rec, block=32, occupied=hint, overwrite=True)
     assert {n: c["pixels"] for n, c in hinted["classes"].items()} == {n: c["pixels"] for n, c in full["classes"].items()}
     assert hinted["classes"]["Background"]["pixels"] == (lab == 0).sum()
     assert set(hinted_feats) == set(full_feats) == {"Tumor", "Stroma", "Fat"}

@@ -142,7 +142,7 @@ def test_mostly_empty_mask_skips_nothing_that_has_labels(tmp_path, compression):
         assert len(set(counts)) < len(counts) // 10  # the empty tiles are one repeated encoding
 
 
-def test_occupied_hint_spares_reading_level_0_where_it_is_background(tmp_path):
+def test_occupied_hint_spares_reading_level_0_where_it_is_background(tmp_path, recorded):
     """Where the caller knows level 0 is background (no tissue tile ran there) it is not read at all;
     the mask is still exact at every level."""
     from wsi_espnet.tiling import Occupancy
@@ -151,17 +151,9 @@ def test_occupied_hint_spares_reading_level_0_where_it_is_background(tmp_path):
     lab[250:700, 300:900] = _labels(450, 600)  # labels only inside the hinted cells
     hint = np.zeros((-(-900 // 200), -(-1100 // 200)), bool)
     hint[1:4, 1:5] = True  # rows 200..800, columns 200..1000
-    z = _zarr(tmp_path, lab)
-    reads = []
-
-    class Recorded:  # the real array, with the regions read from it noted
-        shape, dtype = z.shape, z.dtype
-
-        def __getitem__(self, key):
-            reads.append(key)
-            return z[key]
-
-    path = write_mask_tiff(tmp_path / "hint.tif", Recorded(), MPP, NAMES, COLORS, tile=128, block=128,
+    z = recorded(_zarr(tmp_path, lab))
+    reads = z.reads
+    path = write_mask_tiff(tmp_path / "hint.tif", z, MPP, NAMES, COLORS, tile=128, block=128,
                            occupied=Occupancy(200, hint))
     with tifffile.TiffFile(path) as tif:
         for level, ref in zip(tif.series[0].levels, _pyramid(np.where(lab == 255, 0, lab), pyramid_shapes(900, 1100, 128))):

@@ -84,7 +84,7 @@ def test_downsample_labels_from_zarr_in_blocks(tmp_path):
     assert downsample_labels(z, 1000).shape == lab.shape
 
 
-def test_downsample_labels_skips_what_the_footprint_rules_out(tmp_path):
+def test_downsample_labels_skips_what_the_footprint_rules_out(tmp_path, recorded):
     """Blocks outside the segmentation's footprint are background without being read; inside,
     the same votes as a full pass (also a block holding a single class)."""
     from wsi_espnet.tiling import Occupancy
@@ -98,16 +98,9 @@ def test_downsample_labels_skips_what_the_footprint_rules_out(tmp_path):
     hint = Occupancy.empty(lab.shape, 70)
     hint.grid[1:3, 1:4] = True
     hint.grid[0, 0] = True
-    reads = []
-
-    class Recorded:  # the real array, with the regions read from it noted
-        shape, dtype = z.shape, z.dtype
-
-        def __getitem__(self, key):
-            reads.append(key)
-            return z[key]
-
-    small = downsample_labels(Recorded(), 50, block=35, occupied=hint)
+    rec = recorded(z)
+    reads = rec.reads
+    small = downsample_labels(rec, 50, block=35, occupied=hint)
     assert np.array_equal(small, downsample_labels(z, 50, block=35))
     assert 0 < len(reads) < (280 // 35) * (350 // 35) / 2
     assert all(hint.may_have(ys.start, ys.stop, xs.start, xs.stop) for ys, xs in reads)

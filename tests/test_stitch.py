@@ -140,7 +140,7 @@ def test_label_band_streams_rows_to_zarr_in_order(tmp_path):
         LabelBand(labels, flushed_y=0, height=50).write(10, 0, truth[10:70])
 
 
-def test_label_band_writes_only_where_labels_landed(tmp_path):
+def test_label_band_writes_only_where_labels_landed(tmp_path, recorded):
     """A band whose tissue covers a few columns writes just those chunks, and a band without tissue
     writes nothing; the array still equals the labels everywhere and the class counts are exact."""
     import zarr
@@ -154,16 +154,8 @@ def test_label_band_writes_only_where_labels_landed(tmp_path):
     truth[400:600, 990:1000] = 3  # band 3: the last, narrow chunk column; band 2 (200-400): nothing
     labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(200, 128), dtype="uint8",
                                fill_value=0)
-    written = []
-
-    class Recorded:  # the real array, with the regions written to it noted
-        shape, chunks = labels.shape, labels.chunks
-
-        def __setitem__(self, key, value):
-            written.append((key[0].start, key[1].start, key[1].stop))
-            labels[key] = value
-
-    band = LabelBand(Recorded(), flushed_y=0, height=200)
+    rec = recorded(labels)
+    band = LabelBand(rec, flushed_y=0, height=200)
     for y0 in (0, 200, 400):
         rows = truth[y0 : y0 + 200]
         cols = np.flatnonzero(rows.any(0))
@@ -172,6 +164,7 @@ def test_label_band_writes_only_where_labels_landed(tmp_path):
         band.flush(y0 + 200)
     np.testing.assert_array_equal(labels[:], truth)
     assert labels.nchunks_initialized == 3  # chunks (0, 3), (0, 4) and (2, 7), nothing else
+    written = [(ys.start, xs.start, xs.stop) for ys, xs in rec.writes]
     assert written == [(0, 384, 640), (400, 896, 1000)]  # whole chunks around the labels; band 2: none
     np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
 
