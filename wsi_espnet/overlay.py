@@ -125,13 +125,13 @@ def window_mode(src: np.ndarray, f: int) -> np.ndarray:
         return src.copy()
     h, w = src.shape
     oh, ow = math.ceil(h / f), math.ceil(w / f)
+    present = np.flatnonzero(np.bincount(src.ravel(), minlength=256))  # not np.unique: no sort
+    if present.size == 1:  # one class in the whole block (background, mostly): every window's mode
+        return np.full((oh, ow), present[0], np.uint8)
     valid = np.zeros((oh * f, ow * f), bool)
     valid[:h, :w] = True
     padded = np.zeros((oh * f, ow * f), np.uint8)
     padded[:h, :w] = src
-    present = np.flatnonzero(np.bincount(src.ravel(), minlength=256))  # not np.unique: no sort
-    if present.size == 1:  # one class in the whole block (background, mostly): every window's mode
-        return np.full((oh, ow), present[0], np.uint8)
     best = np.zeros((oh, ow), np.int32)
     out = np.zeros((oh, ow), np.uint8)
     for value in present:

@@ -344,6 +344,8 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
 
     width, height = grid.image_size
     stride = grid.tile - grid.overlap
+    # Label chunk rows and probability chunks one tile stride tall, aligned with the grid (see below).
+    side = stride if stride >= 128 else CHUNK
     labels_path = work / "labels.zarr"
     if labels_path.exists() and state["flushed_y"] > 0:
         labels = zarr.open_array(str(labels_path), mode="r+")
@@ -351,7 +353,7 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
         # Chunk rows one tile stride tall: each band then writes whole chunks once, never decoding
         # and re-encoding a chunk that the band before it half filled.
         labels = zarr.create_array(str(labels_path), shape=(height, width),
-                                   chunks=(stride if stride >= 128 else CHUNK, CHUNK), dtype="uint8",
+                                   chunks=(side, CHUNK), dtype="uint8",
                                    fill_value=0, overwrite=True)
         state["flushed_y"] = 0
     probs_arr = None
@@ -362,7 +364,6 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
         else:
             # Chunks one tile stride square, aligned with the grid: each completes within the tile
             # row that covers it, so ChunkAssembler holds only a few at a time.
-            side = stride if stride >= 128 else CHUNK
             probs_arr = zarr.create_array(str(probs_path), shape=(engine.config.num_classes, height, width),
                                           chunks=(engine.config.num_classes, side, side), dtype="float16",
                                           fill_value=0, overwrite=True)
