@@ -1,0 +1,150 @@
+"""Levels of Aperio and generic tiled TIFF slides decoded tile by tile (``tiff_tiles``) instead of
+through OpenSlide's compositing: the very same pixels, or OpenSlide reads them."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from wsi_espnet.slide import OpenSlideSlide, open_slide
+from wsi_espnet.tiff_tiles import TileCache, TiledPageReader
+
+FIX = "openslide-python-fixtures"
+
+
+def _openslide_only(path, monkeypatch):
+    monkeypatch.setenv("WSI_ESPNET_READER", "openslide")
+    s = open_slide(path)
+    monkeypatch.delenv("WSI_ESPNET_READER")
+    assert s._tile_readers == {}
+    return s
+
+
+def _regions(w: int, h: int, rng: np.random.Generator, n: int = 12):
+    """Random regions inside a level, plus its corners and a one-pixel read."""
+    out = [(0, 0, min(w, 300), min(h, 200)), (w - min(w, 257), h - min(h, 129), min(w, 257), min(h, 129)),
+           (w - 1, h - 1, 1, 1)]
+    for _ in range(n):
+        rw, rh = int(rng.integers(1, min(w, 600) + 1)), int(rng.integers(1, min(h, 600) + 1))
+        out.append((int(rng.integers(0, w - rw + 1)), int(rng.integers(0, h - rh + 1)), rw, rh))
+    return out
+
+
+@pytest.mark.parametrize("name, levels", [("demo", [0, 1, 2, 3]), ("real/CMU-1-Small-Region.svs", [0]),
+                                          ("real/TCGA-CR-7395-01A-01-TS1.svs", [0]), (f"{FIX}/boxes.tiff", [0, 1])])
+def test_tiled_levels_are_decoded_here_with_openslides_pixels(slides_dir, demo_svs, monkeypatch, name, levels):
+    """JPEG (demo, CMU), JPEG 2000 (TCGA) and deflate (boxes.tiff) levels; the TCGA slide's level 1
+    (downsample 2.0005) and boxes.tiff's levels 2-3 (4.016, 8.086) stay on OpenSlide, whose sub-pixel
+    sampling of them a tile decode would not reproduce."""
+    path = demo_svs if name == "demo" else slides_dir / name
+    rng = np.random.default_rng(7)
+    with open_slide(path) as ours, _openslide_only(path, monkeypatch) as ref:
+        assert isinstance(ours, OpenSlideSlide)
+        assert sorted(ours._tile_readers) == levels
+        for level, (w, h) in enumerate(ours.level_dimensions):
+            for x, y, rw, rh in _regions(w, h, rng):
+                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh), ref._read_level(level, x, y, rw, rh),
+                                              err_msg=f"{name} level {level} region {(x, y, rw, rh)}")
+        if ours.mpp:
+            for mpp in (ours.mpp, 1.0, 2.0 * ours.mpp + 0.13):
+                np.testing.assert_array_equal(ours.read_at_mpp(17, 9, 333, 222, mpp), ref.read_at_mpp(17, 9, 333, 222, mpp))
+        np.testing.assert_array_equal(ours.get_thumbnail(200), ref.get_thumbnail(200))
+
+
+@pytest.mark.parametrize("name", ["real/test3-DAPI-2-387.ndpi", "real/dicom-camelyon16/camelyon16-lymph-node.dcm"])
+def test_other_formats_stay_on_openslide(slides_dir, name):
+    with open_slide(slides_dir / name) as s:
+        assert isinstance(s, OpenSlideSlide) and s._tile_readers == {}
+
+
+def test_a_level_that_would_decode_differently_stays_on_openslide(demo_svs, monkeypatch):
+    """The check at open compares bytes: one grey level off anywhere in the checked reads and the level
+    is OpenSlide's (here every tile decode is made one grey level darker)."""
+    real_read = TiledPageReader.read
+
+    def darker(self, x, y, w, h):
+        out = real_read(self, x, y, w, h)
+        return np.where(out > 0, out - 1, out).astype(np.uint8)
+
+    monkeypatch.setattr(TiledPageReader, "read", darker)
+    with open_slide(demo_svs) as s:
+        assert s._tile_readers == {}
+        monkeypatch.undo()
+        with _openslide_only(demo_svs, monkeypatch) as ref:
+            np.testing.assert_array_equal(s.read_at_mpp(0, 0, 512, 384, 1.0), ref.read_at_mpp(0, 0, 512, 384, 1.0))
+
+
+def test_missing_tiles_are_white_as_in_openslide(tmp_path, monkeypatch):
+    """A tile with byte count 0 is absent (sparse TIFF): OpenSlide draws it transparent, i.e. white."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 200, (192, 256, 3), dtype=np.uint8)
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), compression="zlib", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags["TileByteCounts"]
+        offset, count, dtype = tag.valueoffset, tag.count, tag.dtype
+    assert count == 12
+    size = {4: 4, 16: 8}.get(int(dtype), 4)
+    data = bytearray(path.read_bytes())
+    data[offset + 5 * size : offset + 6 * size] = bytes(size)  # tile (row 1, col 1): no data
+    path.write_bytes(bytes(data))
+    with open_slide(path) as ours, _openslide_only(path, monkeypatch) as ref:
+        assert ours.vendor == "generic-tiff" and sorted(ours._tile_readers) == [0]
+        got = ours._read_level(0, 0, 0, 256, 192)
+        np.testing.assert_array_equal(got, ref._read_level(0, 0, 0, 256, 192))
+        assert (got[64:128, 64:128] == 255).all()
+        np.testing.assert_array_equal(got[:64], img[:64])
+
+
+def test_concurrent_reads_give_the_serial_pixels(demo_svs):
+    """Reader threads share the tile cache; a small cache makes them evict each other's tiles."""
+    rng = np.random.default_rng(11)
+    regions = _regions(1024, 768, rng, n=40)
+    with open_slide(demo_svs) as s:
+        s._tile_readers[1]._cache.max_bytes = 4 * 256 * 256 * 3
+        serial = [s._read_level(1, *r) for r in regions]
+        results: dict[int, list[np.ndarray]] = {}
+
+        def work(k: int) -> None:
+            results[k] = [s._read_level(1, *r) for r in regions[k::4]]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k in range(4):
+            for got, want in zip(results[k], serial[k::4]):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_tile_cache_is_a_bounded_lru():
+    cache = TileCache(max_bytes=3 * 100)
+    tiles = {k: np.full(100, k, np.uint8) for k in range(5)}
+    for k in range(3):
+        cache.put(k, tiles[k])
+    assert cache.get(0) == (True, tiles[0])  # 0 is now the most recently used
+    cache.put(3, tiles[3])  # evicts 1, the least recently used
+    assert cache.get(1) == (False, None)
+    assert all(cache.get(k)[0] for k in (0, 2, 3))
+    cache.put(4, None)  # an absent tile is remembered too, at no cost
+    assert cache.get(4) == (True, None) and cache.get(0)[0]
+    cache.put(9, np.zeros(1000, np.uint8))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get(9) == (False, None) and all(cache.get(k)[0] for k in (0, 2, 3))
+    assert cache._bytes == 300
+
+
+def test_close_releases_the_file(demo_svs):
+    import os
+
+    s = open_slide(demo_svs)
+    fd = s._fd
+    assert fd is not None and s._tile_readers
+    s.close()
+    assert s._fd is None and s._tile_readers == {}
+    with pytest.raises(OSError):
+        os.fstat(fd)

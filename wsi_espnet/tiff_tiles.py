@@ -1,0 +1,131 @@
+"""Region reads from a tiled TIFF page by decoding its tiles directly, keeping decoded tiles.
+
+Why: OpenSlide composites every region through cairo.  A 512² read from an Aperio level costs
+~4 ms of CPU even when every tile it needs is in OpenSlide's cache (~6 ms otherwise), while decoding
+the JPEG tiles with imagecodecs (libjpeg-turbo, as OpenSlide) and copying them costs ~0.3 ms per
+256² tile.  On a CPU the reader threads take that time from the model, so reading was the largest
+cost of whole-slide segmentation besides the network.  Neighbouring grid tiles overlap, so most JPEG
+tiles are needed by two or three reads: decoded tiles are kept in a small LRU cache
+(:class:`TileCache`, bounded in bytes, so memory does not grow with the slide).
+
+Only pages this module can read exactly are taken (:func:`page_reader`: tiled, 8-bit RGB or YCbCr,
+one plane, a compression imagecodecs decodes), and the caller checks each level against OpenSlide's
+own pixels before using it (``OpenSlideSlide``): a level that differs in any byte stays on OpenSlide.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+#: Compressions read here: none, LZW, JPEG, Adobe/zlib deflate, Aperio JPEG 2000 (YCbCr and RGB).
+COMPRESSIONS = frozenset({1, 5, 7, 8, 32946, 33003, 33005})
+
+#: Decoded tiles kept per slide.  A 512² read spans 3 x 3 tiles of 256²; a cache this size holds a
+#: few rows of them on a 50k-pixel-wide level, enough for the reuse between neighbouring reads.
+CACHE_BYTES = 64 << 20
+
+
+class TileCache:
+    """Thread-safe LRU of decoded tiles, bounded in bytes.  Two threads that miss the same tile at
+    once both decode it (same result); locking around the decode would serialise the readers."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._tiles: OrderedDict[Any, np.ndarray | None] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> tuple[bool, np.ndarray | None]:
+        with self._lock:
+            if key not in self._tiles:
+                return False, None
+            self._tiles.move_to_end(key)
+            return True, self._tiles[key]
+
+    def put(self, key: Any, tile: np.ndarray | None) -> None:
+        size = tile.nbytes if tile is not None else 0
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._tiles:
+                return
+            self._tiles[key] = tile
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._tiles.popitem(last=False)
+                self._bytes -= old.nbytes if old is not None else 0
+
+
+class TiledPageReader:
+    """Regions of one tiled TIFF page as uint8 RGB; missing tiles (byte count 0) are white, as
+    OpenSlide composites their transparency over white."""
+
+    def __init__(self, fd: int, page: Any, cache: TileCache, key: Any) -> None:
+        self._fd = fd
+        self._decode = page.decode  # tifffile's decoder for this page (thread-safe: no shared state)
+        self._tables = page.jpegtables
+        self._offsets = page.dataoffsets
+        self._counts = page.databytecounts
+        self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
+        self.height, self.width = int(page.imagelength), int(page.imagewidth)
+        self._across = -(-self.width // self.tile_w)
+        self._cache = cache
+        self._key = key
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels [x, x+w) x [y, y+h) of the page; the region must lie inside it."""
+        if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > self.width or y + h > self.height:
+            raise ValueError(f"region x={x} y={y} w={w} h={h} outside the {self.width}x{self.height} page")
+        out = np.empty((h, w, 3), np.uint8)
+        th, tw = self.tile_h, self.tile_w
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            y0, y1 = max(y, ty * th), min(y + h, (ty + 1) * th)
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                x0, x1 = max(x, tx * tw), min(x + w, (tx + 1) * tw)
+                tile = self._tile(ty * self._across + tx)
+                if tile is None:
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = 255
+                else:
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
+        return out
+
+    def _tile(self, index: int) -> np.ndarray | None:
+        key = (self._key, index)
+        hit, tile = self._cache.get(key)
+        if hit:
+            return tile
+        count = int(self._counts[index])
+        if count == 0:
+            tile = None
+        else:
+            data = os.pread(self._fd, count, int(self._offsets[index]))
+            if len(data) != count:
+                raise OSError(f"tile {index} is cut short: {len(data)} of {count} bytes (truncated file?)")
+            decoded, _, _ = self._decode(data, index, jpegtables=self._tables, _fullsize=True)
+            tile = np.ascontiguousarray(decoded.reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
+        self._cache.put(key, tile)
+        return tile
+
+
+def page_reader(fd: int, page: Any, cache: TileCache, key: Any) -> TiledPageReader | None:
+    """A reader for ``page`` if it is of the kind read exactly here, else None."""
+    try:
+        ok = (
+            page.is_tiled
+            and int(page.tiledepth) == 1
+            and int(page.bitspersample) == 8
+            and int(page.samplesperpixel) == 3
+            and int(page.planarconfig) == 1
+            and int(page.compression) in COMPRESSIONS
+            and (int(page.photometric) == 2 or (int(page.photometric) == 6 and int(page.compression) in (7, 33003)))
+            and page.dtype == np.uint8
+            and len(page.dataoffsets) == len(page.databytecounts) > 0
+        )
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return TiledPageReader(fd, page, cache, key) if ok else None
