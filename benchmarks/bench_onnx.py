@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.export import export_onnx, model_metadata, set_metadata  # noqa: E402
-from wsi_espnet.onnx_engine import OnnxEngine, available_cores  # noqa: E402
+from wsi_espnet.engine import available_cores  # noqa: E402
+from wsi_espnet.onnx_engine import OnnxEngine  # noqa: E402
 from wsi_espnet.predict import resize_bilinear  # noqa: E402
 from wsi_espnet.quantize import argmax_agreement, quantize_int8  # noqa: E402
 

@@ -26,6 +26,10 @@ cost under 10 % on top of the network.
   counts); and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode +
   resample).  On 2 cores all of them compete with the model for the CPU.
 
+* ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
+  thread per core that is ``between``), ``beside`` (reads and blending while the model runs, as on
+  a GPU) or ``between`` (between the model's batches).
+
 Runs are interleaved (model alone, then end to end, per configuration) so that a change in the
 machine's load hits both sides of a ratio alike.  On a shared machine wall times still swing by tens
 of percent from minute to minute, so each row also gives CPU seconds (``time.process_time``: all
@@ -128,6 +132,7 @@ class _TimedEngine:
         self._engine, self._prof = engine, prof
         self.config, self.device = engine.config, engine.device
         self.model_id = getattr(engine, "model_id", "bench")
+        self.cpu_threads = getattr(engine, "cpu_threads", None)  # segment's schedule reads it
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -140,19 +145,15 @@ class _TimedEngine:
 def stage_timers(prof: dict):
     """Timers inside _run_grid: waiting for tiles, blending, label flushes, reader threads' work."""
     lock = threading.Lock()
-    saved = (seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile)
+    saved = (seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile)
 
-    def timed_batches(*a, **k):
-        gen = saved[0](*a, **k)
-        while True:
+    class TimedReader(saved[0]):
+        def next_batch(self):
             t0 = time.perf_counter()
             try:
-                item = next(gen)
-            except StopIteration:
-                return
+                return super().next_batch()
             finally:
                 prof["wait_tiles"] += time.perf_counter() - t0
-            yield item
 
     class TimedStitcher(saved[1]):
         def add(self, *a, **k):
@@ -174,17 +175,18 @@ def stage_timers(prof: dict):
             prof["read_threads"] += time.perf_counter() - t0
         return out
 
-    seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile = (
-        timed_batches, TimedStitcher, TimedBand, timed_read)
+    seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile = (
+        TimedReader, TimedStitcher, TimedBand, timed_read)
     try:
         yield prof
     finally:
-        seg.prefetched_batches, seg.BlendStitcher, seg.LabelBand, seg._read_tile = saved
+        seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile = saved
 
 
-def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int, prof: dict | None = None) -> dict:
+def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int, prof: dict | None = None,
+               schedule: str = "auto") -> dict:
     """One ``segment_slide`` run, its phases timed, and the seconds its engine spent in the model."""
-    opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False)
+    opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False, schedule=schedule)
     times: dict = {}
     prof = prof if prof is not None else {"model": 0.0}
     timed = _TimedEngine(engine, prof)
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="4,8,16")
     p.add_argument("--workers", default="2,4")
+    p.add_argument("--schedules", default="auto", help="comma list of SegmentOptions.schedule: auto, beside "
+                   "(read and blend while the model runs), between (between its batches)")
     p.add_argument("--repeats", type=int, default=1, help="end-to-end runs per configuration")
     p.add_argument("--profile", action="store_true", help="also break the default run down by stage")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
@@ -239,14 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (int(v) for v in args.batches.split(",")):
             for workers in (int(v) for v in args.workers.split(",")):
                 for _ in range(args.repeats):
-                    load = os.getloadavg()[0]
-                    alone, alone_cpu = model_alone(engine, pixels, batch)
-                    e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers)
-                    assert e2e["tiles"] == n, (e2e["tiles"], n)
-                    row = {"batch": batch, "workers": workers, "alone": alone, "alone_cpu": alone_cpu, "load": load,
-                           **e2e}
-                    rows.append(row)
-                    print(_fmt(row, mpx), flush=True)
+                    for schedule in args.schedules.split(","):
+                        load = os.getloadavg()[0]
+                        alone, alone_cpu = model_alone(engine, pixels, batch)
+                        e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, schedule=schedule)
+                        assert e2e["tiles"] == n, (e2e["tiles"], n)
+                        row = {"batch": batch, "workers": workers, "schedule": schedule, "alone": alone,
+                               "alone_cpu": alone_cpu, "load": load, **e2e}
+                        rows.append(row)
+                        print(_fmt(row, mpx), flush=True)
         prof = None
         if args.profile:
             batch, workers = SegmentOptions().batch, SegmentOptions().workers  # the CLI's defaults
@@ -261,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_fmt(row, mpx))
     by: dict = {}
     for r in rows:
-        by.setdefault((r["batch"], r["workers"]), []).append(r)
+        by.setdefault((r["batch"], r["workers"], r["schedule"]), []).append(r)
     print("\nper configuration, over its runs: median wall ratio (no writers); ratio of the fastest model-alone "
           "run to the fastest end-to-end run (no writers); median CPU-time ratio (all)")
-    for (b, w), rs in by.items():
+    for (b, w, sch), rs in by.items():
         med = statistics.median(r["alone"] / (r["wall"] - r["writers"]) for r in rs)
         best = min(r["alone"] for r in rs) / min(r["wall"] - r["writers"] for r in rs)
         cpu = statistics.median(r["alone_cpu"] / r["cpu"] for r in rs)
-        print(f"  batch {b}, readers {w}: {len(rs)} runs, median {med:.3f}, best/best {best:.3f}, CPU {cpu:.3f}")
+        print(f"  batch {b}, readers {w}, schedule {sch}: {len(rs)} runs, median {med:.3f}, best/best {best:.3f}, CPU {cpu:.3f}")
     if prof:
         other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"]
         print(f"\nprofile, batch {batch}, {workers} readers: _run_grid {prof['tiles_s']:.1f} s = model "
@@ -280,15 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| batch | readers | tiles | model alone s | e2e s | tissue s | tiles s | writers s | "
+HEADER = ("| batch | readers | schedule | tiles | model alone s | e2e s | tissue s | tiles s | writers s | "
           "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | "
           "model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(r: dict, mpx: float) -> str:
     nw = r["wall"] - r["writers"]
-    return (f"| {r['batch']} | {r['workers']} | {r['tiles']} | {r['alone']:.1f} | {r['wall']:.1f} | "
+    return (f"| {r['batch']} | {r['workers']} | {r['schedule']} | {r['tiles']} | {r['alone']:.1f} | {r['wall']:.1f} | "
             f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
             f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
             f"{r['alone'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "

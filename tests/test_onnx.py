@@ -20,6 +20,7 @@ from skimage import data, io
 from wsi_espnet.checkpoint import load_model, save_checkpoint
 from wsi_espnet.cli import main
 from wsi_espnet.config import load_config, with_overrides
+from wsi_espnet.engine import available_cores
 from wsi_espnet.errors import ModelFileError, UserError
 from wsi_espnet.espnet import build_model
 from wsi_espnet.export import TOLERANCE, export_onnx, relative_error, torch_logits
@@ -87,6 +88,8 @@ def test_own_checkpoint_matches_pytorch(tissue, shape):
     model, path = tissue
     batch = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
     engine = OnnxEngine(path, device="cpu")
+    assert engine.cpu_threads == available_cores()  # what the whole-slide schedule goes by
+    assert OnnxEngine(path, device="cpu", threads=1).cpu_threads == 1
     got, ref = engine.logits_numpy(batch), torch_logits(model, batch)
     assert got.shape == (shape[0], 8, shape[1], shape[2])
     assert relative_error(got, ref) <= TOLERANCE

@@ -250,6 +250,75 @@ def test_threads_sets_the_models_cpu_threads(tmp_path, tiny_svs, small_model):
         torch.set_num_threads(before)
 
 
+def test_schedules_give_the_same_bytes_and_between_never_reads_beside_the_model(tmp_path, demo_svs, small_model,
+                                                                                monkeypatch):
+    """"beside" reads and blends while the model runs (a GPU, or cores left free), "between" only
+    between its batches (a CPU model on every core): the same operations in the same order."""
+    import threading
+
+    import wsi_espnet.segment as seg
+
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    reading, lock, seen = [0], threading.Lock(), []
+    real_read = seg._read_tile
+
+    def counted_read(*args):
+        with lock:
+            reading[0] += 1
+        try:
+            return real_read(*args)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    class Watching:  # the real engine, noting how many reads run while it works
+        config, device, model_id = engine.config, engine.device, "m"
+
+        def predict_proba(self, batch):
+            seen.append(reading[0])
+            out = engine.predict_proba(batch)
+            seen.append(reading[0])
+            return out
+
+    monkeypatch.setattr(seg, "_read_tile", counted_read)
+    for schedule in ("beside", "between"):
+        seen.clear()
+        opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, schedule=schedule,
+                              probs=tmp_path / schedule / "p.zarr")
+        segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Watching())
+        if schedule == "between":
+            assert len(seen) > 10 and max(seen) == 0
+    assert (tmp_path / "beside" / "mask.tif").read_bytes() == (tmp_path / "between" / "mask.tif").read_bytes()
+    np.testing.assert_array_equal(*(zarr.open_array(str(tmp_path / s / "p.zarr"), mode="r")[:]
+                                    for s in ("beside", "between")))
+    with pytest.raises(UserError, match="schedule"):
+        segment_slide(demo_svs, tmp_path / "x.tif", options=SegmentOptions(schedule="sideways"), engine=engine)
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_auto_schedule_reads_beside_the_model_only_where_cores_are_free(small_model):
+    from wsi_espnet.engine import available_cores
+    from wsi_espnet.segment import cores_free_beside
+
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(available_cores())
+        assert engine.cpu_threads == available_cores() and not cores_free_beside(engine)
+        if available_cores() > 1:
+            torch.set_num_threads(1)
+            assert cores_free_beside(engine)
+    finally:
+        torch.set_num_threads(before)
+
+    class Unknown:  # an engine that does not say how many threads it takes
+        device = "cpu"
+
+    assert not cores_free_beside(Unknown())
+    Unknown.device = "cuda:0"
+    assert cores_free_beside(Unknown())
+
+
 # ---------------------------------------------------------------------------------------------
 # With the shipped tissue model, against the demo slide's known truth
 

@@ -202,8 +202,45 @@ def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
     rng = np.random.default_rng(5)
     p = rng.random((6, 40, 50)).astype(np.float32)
     p[2, :5] = p[4, :5] = 2.0  # ties: class 2 wins
+    p[0, 5:8] = p[5, 5:8] = 3.0  # the first and the last class tie: class 0 wins
+    p[5, 8:10] = p[3, 8:10] = p[1, 8:10] = 3.0  # a three-way tie: class 1
     assert class_argmax(p).dtype == np.uint8
     np.testing.assert_array_equal(class_argmax(p), p.argmax(0))
+    assert (class_argmax(p)[5:8] == 0).all() and (class_argmax(p)[8:10] == 1).all()
+    view = p[:, 3:37, 7:45]  # a cell of a tile: a strided view
+    np.testing.assert_array_equal(class_argmax(view), view.argmax(0))
+
+
+def test_labels_computed_on_a_labeler_pool_are_the_same_and_arrive_at_deliver():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    C, W, H, T = 4, 700, 500, 128
+    truth = rng.random((C, H, W)).astype(np.float32)
+    grid = tile_grid((W, H), T, 24, 1.0, 1.0)
+    noise = {(t.row, t.col): rng.random((C, T, T)).astype(np.float32) * 0.3 for t in grid.tiles}
+
+    def run(labeler):
+        out = np.full((H, W), 255, np.uint8)
+
+        def on_labels(y, x, lab):
+            out[y : y + lab.shape[0], x : x + lab.shape[1]] = lab
+
+        st = BlendStitcher(grid, C, on_labels, labeler=labeler)
+        for band in feed_bands(grid):
+            before = out.copy()
+            for t in band.tiles:
+                st.add(t.row, t.col, truth[:, t.y : t.y + T, t.x : t.x + T] + noise[t.row, t.col])
+            if labeler is not None:
+                assert (out == before).all()  # nothing handed over before deliver
+                st.deliver()
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        pooled = run(pool)
+    inline = run(None)
+    assert (inline != 255).all()
+    np.testing.assert_array_equal(pooled, inline)
 
 
 def test_tiles_fed_out_of_order_fail_loudly_instead_of_blending_wrongly():

@@ -8,6 +8,7 @@ was trained with.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -23,6 +24,14 @@ class Engine(Protocol):
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB -> (N, C, H, W) float32 softmax probabilities."""
         ...
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _resolve_device(device: str) -> str:
@@ -67,6 +76,13 @@ class TorchEngine:
         self._order = torch.tensor(order, device=self.device)
         self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
         self._shift = torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def cpu_threads(self) -> int:
+        """The model's CPU threads (PyTorch's, process-wide; see segment.cores_free_beside)."""
+        import torch
+
+        return torch.get_num_threads()
 
     def logits(self, batch: np.ndarray):
         import torch

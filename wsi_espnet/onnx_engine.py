@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .config import DatasetConfig, config_from_dict
+from .engine import available_cores
 from .errors import ModelFileError, UserError
 
 # Metadata keys written by wsi_espnet.export; the format tag lets a later version refuse (or
@@ -30,14 +31,6 @@ KEY_PRECISION = "wsi_espnet.precision"
 INPUT_NAME = "rgb"  # float32 RGB 0-255, NHWC
 OUTPUT_NAME = "logits"  # float32 NCHW
 MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
-
-
-def available_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's core count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def read_metadata(session: Any, where: str) -> dict[str, str]:
@@ -107,6 +100,7 @@ class OnnxEngine:
         self.device, providers = _providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
+        self.cpu_threads = options.intra_op_num_threads  # see segment.cores_free_beside
         options.inter_op_num_threads = 1  # one chain of convolutions: nothing to run side by side
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # ORT's warnings about unused initialisers are noise to a user

@@ -1,14 +1,20 @@
 """Whole-slide segmentation: slide → tissue → tiles → model → blended label map → outputs.
 
-Data flows one way.  Tiles are read and decoded on a thread pool ahead of the model (OpenSlide and
-the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own,
-one batch behind, :class:`BlendStitcher` blends overlaps and emits finished cells into a uint8 band
-that is flushed, whole Zarr chunk rows at a time (class areas counted on the way), into
+Data flows one way.  Tiles are read and decoded on a thread pool (:class:`TileReader`; OpenSlide and
+the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own
+:class:`BlendStitcher` blends overlaps (the argmax of finished cells on a pool of their own) and
+emits finished cells into a uint8 band that is flushed, whole Zarr chunk rows at a time (class areas
+counted on the way), into
 ``<out>.work/labels.zarr`` (with ``--probs``, the blended probabilities go to
 :class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is complete).  The writers
 (mask TIFF, GeoJSON, overlay) read that array block by block, and only where the tissue tiles ran
 (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
 never with its area.
+
+Scheduling (:func:`cores_free_beside`): with an accelerator, or CPU cores the model leaves free,
+reading runs ahead and blending one batch behind while the model works; with a CPU model on every
+core both run between the model's batches instead, since beside it they would stall all of its
+threads.  Same operations in the same order either way: the same bytes.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
@@ -30,12 +36,12 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .chunk_assembler import ChunkAssembler
-from .engine import Engine, make_engine
+from .engine import Engine, available_cores, make_engine
 from .errors import NoMppError, UserError
 from .outputs import check_output
 from .slide import Slide, open_slide
@@ -60,6 +66,7 @@ class SegmentOptions:
     backend: str = "torch"
     workers: int = 4  # reader threads
     threads: int | None = None  # the model's CPU threads (None: one per core)
+    schedule: str = "auto"  # reading and blending "beside" or "between" the model's batches (cores_free_beside)
     probs: Path | None = None
     geojson: Path | None = None
     overlay: Path | None = None
@@ -189,15 +196,19 @@ class LabelBand:
         return end
 
     def _count(self, rows: np.ndarray) -> None:
-        """Add ``rows`` to the class counts; columns never written hold the fill value, uncounted."""
+        """Add ``rows`` to the class counts; columns never written hold the fill value, uncounted.
+        Class by class up to the highest present: for a model's few classes 3x faster than
+        ``bincount``, which first widens every uint8 label to 64 bits."""
         x0, x1 = self.x_range
-        x1 = max(x0, x1)
         counted = 0
         if x1 > x0:
-            for y in range(0, rows.shape[0], 256):  # bincount widens to 64-bit: keep blocks small
-                block = rows[y : y + 256, x0:x1]
-                self.counts += np.bincount(block.ravel(), minlength=256)
-                counted += block.size
+            block = rows[:, x0:x1]
+            hit = np.empty(block.shape, bool)
+            for c in range(int(block.max()) + 1):
+                if c != self.fill:
+                    n = np.count_nonzero(np.equal(block, c, out=hit))
+                    self.counts[c] += n
+                    counted += n
         self.counts[self.fill] += rows.shape[0] * self.width - counted
 
 
@@ -209,35 +220,52 @@ def _read_tile(slide: Slide, t: Tile, mpp: float) -> np.ndarray:
     return slide.read_at_mpp(t.x, t.y, t.width, t.height, mpp)
 
 
-def prefetched_batches(slide: Slide, groups: list[list[Tile]], mpp: float, batch: int, workers: int,
-                       ahead: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
-    """Batches of decoded tiles, never spanning two groups (bands: so batch composition, and thus
-    every floating-point result, is the same on a resumed run), read ``ahead`` tiles in advance."""
-    batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
-    flat = [t for b in batches for t in b]
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader")
-    queue: deque[Future] = deque()
-    nxt = 0
+class TileReader:
+    """Decoded tiles, a batch at a time in feed order, read on a thread pool ahead of their use.
 
-    def top_up() -> None:
-        nonlocal nxt
-        while nxt < len(flat) and len(queue) < ahead:
-            queue.append(pool.submit(_read_tile, slide, flat[nxt], mpp))
-            nxt += 1
+    Batches never span two groups (bands), so batch composition, and thus every floating-point
+    result, is the same on a resumed run.  The caller says when reading may start
+    (:meth:`read_ahead`): beside the model, or only once the model has let go of the cores."""
 
-    try:
-        for b in batches:
-            top_up()
-            images = []
-            for _ in b:
-                images.append(queue.popleft().result())
-                top_up()
-            yield b, np.stack(images)
-    finally:
-        # Also when the consumer stops early (an error, Ctrl-C): no read may outlive this
-        # generator, because the caller closes the slide next and OpenSlide aborts the process on
-        # a read from a closed handle.
-        pool.shutdown(wait=True, cancel_futures=True)
+    def __init__(self, slide: Slide, groups: list[list[Tile]], mpp: float, batch: int, workers: int) -> None:
+        self.slide, self.mpp = slide, mpp
+        self.batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader")
+        self._queue: deque[tuple[list[Tile], list[Future]]] = deque()  # batches whose reads started
+        self._next = 0  # index of the first batch not started
+
+    def read_ahead(self, batches: int) -> None:
+        """Start reading until ``batches`` batches are read or being read ahead of the consumer."""
+        while self._next < len(self.batches) and len(self._queue) < batches:
+            tiles = self.batches[self._next]
+            self._queue.append((tiles, [self._pool.submit(_read_tile, self.slide, t, self.mpp) for t in tiles]))
+            self._next += 1
+
+    def next_batch(self) -> tuple[list[Tile], np.ndarray]:
+        """The next batch's tiles and their (N, h, w, 3) pixels, waiting for reads still running."""
+        self.read_ahead(1)
+        tiles, futures = self._queue.popleft()
+        return tiles, np.stack([f.result() for f in futures])
+
+    def close(self) -> None:
+        """Also when the consumer stops early (an error, Ctrl-C): no read may outlive this reader,
+        because the caller closes the slide next and OpenSlide aborts the process on a read from a
+        closed handle."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def cores_free_beside(engine: Engine) -> bool:
+    """Whether reading and blending can run beside the model without taking its cores: when it runs
+    on an accelerator, or on fewer CPU threads than this process has cores (``--threads``).
+
+    On CPU with a thread per core they cannot; run beside it anyway, they take a core mid-layer and
+    the model's threads, which meet at a barrier after every layer, all wait for the one preempted
+    (measured on 2 cores: the model ran 12 % slower for 6 % more CPU work).  Then they run between
+    the model's batches instead, on all cores, and the model runs undisturbed."""
+    if not str(getattr(engine, "device", "cpu")).startswith("cpu"):
+        return True
+    threads = getattr(engine, "cpu_threads", None)
+    return threads is not None and threads < available_cores()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +303,8 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
         validate_tiling(tile, overlap)
         if tile % 8:
             raise UserError(f"--tile {tile}: ESPNet needs a tile size divisible by 8")
+        if opts.schedule not in ("auto", "beside", "between"):
+            raise UserError(f"schedule {opts.schedule!r}: use auto, beside or between")
         if 2 * overlap > tile:
             raise UserError(f"--overlap {overlap}: the blending window ramps over the overlap at both borders "
                             f"of a tile, so it can be at most half the tile ({tile // 2})")
@@ -382,12 +412,15 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     if probs_arr is not None:
         probs_out = ChunkAssembler(probs_arr, [(t.y, t.y + t.height, t.x, t.x + t.width) for t in grid.tiles],
                                    start_y=flushed_y)
-    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, probs_out.write if probs_out else None)
+    labeler = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="labeler")
+    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, probs_out.write if probs_out else None,
+                             labeler=labeler)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
 
     def blend(tiles: list[Tile], probs: np.ndarray) -> None:
         for t, p in zip(tiles, probs):
             stitcher.add(t.row, t.col, p)
+        stitcher.deliver()
 
     def finish_band(b) -> None:
         if band.flush(b.bottom) != int(state["flushed_y"]):
@@ -397,28 +430,42 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
             state["counts"] = band.counts.tolist()
             _atomic_json(work / "progress.json", state)
 
-    batches = prefetched_batches(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers,
-                                 ahead=2 * opts.batch)
-    # Blending and label writes run on one thread of their own, in feed order, one batch behind
-    # the model, so the model is never kept waiting for them (and the result is the same as done
-    # in line: same operations, same order).
+    reader = TileReader(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers)
+    beside = cores_free_beside(engine) if opts.schedule == "auto" else opts.schedule == "beside"
+    # Blending and label writes run on one thread of their own, in feed order (the same operations
+    # in the same order whatever the schedule, so the same result).  "beside": reads run two
+    # batches ahead and blending one batch behind, while the model works; "between": the next
+    # batch is read while this one is blended, both after the model and before its next batch.
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
     behind: deque[Future] = deque()
-    try:
-        for b in bands:
-            for _ in range(-(-len(b.tiles) // opts.batch)):
-                tiles, images = next(batches)
-                probs = engine.predict_proba(images)
-                while behind:
-                    behind.popleft().result()
-                behind.append(blender.submit(blend, tiles, probs))
-                bar.update(len(tiles))
-            behind.append(blender.submit(finish_band, b))
+
+    def wait_blender() -> None:
         while behind:
             behind.popleft().result()
+
+    try:
+        reader.read_ahead(2 if beside else 1)
+        for b in bands:
+            for _ in range(-(-len(b.tiles) // opts.batch)):
+                tiles, images = reader.next_batch()
+                if beside:
+                    reader.read_ahead(2)
+                probs = engine.predict_proba(images)
+                if not beside:
+                    reader.read_ahead(1)
+                wait_blender()
+                behind.append(blender.submit(blend, tiles, probs))
+                if not beside:
+                    wait_blender()
+                bar.update(len(tiles))
+            behind.append(blender.submit(finish_band, b))
+            if not beside:
+                wait_blender()
+        wait_blender()
     finally:
         blender.shutdown(wait=True, cancel_futures=True)
-        batches.close()  # stop and join the reader threads before the slide is closed
+        labeler.shutdown(wait=True, cancel_futures=True)
+        reader.close()  # stop and join the reader threads before the slide is closed
     bar.close()
     if probs_out is not None:
         probs_out.close()

@@ -14,12 +14,15 @@ Why this window: each tile's probabilities are weighted by a separable raised-co
 dominated by the tile that sees it farther from its border (where zero padding has less effect).
 A Gaussian window would instead mix every pixel with border-affected neighbours and down-weight the
 tile centres for nothing.  The weights never reach 0, so a pixel seen by one tile keeps its value.
-The label is the argmax of the weighted average; ties go to the lower class id (numpy's argmax).
+The label is the argmax of the weighted average (taken on the weighted sum: the same, without the
+rounding of a division); ties go to the lower class id (numpy's argmax).
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,14 +45,18 @@ def border_ramp(tile: int, overlap: int) -> np.ndarray:
 
 
 def class_argmax(probs: np.ndarray) -> np.ndarray:
-    """``probs.argmax(0)`` as uint8 (ties to the lower class id, as argmax), one class plane at a
-    time: numpy's argmax over the leading axis of a (C, h, w) array transposes it into a copy
-    first, and this is about 1.5x faster on the pipeline's hottest line."""
-    best = probs[0].copy()
-    labels = np.zeros(best.shape, np.uint8)
-    for c in range(1, probs.shape[0]):
-        np.putmask(labels, probs[c] > best, c)
-        np.maximum(best, probs[c], out=best)
+    """``probs.argmax(0)`` as uint8 (ties to the lower class id, as argmax), a class plane at a time.
+
+    Why not ``argmax(0)``: over the leading axis of a (C, h, w) array numpy transposes into a copy
+    first.  The maximum over the planes, then each class from the top down written where it equals
+    that maximum (so the lowest tied class is written last), is ~1.5x faster than the one-pass
+    compare-and-update and 2x faster than ``argmax``, on the pipeline's hottest line."""
+    best = np.maximum.reduce(probs, axis=0)
+    labels = np.full(best.shape, probs.shape[0] - 1, np.uint8)
+    hit = np.empty(best.shape, bool)
+    for c in range(probs.shape[0] - 2, -1, -1):
+        np.equal(probs[c], best, out=hit)
+        np.copyto(labels, np.uint8(c), where=hit)
     return labels
 
 
@@ -132,6 +139,11 @@ class BlendStitcher:
 
     Only the grid's kept tiles (tissue) are expected; cells seen by none of them are never emitted —
     the caller's output keeps its fill value (background).
+
+    ``labeler``: a thread pool for the cells' argmax, about half of the work; the labels then reach
+    ``on_labels`` at :meth:`deliver`.  Why: blending is sequential (a cell's sum needs its tiles in
+    order) but a finished cell's argmax is not, and on a CPU-bound run every millisecond the
+    pipeline spends on one core between the model's batches is a millisecond the model waits.
     """
 
     def __init__(
@@ -140,12 +152,15 @@ class BlendStitcher:
         num_classes: int,
         on_labels: Callable[[int, int, np.ndarray], None],
         on_probs: Callable[[int, int, np.ndarray], None] | None = None,
+        labeler: Executor | None = None,
     ) -> None:
         self.width, self.height = grid.image_size
         self.tile, self.overlap, self.num_classes = grid.tile, grid.overlap, num_classes
         self.xs = _Axis(list(grid.xs), grid.tile)
         self.ys = _Axis(list(grid.ys), grid.tile)
         self.on_labels, self.on_probs = on_labels, on_probs
+        self.labeler = labeler
+        self._labeling: deque[tuple[int, int, Future]] = deque()  # (y, x, labels being computed)
         ramp = border_ramp(grid.tile, grid.overlap)
         self.window = np.outer(ramp, ramp)
         # Only the tiles that will be fed count towards a cell's coverage.
@@ -210,7 +225,7 @@ class BlendStitcher:
                 cell.seen.append((ty, tx))
                 cell.pending -= 1
                 if cell.pending == 0:
-                    self._emit(cell, cell.acc / self._weight_sum(cell))
+                    self._emit(cell, cell.acc, blended=True)
                 elif cell.y0 >= below and cell.x1 <= right:
                     self._pack(cell, below)  # waits for the next tile row: the strip across the width
 
@@ -256,18 +271,33 @@ class BlendStitcher:
             wsum += self.window[cell.y0 - ty : cell.y1 - ty, cell.x0 - tx : cell.x1 - tx]
         return wsum
 
-    def _emit(self, cell: _Cell, probs: np.ndarray) -> None:
+    def _emit(self, cell: _Cell, probs: np.ndarray, blended: bool = False) -> None:
+        """``probs``: one tile's probabilities, or (``blended``) the weighted sum of several tiles'.
+        The label is the argmax of either: a pixel's weights are the same for every class, so it is
+        taken before the division by their sum, which only the probabilities need (and whose
+        rounding could only turn a narrow win into a tie)."""
         del self._cells[cell.key]
         # Crop what lies beyond the image (only when the image is smaller than a tile).
         h = min(cell.y1, self.height) - cell.y0
         w = min(cell.x1, self.width) - cell.x0
         if h <= 0 or w <= 0:
             return
-        probs = probs[:, :h, :w]
-        self.on_labels(cell.y0, cell.x0, class_argmax(probs))
+        if self.labeler is None:
+            self.on_labels(cell.y0, cell.x0, class_argmax(probs[:, :h, :w]))
+        else:  # nothing writes to these values any more: the cell is gone
+            self._labeling.append((cell.y0, cell.x0, self.labeler.submit(class_argmax, probs[:, :h, :w])))
         if self.on_probs is not None:
-            self.on_probs(cell.y0, cell.x0, probs)
+            if blended:
+                probs = probs / self._weight_sum(cell)
+            self.on_probs(cell.y0, cell.x0, probs[:, :h, :w])
         self.emitted_pixels += h * w
+
+    def deliver(self) -> None:
+        """Hand the labels computed on ``labeler`` to ``on_labels``, in the order the cells were
+        emitted; with a labeler, call it after each batch of tiles (and before using the labels)."""
+        while self._labeling:
+            y, x, labels = self._labeling.popleft()
+            self.on_labels(y, x, labels.result())
 
     @property
     def pending_cells(self) -> int:
