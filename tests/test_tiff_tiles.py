@@ -1,5 +1,5 @@
-"""Levels of Aperio and generic tiled TIFF slides decoded tile by tile (``tiff_tiles``) instead of
-through OpenSlide's compositing: the very same pixels, or OpenSlide reads them."""
+"""Levels of tiled TIFF slides decoded tile by tile (``tiff_tiles``) instead of through OpenSlide's
+compositing or tifffile's Zarr store: the very same pixels, or the backend reads them itself."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import threading
 import numpy as np
 import pytest
 
-from wsi_espnet.slide import OpenSlideSlide, open_slide
+from wsi_espnet.slide import OpenSlideSlide, TiffSlide, open_slide
 from wsi_espnet.tiff_tiles import TileCache, TiledPageReader
 
 FIX = "openslide-python-fixtures"
 
 
-def _openslide_only(path, monkeypatch):
-    monkeypatch.setenv("WSI_ESPNET_READER", "openslide")
-    s = open_slide(path)
-    monkeypatch.delenv("WSI_ESPNET_READER")
+def _without_tile_decode(path, monkeypatch, backend="auto"):
+    monkeypatch.setenv("WSI_ESPNET_TILE_DECODE", "0")
+    s = open_slide(path, backend=backend)
+    monkeypatch.delenv("WSI_ESPNET_TILE_DECODE")
     assert s._tile_readers == {}
     return s
 
@@ -40,7 +40,7 @@ def test_tiled_levels_are_decoded_here_with_openslides_pixels(slides_dir, demo_s
     sampling of them a tile decode would not reproduce."""
     path = demo_svs if name == "demo" else slides_dir / name
     rng = np.random.default_rng(7)
-    with open_slide(path) as ours, _openslide_only(path, monkeypatch) as ref:
+    with open_slide(path) as ours, _without_tile_decode(path, monkeypatch) as ref:
         assert isinstance(ours, OpenSlideSlide)
         assert sorted(ours._tile_readers) == levels
         for level, (w, h) in enumerate(ours.level_dimensions):
@@ -51,6 +51,32 @@ def test_tiled_levels_are_decoded_here_with_openslides_pixels(slides_dir, demo_s
             for mpp in (ours.mpp, 1.0, 2.0 * ours.mpp + 0.13):
                 np.testing.assert_array_equal(ours.read_at_mpp(17, 9, 333, 222, mpp), ref.read_at_mpp(17, 9, 333, 222, mpp))
         np.testing.assert_array_equal(ours.get_thumbnail(200), ref.get_thumbnail(200))
+
+
+@pytest.mark.parametrize("name, levels", [("demo_ome", [0, 1, 2, 3]), ("real/OS-1-detail.ome.tif", [0]),
+                                          (f"{FIX}/boxes.tiff", [0, 1, 2, 3]), ("real/CMU-1-Small-Region.svs", [0])])
+def test_tifffile_levels_are_decoded_here_with_the_stores_pixels(slides_dir, demo_ome, monkeypatch, name, levels):
+    """The tifffile backend (OME-TIFF with SubIFD levels, a generic TIFF, an SVS opened with tifffile)."""
+    path = demo_ome if name == "demo_ome" else slides_dir / name
+    rng = np.random.default_rng(5)
+    with open_slide(path, backend="tifffile") as ours, _without_tile_decode(path, monkeypatch, "tifffile") as ref:
+        assert isinstance(ours, TiffSlide) and sorted(ours._tile_readers) == levels
+        for level, (w, h) in enumerate(ours.level_dimensions):
+            for x, y, rw, rh in _regions(w, h, rng):
+                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh), ref._read_level(level, x, y, rw, rh))
+        np.testing.assert_array_equal(ours.get_thumbnail(128), ref.get_thumbnail(128))
+
+
+def test_strips_and_grey_pages_stay_on_the_store(tmp_path):
+    import tifffile
+
+    rgb = np.random.default_rng(2).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "strips.tif", rgb, rowsperstrip=16, photometric="rgb")
+    tifffile.imwrite(tmp_path / "grey.tif", rgb[..., 0], tile=(64, 64))
+    for name, backend in [("strips.tif", "auto"), ("grey.tif", "tifffile"), ("grey.tif", "openslide")]:
+        with open_slide(tmp_path / name, backend=backend) as s:
+            assert s._tile_readers == {}
+            assert s._read_level(0, 0, 0, 120, 100).shape == (100, 120, 3)
 
 
 @pytest.mark.parametrize("name", ["real/test3-DAPI-2-387.ndpi", "real/dicom-camelyon16/camelyon16-lymph-node.dcm"])
@@ -72,7 +98,7 @@ def test_a_level_that_would_decode_differently_stays_on_openslide(demo_svs, monk
     with open_slide(demo_svs) as s:
         assert s._tile_readers == {}
         monkeypatch.undo()
-        with _openslide_only(demo_svs, monkeypatch) as ref:
+        with _without_tile_decode(demo_svs, monkeypatch) as ref:
             np.testing.assert_array_equal(s.read_at_mpp(0, 0, 512, 384, 1.0), ref.read_at_mpp(0, 0, 512, 384, 1.0))
 
 
@@ -92,7 +118,7 @@ def test_missing_tiles_are_white_as_in_openslide(tmp_path, monkeypatch):
     data = bytearray(path.read_bytes())
     data[offset + 5 * size : offset + 6 * size] = bytes(size)  # tile (row 1, col 1): no data
     path.write_bytes(bytes(data))
-    with open_slide(path) as ours, _openslide_only(path, monkeypatch) as ref:
+    with open_slide(path) as ours, _without_tile_decode(path, monkeypatch) as ref:
         assert ours.vendor == "generic-tiff" and sorted(ours._tile_readers) == [0]
         got = ours._read_level(0, 0, 0, 256, 192)
         np.testing.assert_array_equal(got, ref._read_level(0, 0, 0, 256, 192))

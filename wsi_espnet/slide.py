@@ -34,13 +34,14 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import NoMppError, SlideError, UserError
-from .tiff_tiles import TiledPageReader, TileCache, page_reader
+from .tiff_tiles import TiledPageReader, TileCache, agrees, page_reader
 
 #: A pyramid level is used for a target resolution when it is at most this much coarser (relative);
 #: slightly coarser levels are common (a 0.2522 µm/px scan's level 1 is 1.009 µm/px for a 1 µm/px
@@ -495,8 +496,8 @@ class OpenSlideSlide(Slide):
         OpenSlide (~4x less CPU per read: see ``tiff_tiles``), each only after reads of it (the tiles
         around its centre, and its last, partial tile) gave OpenSlide's very bytes.  Levels with a
         non-integer downsample stay on OpenSlide, whose sub-pixel sampling of them these would not
-        reproduce.  ``WSI_ESPNET_READER=openslide`` turns this off."""
-        if self.vendor not in ("aperio", "generic-tiff") or os.environ.get("WSI_ESPNET_READER") == "openslide":
+        reproduce.  ``WSI_ESPNET_TILE_DECODE=0`` turns this off."""
+        if self.vendor not in ("aperio", "generic-tiff") or os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
             return {}
         try:
             import tifffile
@@ -509,22 +510,15 @@ class OpenSlideSlide(Slide):
                 for level, (dims, ds) in enumerate(zip(self.level_dimensions, self.level_downsamples)):
                     page = pages.get(dims)
                     reader = page_reader(self._fd, page, cache, level) if page is not None and ds == round(ds) else None
-                    if reader is not None and self._same_pixels(level, reader):
+                    if reader is not None and agrees(reader, partial(self._read_openslide_level, level)):
                         readers[level] = reader
         except Exception:  # anything unexpected: OpenSlide reads everything, as before
             return {}
         return readers
 
-    def _same_pixels(self, level: int, reader: TiledPageReader) -> bool:
+    def _read_openslide_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = round(self.level_downsamples[level])
-        w, h = self.level_dimensions[level]
-        tw, th = 2 * reader.tile_w, 2 * reader.tile_h
-        regions = [(max(0, w // 2 - tw // 2), max(0, h // 2 - th // 2), min(tw, w), min(th, h)),
-                   (w - min(w, reader.tile_w), h - min(h, reader.tile_h), min(w, reader.tile_w), min(h, reader.tile_h))]
-        for x, y, rw, rh in regions:
-            if not np.array_equal(reader.read(x, y, rw, rh), self._read_openslide((x * ds, y * ds), level, rw, rh)):
-                return False
-        return True
+        return self._read_openslide((x * ds, y * ds), level, w, h)
 
     def _read_openslide(self, loc: tuple[int, int], level: int, w: int, h: int) -> np.ndarray:
         try:
@@ -670,9 +664,36 @@ class TiffSlide(Slide):
             self._decode(self.level_count - 1, 0, 0, 1, 1)
         except Exception as exc:  # tifffile/imagecodecs raise many types for undecodable data
             raise SlideError(f"{self.path}: opens but its pixels cannot be decoded: {_one_line(exc)}") from None
+        self._fd: int | None = None
+        self._tile_readers = self._tile_reader_levels(series)
+
+    def _tile_reader_levels(self, series: Any) -> dict[int, TiledPageReader]:
+        """Levels stored as one tiled RGB page, decoded tile by tile with a cache of decoded tiles
+        (``tiff_tiles``) instead of through tifffile's Zarr store, which decodes every tile a read
+        touches again at every read; each only after reads of it gave the store's very bytes.
+        ``WSI_ESPNET_TILE_DECODE=0`` turns this off."""
+        if os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
+            return {}
+        cache, readers = TileCache(), {}
+        try:
+            for level, lvl in enumerate(series.levels):
+                pages = list(lvl.pages)
+                if self._axes[level] != "YXS" or len(pages) != 1 or not isinstance(pages[0], type(series.keyframe)):
+                    continue
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                reader = page_reader(self._fd, pages[0], cache, level)
+                if reader is not None and agrees(reader, partial(self._decode, level)):
+                    readers[level] = reader
+        except Exception:  # anything unexpected: the Zarr store reads everything, as before
+            return {}
+        return readers
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        tiles = self._tile_readers.get(level)
         try:
+            if tiles is not None:
+                return tiles.read(x, y, w, h)
             return self._decode(level, x, y, w, h)
         except Exception as exc:  # tifffile/imagecodecs raise many types for corrupt data
             raise self._read_failed(exc, level, x, y, w, h) from None
@@ -698,6 +719,10 @@ class TiffSlide(Slide):
         return _to_rgb_uint8(a, self._photometric, self._colormap)
 
     def close(self) -> None:
+        self._tile_readers = {}
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._tif is not None:
             self._tif.close()
 

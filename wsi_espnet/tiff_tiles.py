@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -129,3 +129,12 @@ def page_reader(fd: int, page: Any, cache: TileCache, key: Any) -> TiledPageRead
     except (AttributeError, TypeError, ValueError):
         return None
     return TiledPageReader(fd, page, cache, key) if ok else None
+
+
+def agrees(reader: TiledPageReader, reference: Callable[[int, int, int, int], np.ndarray]) -> bool:
+    """Whether ``reader`` gives the very bytes of ``reference(x, y, w, h)`` (the backend's own read)
+    over the 2 x 2 tiles around the page's centre and over its last, partial tile (edge padding)."""
+    w, h, tw, th = reader.width, reader.height, reader.tile_w, reader.tile_h
+    regions = [(max(0, w // 2 - tw), max(0, h // 2 - th), min(2 * tw, w), min(2 * th, h)),
+               (w - min(w, tw), h - min(h, th), min(w, tw), min(h, th))]
+    return all(np.array_equal(reader.read(*r), reference(*r)) for r in regions)
