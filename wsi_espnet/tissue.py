@@ -319,10 +319,22 @@ def _row_blocks(n_rows: int, n_cols: int) -> range:
     return range(0, n_rows, max(1, (1 << 20) // max(n_cols, 1)))
 
 
+def channel_max(rgb: np.ndarray) -> np.ndarray:
+    """``rgb.max(axis=-1)``, ~10x faster: numpy reduces a 3-long last axis one pixel at a time,
+    while the maximum of the three channel planes runs vectorised (on a 100k² slide's thumbnail
+    these reductions were half of tissue detection)."""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
+def channel_min(rgb: np.ndarray) -> np.ndarray:
+    """``rgb.min(axis=-1)``, vectorised as :func:`channel_max`."""
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
 def saturation8(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation scaled to 0..255, uint8 (one byte per pixel, for histograms and thresholds)."""
-    mx = rgb.max(axis=-1).astype(np.uint16)
-    mn = rgb.min(axis=-1).astype(np.uint16)
+    mx = channel_max(rgb).astype(np.uint16)
+    mn = channel_min(rgb).astype(np.uint16)
     return ((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)
 
 
@@ -343,8 +355,8 @@ def hue(rgb: np.ndarray) -> np.ndarray:
     """HSV hue in [0, 1), float32 (0 for grey); ``rgb`` is (..., 3)."""
     x = rgb.astype(np.float32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    mx = x.max(axis=-1)
-    delta = mx - x.min(axis=-1)
+    mx = channel_max(x)
+    delta = mx - channel_min(x)
     safe = np.where(delta > 0, delta, 1.0)
     h = np.where(mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
     return np.where(delta > 0, h / 6.0, 0.0).astype(np.float32)
@@ -367,7 +379,7 @@ def pen_mask(rgb: np.ndarray, sat8: np.ndarray | None = None) -> np.ndarray:
 def dark_mask(rgb: np.ndarray, sat8: np.ndarray | None = None) -> np.ndarray:
     """Black or dark grey: scanner borders, black ink, thick debris (stained tissue is never grey)."""
     sat8 = saturation8(rgb) if sat8 is None else sat8
-    brightest = rgb.max(axis=-1)
+    brightest = channel_max(rgb)
     return (brightest < 50) | ((brightest < 90) & (sat8 < 64))  # 0.25 * 255
 
 
@@ -378,7 +390,7 @@ def is_fluorescence(rgb: np.ndarray) -> bool:
     hist = np.zeros(256, np.int64)
     blocks = _row_blocks(rgb.shape[0], rgb.shape[1])
     for y in blocks:
-        hist += np.bincount(rgb[y : y + blocks.step].max(axis=-1).ravel(), minlength=256)
+        hist += np.bincount(channel_max(rgb[y : y + blocks.step]).ravel(), minlength=256)
     median = int(np.searchsorted(np.cumsum(hist), hist.sum() / 2.0))
     return median < FLUORESCENCE_MEDIAN_MAX
 
@@ -426,7 +438,7 @@ def tissue_mask_from_rgb(
     exclude = np.empty((h, w), bool)
     for y in blocks:
         part, s8 = rgb[y : y + blocks.step], sat8[y : y + blocks.step]
-        background = (part.min(axis=-1) >= 215) & (s8 < 26)  # 0.10 * 255
+        background = (channel_min(part) >= 215) & (s8 < 26)  # 0.10 * 255
         dark = dark_mask(part, s8)
         pen = pen_mask(part, s8)
         tissue = (s8 >= t_sat) | (optical_density(part) >= DARK_TISSUE_OD)
@@ -447,7 +459,7 @@ def tissue_mask_from_rgb(
 
 
 def _fluorescence_mask(rgb: np.ndarray, min_object_px: float, min_hole_px: float, closing_radius_px: float) -> np.ndarray:
-    signal = rgb.max(axis=-1)
+    signal = channel_max(rgb)
     t = max(otsu_from_histogram(np.bincount(signal.ravel(), minlength=256)) + 1, FLUORESCENCE_MIN_SIGNAL)
     raw = signal >= t
     # Nuclei are separate dots at this scale: close harder so they merge into their tissue region.
