@@ -174,3 +174,29 @@ def test_close_releases_the_file(demo_svs):
     assert s._fd is None and s._tile_readers == {}
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_corrupt_tile_is_a_one_line_slide_error_as_in_openslide(demo_svs, tmp_path, monkeypatch):
+    """A tile away from the regions checked at open: the slide opens with its levels decoded here, and
+    reading that tile fails with the file's name, as it does through OpenSlide."""
+    import tifffile
+
+    from wsi_espnet.errors import SlideError
+
+    bad = tmp_path / "bad.svs"
+    data = bytearray(demo_svs.read_bytes())
+    with tifffile.TiffFile(demo_svs) as tif:
+        page = tif.pages[0]
+        assert page.tilewidth == 256 and page.imagewidth == 2048
+        offset = page.dataoffsets[1]  # tile row 0, column 1: level 0 pixels x 256..511, y 0..255
+    data[offset : offset + 16] = bytes(16)  # no JPEG start-of-image marker any more
+    bad.write_bytes(bytes(data))
+    for decode in ("1", "0"):
+        monkeypatch.setenv("WSI_ESPNET_TILE_DECODE", decode)
+        with open_slide(bad) as s:
+            assert (0 in s._tile_readers) == (decode == "1")
+            s._read_level(0, 1024, 768, 64, 64)  # elsewhere the slide reads
+            with pytest.raises(SlideError) as err:
+                s._read_level(0, 300, 10, 64, 64)
+            msg = str(err.value)
+            assert str(bad) in msg and "\n" not in msg
