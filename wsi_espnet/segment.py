@@ -171,27 +171,25 @@ class LabelBand:
         n = end - self.flushed_y
         if n <= 0:
             return self.flushed_y
-        # Only the columns written since the last flush, widened to whole chunks: the rest of these
-        # rows is fill in the buffer and has never been written in the array either (a band
-        # without tissue writes nothing; a full-width write of a 50k-wide band costs ~90 ms).
+        # Only the columns written since the last flush (outside them the buffer holds the fill
+        # value, never written in the array either), widened to whole chunks for the write: a band
+        # without tissue writes nothing; a full-width write of a 50k-wide band costs ~90 ms.
         x0, x1 = self.x_range
         if x1 > x0:
             cw = self.labels.chunks[1]
-            x0, x1 = x0 // cw * cw, min(-(-x1 // cw) * cw, self.width)
-            self.labels[self.flushed_y : end, x0:x1] = self.buf[:n, x0:x1]
+            chunks = slice(x0 // cw * cw, min(-(-x1 // cw) * cw, self.width))
+            self.labels[self.flushed_y : end, chunks] = self.buf[:n, chunks]
         self._count(self.buf[:n])
-        # Move the rows still in use up by n, n rows at a time: source and destination never
-        # overlap, so numpy copies in place instead of through a temporary as large as the band.
+        # Move the rows still in use up by n, n rows at a time (source and destination never
+        # overlap, so numpy copies in place instead of through a temporary as large as the band),
+        # and clear what they leave: in those columns only.
         keep = max(self.used - n, 0)
         for i in range(0, keep, n):
             j = min(i + n, keep)
-            self.buf[i:j] = self.buf[n + i : n + j]
-        if keep:
-            self.buf[keep : max(self.used, keep)] = self.fill
-        elif x1 > x0:
-            self.buf[: self.used, x0:x1] = self.fill  # nothing was written outside these columns
+            self.buf[i:j, x0:x1] = self.buf[n + i : n + j, x0:x1]
+        self.buf[keep : max(self.used, keep), x0:x1] = self.fill
         self.used = keep
-        self.x_range = (0, self.width) if keep else (self.width, 0)
+        self.x_range = (x0, x1) if keep else (self.width, 0)
         self.flushed_y = end
         return end
 
