@@ -200,19 +200,27 @@ class Slide(ABC):
         x0, x_idx, x_w = _area_weights(x, w, fx)
         y0, y_idx, y_w = _area_weights(y, h, fy)
         src = self._read_level_padded(level, x0, y0, int(x_idx.max()) + 1, int(y_idx.max()) + 1)
-        # Separable weighted taps in a fixed order: each output value is computed from the same
-        # numbers in the same order whatever the region, so tiles stitch bit-exactly.  float32 is
-        # ample for means of 8-bit values (error < 1e-4 of a grey level).
+        # Separable weighted taps in a fixed order, rows then columns: each output value is computed
+        # from the same numbers in the same order whatever the region, so tiles stitch bit-exactly.
+        # float32 is ample for means of 8-bit values (error < 1e-4 of a grey level).  Rows first, as
+        # whole-row gathers, shrink the image before the column taps, which gather pixel by pixel
+        # (on an (h, w*3) view, so each gather is one flat index): a 0.2527 µm/px scan read at
+        # 1 µm/px took 64 ms a 512² tile with columns first and per-pixel gathers, 23 ms so.
         x_w, y_w = x_w.astype(np.float32), y_w.astype(np.float32)
-        rows = np.zeros((src.shape[0], w, 3), np.float32)
-        for t in range(x_idx.shape[0]):
-            rows += np.take(src, x_idx[t], axis=1) * x_w[t][None, :, None]
-        out = np.zeros((h, w, 3), np.float32)
+        flat = src.reshape(src.shape[0], -1)
+        rows = np.zeros((h, flat.shape[1]), np.float32)
+        part = np.empty_like(rows)
         for t in range(y_idx.shape[0]):
-            out += np.take(rows, y_idx[t], axis=0) * y_w[t][:, None, None]
+            rows += np.multiply(flat[y_idx[t]], y_w[t][:, None], out=part)
+        out = np.zeros((h, w * 3), np.float32)
+        part = np.empty_like(out)
+        for t in range(x_idx.shape[0]):
+            columns = (x_idx[t][:, None] * 3 + np.arange(3)).ravel()
+            out += np.multiply(np.take(rows, columns, axis=1), np.repeat(x_w[t], 3), out=part)
         out += np.float32(0.5)
         np.floor(out, out=out)
         np.clip(out, 0, 255, out=out)
+        out = out.reshape(h, w, 3)
         return out.astype(np.uint8)
 
     def _read_level_padded(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
