@@ -159,8 +159,9 @@ def test_integer_factor_is_the_block_mean_of_level_0(slides_dir):
 def test_level_is_used_where_it_matches_and_reads_stay_exact(demo_svs):
     with open_slide(demo_svs) as s:
         assert s.level_for_downsample(2.0) == 1
-        assert s.level_for_downsample(1.99) == 1  # within the 1 % tolerance
-        assert s.level_for_downsample(1.9) == 0
+        assert s.level_for_downsample(1.99) == 1  # within the 2 % tolerance
+        assert s.level_for_downsample(2.0 / 1.0108) == 1  # an Aperio AT2 scan's 4x level for 1 µm/px
+        assert s.level_for_downsample(1.95) == 0 and s.level_for_downsample(1.9) == 0
         assert s.level_for_downsample(100) == 3
         np.testing.assert_array_equal(s.read_at_mpp(0, 0, 1024, 768, 1.0), s.read_region((0, 0), 1, (1024, 768)))
         np.testing.assert_array_equal(s.read_at_mpp(64, 32, 128, 96, 4.0), s.read_region((512, 256), 3, (128, 96)))
