@@ -45,11 +45,13 @@ def test_tiled_levels_are_decoded_here_with_openslides_pixels(slides_dir, demo_s
         assert sorted(ours._tile_readers) == levels
         for level, (w, h) in enumerate(ours.level_dimensions):
             for x, y, rw, rh in _regions(w, h, rng):
-                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh), ref._read_level(level, x, y, rw, rh),
+                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh),
+                                              ref._read_level(level, x, y, rw, rh),
                                               err_msg=f"{name} level {level} region {(x, y, rw, rh)}")
         if ours.mpp:
             for mpp in (ours.mpp, 1.0, 2.0 * ours.mpp + 0.13):
-                np.testing.assert_array_equal(ours.read_at_mpp(17, 9, 333, 222, mpp), ref.read_at_mpp(17, 9, 333, 222, mpp))
+                np.testing.assert_array_equal(ours.read_at_mpp(17, 9, 333, 222, mpp),
+                                              ref.read_at_mpp(17, 9, 333, 222, mpp))
         np.testing.assert_array_equal(ours.get_thumbnail(200), ref.get_thumbnail(200))
 
 
@@ -63,7 +65,8 @@ def test_tifffile_levels_are_decoded_here_with_the_stores_pixels(slides_dir, dem
         assert isinstance(ours, TiffSlide) and sorted(ours._tile_readers) == levels
         for level, (w, h) in enumerate(ours.level_dimensions):
             for x, y, rw, rh in _regions(w, h, rng):
-                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh), ref._read_level(level, x, y, rw, rh))
+                np.testing.assert_array_equal(ours._read_level(level, x, y, rw, rh),
+                                              ref._read_level(level, x, y, rw, rh))
         np.testing.assert_array_equal(ours.get_thumbnail(128), ref.get_thumbnail(128))
 
 

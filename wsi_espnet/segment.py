@@ -3,13 +3,12 @@
 Data flows one way.  Tiles are read and decoded on a thread pool (:class:`TileReader`; OpenSlide and
 the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own
 :class:`BlendStitcher` blends overlaps (the argmax of finished cells on a pool of their own) and
-emits finished cells into a uint8 band that is flushed, whole Zarr chunk rows at a time (class areas
-counted on the way), into
-``<out>.work/labels.zarr`` (with ``--probs``, the blended probabilities go to
-:class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is complete).  The writers
-(mask TIFF, GeoJSON, overlay) read that array block by block, and only where the tissue tiles ran
-(:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
-never with its area.
+emits finished cells into a uint8 band that is flushed, whole Zarr chunk rows at a time (class
+areas counted on the way), into ``<out>.work/labels.zarr`` (with ``--probs``, the blended
+probabilities go to :class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is
+complete).  The writers (mask TIFF, GeoJSON, overlay) read that array block by block, and only where
+the tissue tiles ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the
+blending strip), never with its area.
 
 Scheduling (:func:`cores_free_beside`): with an accelerator, or CPU cores the model leaves free,
 reading runs ahead and blending one batch behind while the model works; with a CPU model on every
@@ -258,8 +257,8 @@ def cores_free_beside(engine: Engine) -> bool:
 
     On CPU with a thread per core they cannot; run beside it anyway, they take a core mid-layer and
     the model's threads, which meet at a barrier after every layer, all wait for the one preempted
-    (measured on 2 cores: the model ran 12 % slower for 6 % more CPU work).  Then they run between
-    the model's batches instead, on all cores, and the model runs undisturbed."""
+    (measured on 2 cores: the model's calls took 12 % longer than alone).  Then they run between the
+    model's batches instead, on all cores, and the model runs as fast as alone."""
     if not str(getattr(engine, "device", "cpu")).startswith("cpu"):
         return True
     threads = getattr(engine, "cpu_threads", None)

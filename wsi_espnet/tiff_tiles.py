@@ -88,10 +88,11 @@ class TiledPageReader:
             for tx in range(x // tw, (x + w - 1) // tw + 1):
                 x0, x1 = max(x, tx * tw), min(x + w, (tx + 1) * tw)
                 tile = self._tile(ty * self._across + tx)
+                dst = out[y0 - y : y1 - y, x0 - x : x1 - x]
                 if tile is None:
-                    out[y0 - y : y1 - y, x0 - x : x1 - x] = 255
+                    dst[...] = 255
                 else:
-                    out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
+                    dst[...] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
         return out
 
     def _tile(self, index: int) -> np.ndarray | None:
