@@ -169,6 +169,29 @@ def test_label_band_writes_only_where_labels_landed(tmp_path, recorded):
     np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
 
 
+def test_rows_carried_to_the_next_band_keep_their_columns(tmp_path, recorded):
+    """Labels emitted below a band's bottom (no tissue tile below them) wait for the next flush,
+    which then writes, counts and clears only their columns, not the whole width."""
+    import zarr
+
+    from wsi_espnet.segment import LabelBand
+
+    H, W = 300, 1000
+    truth = np.zeros((H, W), np.uint8)
+    truth[0:150, 500:600] = np.random.default_rng(6).integers(1, 5, (150, 100))
+    labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(100, 128), dtype="uint8",
+                               fill_value=0)
+    rec = recorded(labels)
+    band = LabelBand(rec, flushed_y=0, height=200)
+    band.write(0, 500, truth[0:150, 500:600])  # rows 100-149 lie below the first band
+    for bottom in (100, 200, 300):
+        band.flush(bottom)
+    np.testing.assert_array_equal(labels[:], truth)
+    assert [(ys.start, xs.start, xs.stop) for ys, xs in rec.writes] == [(0, 384, 640), (100, 384, 640)]
+    np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
+    assert not band.buf.any()  # every row handed on was cleared behind it
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_packed_strip_is_never_overwritten_on_odd_grids(seed):
     """Random sizes, overlaps and tissue: every covered pixel's blend is the truth to the packing
