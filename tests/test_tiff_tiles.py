@@ -160,11 +160,16 @@ def test_tile_cache_is_a_bounded_lru():
     cache.put(3, tiles[3])  # evicts 1, the least recently used
     assert cache.get(1) == (False, None)
     assert all(cache.get(k)[0] for k in (0, 2, 3))
-    cache.put(4, None)  # an absent tile is remembered too, at no cost
-    assert cache.get(4) == (True, None) and cache.get(0)[0]
     cache.put(9, np.zeros(1000, np.uint8))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get(9) == (False, None) and all(cache.get(k)[0] for k in (0, 2, 3))
     assert cache._bytes == 300
+    cache.put(4, None)  # an absent tile is remembered too, at a nominal 64 bytes: 0 (read least recently) goes
+    assert cache.get(4) == (True, None) and cache.get(0) == (False, None) and cache.get(3)[0]
+    assert cache._bytes == 200 + 64
+    empty = TileCache(max_bytes=64 * 10)
+    for k in range(1000):  # a sparse slide's absent tiles do not pile up
+        empty.put(k, None)
+    assert len(empty._tiles) == 10 and empty.get(999) == (True, None)
 
 
 def test_close_releases_the_file(demo_svs):
