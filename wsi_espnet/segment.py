@@ -141,7 +141,11 @@ class LabelBand:
         self.total_height = labels.shape[0]
         self.flushed_y = flushed_y
         self.fill = fill
-        self.buf = np.full((height, self.width), fill, np.uint8)
+        # Zeros from calloc: its pages become resident only where labels land (a 50k-wide buffer,
+        # two tile rows deep for the last band, is ~50 MB, most of it glass on most slides).
+        self.buf = np.zeros((height, self.width), np.uint8)
+        if fill:
+            self.buf[:] = fill
         self.used = 0  # rows of buf that may hold labels
         self.x_range = (self.width, 0)  # columns written since the last flush
         #: Pixels per class id in the flushed rows (counted here, as rows are finished, so the class
