@@ -232,6 +232,14 @@ def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
     assert (class_argmax(p)[5:8] == 0).all() and (class_argmax(p)[8:10] == 1).all()
     view = p[:, 3:37, 7:45]  # a cell of a tile: a strided view
     np.testing.assert_array_equal(class_argmax(view), view.argmax(0))
+    q = p.copy()
+    q[3, 20, :] = np.nan  # NaN never wins: the pixel's finite classes decide
+    q[:, 21, :] = np.nan  # no number at all: background
+    q[5, 22, :] = 9.0
+    q[0, 22, :] = np.nan
+    got = class_argmax(q)
+    np.testing.assert_array_equal(got[20], np.nan_to_num(q[:, 20], nan=-1).argmax(0))
+    assert (got[21] == 0).all() and (got[22] == 5).all()
 
 
 def test_labels_computed_on_a_labeler_pool_are_the_same_and_arrive_at_deliver():

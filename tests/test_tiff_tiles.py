@@ -172,16 +172,53 @@ def test_tile_cache_is_a_bounded_lru():
     assert len(empty._tiles) == 10 and empty.get(999) == (True, None)
 
 
-def test_close_releases_the_file(demo_svs):
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_the_file_is_released_on_close_and_when_a_slide_is_dropped(demo_svs, backend):
+    """A slide that is never closed (a copy unpickled on a Dask worker) must not keep its file open."""
+    import gc
     import os
+    import pickle
 
-    s = open_slide(demo_svs)
-    fd = s._fd
-    assert fd is not None and s._tile_readers
+    s = open_slide(demo_svs, backend=backend)
+    fd = s._file.fd
+    assert s._tile_readers
     s.close()
-    assert s._fd is None and s._tile_readers == {}
+    assert s._file.closed and s._tile_readers == {}
     with pytest.raises(OSError):
         os.fstat(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    with open_slide(demo_svs, backend=backend) as kept:
+        for _ in range(20):
+            copy = pickle.loads(pickle.dumps(kept))
+            assert copy._tile_readers and copy.read_at_mpp(0, 0, 8, 8, 1.0).shape == (8, 8, 3)
+            del copy
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) <= before + 2  # the kept slide's own, and nothing per copy
+
+
+def test_absent_tiles_are_white_through_tifffile_too(tmp_path, monkeypatch):
+    """The tifffile backend draws a tile with byte count 0 as glass, with and without the tile
+    decoder, wherever the tile lies (the check at open covers only some tiles)."""
+    import tifffile
+
+    img = np.random.default_rng(8).integers(0, 200, (256, 256, 3), dtype=np.uint8)
+    for missing in (0, 5, 15):  # a corner tile, one beside the centre, the last tile
+        path = tmp_path / f"sparse{missing}.tif"
+        tifffile.imwrite(path, img, tile=(64, 64), compression="zlib", photometric="rgb")
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags["TileByteCounts"]
+            offset, size = tag.valueoffset, {4: 4, 16: 8}.get(int(tag.dtype), 4)  # LONG or LONG8
+        data = bytearray(path.read_bytes())
+        data[offset + missing * size : offset + (missing + 1) * size] = bytes(size)
+        path.write_bytes(bytes(data))
+        ty, tx = divmod(missing, 4)
+        reads = []
+        for decode in ("1", "0"):
+            monkeypatch.setenv("WSI_ESPNET_TILE_DECODE", decode)
+            with open_slide(path, backend="tifffile") as s:
+                reads.append(s._read_level(0, 0, 0, 256, 256))
+        np.testing.assert_array_equal(reads[0], reads[1])
+        assert (reads[0][ty * 64 : ty * 64 + 64, tx * 64 : tx * 64 + 64] == 255).all()
 
 
 def test_a_corrupt_tile_is_a_one_line_slide_error_as_in_openslide(demo_svs, tmp_path, monkeypatch):

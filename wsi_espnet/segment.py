@@ -49,7 +49,8 @@ from .tiling import Tile, TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
 
 CHUNK = 512  # label Zarr chunk side
-WORK_VERSION = 2  # 2: progress.json carries the class counts of the flushed rows
+WORK_VERSION = 3  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+#                   resampling order and level tolerance (pixels of an older run's rows may differ)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, SlideError, UserError
-from .tiff_tiles import TiledPageReader, TileCache, agrees, page_reader
+from .tiff_tiles import TiledPageReader, TileCache, TileFile, agrees, page_reader
 
 #: A pyramid level is used for a target resolution when it is at most this much coarser (relative).
 #: Slightly coarser levels are common: an Aperio AT2 scan at 0.2527 µm/px has its 4x level at
@@ -453,7 +453,7 @@ class OpenSlideSlide(Slide):
             )
         self._finish_init(file_mpp)
         self._handle = self._raw_handle()
-        self._fd: int | None = None
+        self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels()
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -515,16 +515,18 @@ class OpenSlideSlide(Slide):
 
             with tifffile.TiffFile(str(self.path)) as tif:
                 pages = {(int(p.imagewidth), int(p.imagelength)): p for p in tif.pages if p.is_tiled}
-                self._fd = os.open(self.path, os.O_RDONLY)
-                cache = TileCache()
-                readers = {}
+                file, cache, readers = TileFile(self.path), TileCache(), {}
                 for level, (dims, ds) in enumerate(zip(self.level_dimensions, self.level_downsamples)):
                     page = pages.get(dims)
-                    reader = page_reader(self._fd, page, cache, level) if page is not None and ds == round(ds) else None
+                    reader = page_reader(file, page, cache, level) if page is not None and ds == round(ds) else None
                     if reader is not None and agrees(reader, partial(self._read_openslide_level, level)):
                         readers[level] = reader
         except Exception:  # anything unexpected: OpenSlide reads everything, as before
             return {}
+        if readers:
+            self._file = file
+        else:
+            file.close()
         return readers
 
     def _read_openslide_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -542,9 +544,8 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._tile_readers = {}
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
         self._osr.close()
 
 
@@ -630,7 +631,11 @@ class TiffSlide(Slide):
             axes = lvl.axes
             if "Y" not in axes or "X" not in axes:
                 raise SlideError(f"{self.path}: TIFF series has no Y/X axes ({axes})")
-            arr = zarr.open(series.aszarr(level=i), mode="r")
+            # Absent tiles of an RGB image are glass (white), as OpenSlide draws them; the store's
+            # default fill would be black.
+            key = lvl.keyframe
+            white = np.dtype(key.dtype) == np.uint8 and int(key.photometric) in (2, 6)
+            arr = zarr.open(series.aszarr(level=i, fillvalue=255 if white else None), mode="r")
             self._arrays.append(arr)
             self._axes.append(axes)
             dims.append((int(lvl.shape[axes.index("X")]), int(lvl.shape[axes.index("Y")])))
@@ -675,7 +680,7 @@ class TiffSlide(Slide):
             self._decode(self.level_count - 1, 0, 0, 1, 1)
         except Exception as exc:  # tifffile/imagecodecs raise many types for undecodable data
             raise SlideError(f"{self.path}: opens but its pixels cannot be decoded: {_one_line(exc)}") from None
-        self._fd: int | None = None
+        self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels(series)
 
     def _tile_reader_levels(self, series: Any) -> dict[int, TiledPageReader]:
@@ -685,19 +690,21 @@ class TiffSlide(Slide):
         ``WSI_ESPNET_TILE_DECODE=0`` turns this off."""
         if os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
             return {}
-        cache, readers = TileCache(), {}
         try:
+            file, cache, readers = TileFile(self.path), TileCache(), {}
             for level, lvl in enumerate(series.levels):
                 pages = list(lvl.pages)
                 if self._axes[level] != "YXS" or len(pages) != 1 or not isinstance(pages[0], type(series.keyframe)):
                     continue
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-                reader = page_reader(self._fd, pages[0], cache, level)
+                reader = page_reader(file, pages[0], cache, level)
                 if reader is not None and agrees(reader, partial(self._decode, level)):
                     readers[level] = reader
         except Exception:  # anything unexpected: the Zarr store reads everything, as before
             return {}
+        if readers:
+            self._file = file
+        else:
+            file.close()
         return readers
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -731,9 +738,8 @@ class TiffSlide(Slide):
 
     def close(self) -> None:
         self._tile_readers = {}
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
         if self._tif is not None:
             self._tif.close()
 

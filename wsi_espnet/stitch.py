@@ -50,13 +50,18 @@ def class_argmax(probs: np.ndarray) -> np.ndarray:
     Why not ``argmax(0)``: over the leading axis of a (C, h, w) array numpy transposes into a copy
     first.  The maximum over the planes, then each class from the top down written where it equals
     that maximum (so the lowest tied class is written last), is ~1.5x faster than the one-pass
-    compare-and-update and 2x faster than ``argmax``, on the pipeline's hottest line."""
-    best = np.maximum.reduce(probs, axis=0)
+    compare-and-update and 2x faster than ``argmax``, on the pipeline's hottest line.
+
+    NaN (a model that overflowed) never wins; a pixel with no number at all is class 0, background,
+    rather than counted in any tissue class."""
+    best = np.fmax.reduce(probs, axis=0)
     labels = np.full(best.shape, probs.shape[0] - 1, np.uint8)
     hit = np.empty(best.shape, bool)
     for c in range(probs.shape[0] - 2, -1, -1):
         np.equal(probs[c], best, out=hit)
         np.copyto(labels, np.uint8(c), where=hit)
+    np.isnan(best, out=hit)
+    np.copyto(labels, np.uint8(0), where=hit)
     return labels
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -68,12 +69,38 @@ def _size(tile: np.ndarray | None) -> int:
     return tile.nbytes if tile is not None else 64
 
 
-class TiledPageReader:
-    """Regions of one tiled TIFF page as uint8 RGB; missing tiles (byte count 0) are white, as
-    OpenSlide composites their transparency over white."""
+class TileFile:
+    """The slide file, open for positioned reads (``os.pread``: no shared file position, so the
+    reader threads need no lock).  Closed with the slide, or, for a slide that is never closed (a
+    copy unpickled on a Dask worker), when the last reader using it is garbage-collected."""
 
-    def __init__(self, fd: int, page: Any, cache: TileCache, key: Any) -> None:
-        self._fd = fd
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
+
+    def read(self, count: int, offset: int) -> bytes:
+        if not self._finalizer.alive:  # the number may already name another file
+            raise ValueError("read from a closed slide")
+        data = os.pread(self.fd, count, offset)
+        if len(data) != count:
+            raise OSError(f"{count} bytes at {offset} are cut short: {len(data)} read (truncated file?)")
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class TiledPageReader:
+    """Regions of one tiled TIFF page as uint8 RGB.  Missing tiles (byte count 0) are ``missing``:
+    white by default, as OpenSlide composites their transparency over white."""
+
+    def __init__(self, file: TileFile, page: Any, cache: TileCache, key: Any, missing: int = 255) -> None:
+        self._file = file
+        self._missing = missing
         self._decode = page.decode  # tifffile's decoder for this page (thread-safe: no shared state)
         self._tables = page.jpegtables
         self._offsets = page.dataoffsets
@@ -97,7 +124,7 @@ class TiledPageReader:
                 tile = self._tile(ty * self._across + tx)
                 dst = out[y0 - y : y1 - y, x0 - x : x1 - x]
                 if tile is None:
-                    dst[...] = 255
+                    dst[...] = self._missing
                 else:
                     dst[...] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
         return out
@@ -111,16 +138,14 @@ class TiledPageReader:
         if count == 0:
             tile = None
         else:
-            data = os.pread(self._fd, count, int(self._offsets[index]))
-            if len(data) != count:
-                raise OSError(f"tile {index} is cut short: {len(data)} of {count} bytes (truncated file?)")
+            data = self._file.read(count, int(self._offsets[index]))
             decoded, _, _ = self._decode(data, index, jpegtables=self._tables, _fullsize=True)
             tile = np.ascontiguousarray(decoded.reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
         self._cache.put(key, tile)
         return tile
 
 
-def page_reader(fd: int, page: Any, cache: TileCache, key: Any) -> TiledPageReader | None:
+def page_reader(file: TileFile, page: Any, cache: TileCache, key: Any, missing: int = 255) -> TiledPageReader | None:
     """A reader for ``page`` if it is of the kind read exactly here, else None."""
     try:
         ok = (
@@ -136,7 +161,7 @@ def page_reader(fd: int, page: Any, cache: TileCache, key: Any) -> TiledPageRead
         )
     except (AttributeError, TypeError, ValueError):
         return None
-    return TiledPageReader(fd, page, cache, key) if ok else None
+    return TiledPageReader(file, page, cache, key, missing) if ok else None
 
 
 def agrees(reader: TiledPageReader, reference: Callable[[int, int, int, int], np.ndarray]) -> bool:
