@@ -20,12 +20,12 @@ cost under 10 % on top of the network.
   ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
   both measured in the same run, so it shows how much of the run the model is kept busy whatever
   the machine's load (it does not show the model being slowed by the reader threads' CPU use).
-* ``--profile``: one more end-to-end run (the CLI's default batch and readers) with timers around
-  each stage inside ``_run_grid``: on the main thread, the model and the time it waits for decoded
-  tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush`` (Zarr writes, class
-  counts); and the reader threads' own busy time (``_read_tile``: OpenSlide read + JPEG decode +
-  resample).  On 2 cores all of them compete with the model for the CPU.
-
+  Under the ``between`` schedule it is below 1 by design: the rest is the time between batches.
+* ``--profile``: one more end-to-end run (the CLI's default batch, readers and schedule) with
+  timers around each stage inside ``_run_grid``: on the main thread, the model and the time it
+  waits for decoded tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush``
+  (Zarr writes, class counts); and the reader threads' own busy time (``_read_tile``: read + JPEG
+  decode + resample).  On 2 cores they compete with each other, and under ``beside`` with the model.
 * ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
   thread per core that is ``between``), ``beside`` (reads and blending while the model runs, as on
   a GPU) or ``between`` (between the model's batches).
