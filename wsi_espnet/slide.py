@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, SlideError, UserError
-from .tiff_tiles import TiledPageReader, TileCache, TileFile, agrees, page_reader
+from .tiff_tiles import TiledPageReader, TileFile, checked_readers
 
 #: A pyramid level is used for a target resolution when it is at most this much coarser (relative).
 #: Slightly coarser levels are common: an Aperio AT2 scan at 0.2527 µm/px has its 4x level at
@@ -240,6 +240,12 @@ class Slide(ABC):
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 RGB of level pixels, region inside the level."""
+
+    def _release_tile_readers(self) -> None:
+        """Forget the levels decoded through ``tiff_tiles`` and close their file (both backends)."""
+        self._tile_readers = {}
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
     def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
@@ -471,7 +477,7 @@ class OpenSlideSlide(Slide):
                 raise self._read_failed(exc, level, x, y, w, h) from None
         ds = self.level_downsamples[level]
         if ds == round(ds):
-            return self._read_openslide((x * round(ds), y * round(ds)), level, w, h)
+            return self._read_openslide_level(level, x, y, w, h)
         # A non-integer downsample (Aperio's 2.0005) makes OpenSlide sample level pixels at
         # location / ds, a sub-pixel position interpolated by cairo, so the same level pixel would come
         # out differently depending on where a read starts.  Reading in blocks anchored on a fixed
@@ -515,18 +521,12 @@ class OpenSlideSlide(Slide):
 
             with tifffile.TiffFile(str(self.path)) as tif:
                 pages = {(int(p.imagewidth), int(p.imagelength)): p for p in tif.pages if p.is_tiled}
-                file, cache, readers = TileFile(self.path), TileCache(), {}
-                for level, (dims, ds) in enumerate(zip(self.level_dimensions, self.level_downsamples)):
-                    page = pages.get(dims)
-                    reader = page_reader(file, page, cache, level) if page is not None and ds == round(ds) else None
-                    if reader is not None and agrees(reader, partial(self._read_openslide_level, level)):
-                        readers[level] = reader
+                self._file, readers = checked_readers(self.path, (
+                    (level, pages[dims], partial(self._read_openslide_level, level))
+                    for level, (dims, ds) in enumerate(zip(self.level_dimensions, self.level_downsamples))
+                    if dims in pages and ds == round(ds)))
         except Exception:  # anything unexpected: OpenSlide reads everything, as before
             return {}
-        if readers:
-            self._file = file
-        else:
-            file.close()
         return readers
 
     def _read_openslide_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -543,9 +543,7 @@ class OpenSlideSlide(Slide):
         return _composite_on_white(np.asarray(img))
 
     def close(self) -> None:
-        self._tile_readers = {}
-        if self._file is not None:
-            self._file.close()
+        self._release_tile_readers()
         self._osr.close()
 
 
@@ -688,23 +686,13 @@ class TiffSlide(Slide):
         (``tiff_tiles``) instead of through tifffile's Zarr store, which decodes every tile a read
         touches again at every read; each only after reads of it gave the store's very bytes.
         ``WSI_ESPNET_TILE_DECODE=0`` turns this off."""
-        if os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
-            return {}
+        level_pages = [list(lvl.pages) for lvl in series.levels]
         try:
-            file, cache, readers = TileFile(self.path), TileCache(), {}
-            for level, lvl in enumerate(series.levels):
-                pages = list(lvl.pages)
-                if self._axes[level] != "YXS" or len(pages) != 1 or not isinstance(pages[0], type(series.keyframe)):
-                    continue
-                reader = page_reader(file, pages[0], cache, level)
-                if reader is not None and agrees(reader, partial(self._decode, level)):
-                    readers[level] = reader
+            self._file, readers = checked_readers(self.path, (
+                (level, pages[0], partial(self._decode, level)) for level, pages in enumerate(level_pages)
+                if self._axes[level] == "YXS" and len(pages) == 1 and isinstance(pages[0], type(series.keyframe))))
         except Exception:  # anything unexpected: the Zarr store reads everything, as before
             return {}
-        if readers:
-            self._file = file
-        else:
-            file.close()
         return readers
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -737,9 +725,7 @@ class TiffSlide(Slide):
         return _to_rgb_uint8(a, self._photometric, self._colormap)
 
     def close(self) -> None:
-        self._tile_readers = {}
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
+        self._release_tile_readers()
         if self._tif is not None:
             self._tif.close()
 

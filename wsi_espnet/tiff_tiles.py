@@ -19,7 +19,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -171,3 +171,22 @@ def agrees(reader: TiledPageReader, reference: Callable[[int, int, int, int], np
     regions = [(max(0, w // 2 - tw), max(0, h // 2 - th), min(2 * tw, w), min(2 * th, h)),
                (w - min(w, tw), h - min(h, th), min(w, tw), min(h, th))]
     return all(np.array_equal(reader.read(*r), reference(*r)) for r in regions)
+
+
+def checked_readers(path: str | os.PathLike, candidates: Iterable[tuple[int, Any, Callable[..., np.ndarray]]],
+                    ) -> tuple[TileFile | None, dict[int, TiledPageReader]]:
+    """Readers, sharing one file and one cache, for the candidate levels (``(level, page,
+    reference)``: ``reference(x, y, w, h)`` is the backend's own read of that level) that this
+    module reads and whose reads :func:`agrees` with the reference; and their file, or None (closed)
+    when no level qualifies.  ``WSI_ESPNET_TILE_DECODE=0`` turns the decoder off: no readers."""
+    if os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
+        return None, {}
+    file, cache, readers = TileFile(path), TileCache(), {}
+    for level, page, reference in candidates:
+        reader = page_reader(file, page, cache, level)
+        if reader is not None and agrees(reader, reference):
+            readers[level] = reader
+    if not readers:
+        file.close()
+        return None, readers
+    return file, readers
