@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
+    bad = [v for v in args.schedules.split(",") if v not in ("auto", "beside", "between")]
+    if bad:
+        p.error(f"--schedules: {', '.join(bad)} is not one of auto, beside, between")
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")
     import torch

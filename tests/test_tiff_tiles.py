@@ -245,3 +245,10 @@ def test_a_corrupt_tile_is_a_one_line_slide_error_as_in_openslide(demo_svs, tmp_
                 s._read_level(0, 300, 10, 64, 64)
             msg = str(err.value)
             assert str(bad) in msg and "\n" not in msg
+
+
+def test_the_switch_reads_as_a_user_would_write_it(demo_svs, monkeypatch):
+    for value, on in [("0", False), ("off", False), ("False", False), (" no ", False), ("1", True), ("yes", True)]:
+        monkeypatch.setenv("WSI_ESPNET_TILE_DECODE", value)
+        with open_slide(demo_svs) as s:
+            assert bool(s._tile_readers) is on, value

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, SlideError, UserError
-from .tiff_tiles import TiledPageReader, TileFile, checked_readers
+from .tiff_tiles import TiledPageReader, TileFile, checked_readers, tile_decode_enabled
 
 #: A pyramid level is used for a target resolution when it is at most this much coarser (relative).
 #: Slightly coarser levels are common: an Aperio AT2 scan at 0.2527 µm/px has its 4x level at
@@ -514,7 +513,7 @@ class OpenSlideSlide(Slide):
         around its centre, and its last, partial tile) gave OpenSlide's very bytes.  Levels with a
         non-integer downsample stay on OpenSlide, whose sub-pixel sampling of them these would not
         reproduce.  ``WSI_ESPNET_TILE_DECODE=0`` turns this off."""
-        if self.vendor not in ("aperio", "generic-tiff") or os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
+        if self.vendor not in ("aperio", "generic-tiff") or not tile_decode_enabled():
             return {}
         try:
             import tifffile

@@ -173,13 +173,19 @@ def agrees(reader: TiledPageReader, reference: Callable[[int, int, int, int], np
     return all(np.array_equal(reader.read(*r), reference(*r)) for r in regions)
 
 
+def tile_decode_enabled() -> bool:
+    """False when ``WSI_ESPNET_TILE_DECODE`` is 0, off, false or no: every read then goes through
+    the backend's own path."""
+    return os.environ.get("WSI_ESPNET_TILE_DECODE", "").strip().lower() not in ("0", "off", "false", "no")
+
+
 def checked_readers(path: str | os.PathLike, candidates: Iterable[tuple[int, Any, Callable[..., np.ndarray]]],
                     ) -> tuple[TileFile | None, dict[int, TiledPageReader]]:
     """Readers, sharing one file and one cache, for the candidate levels (``(level, page,
     reference)``: ``reference(x, y, w, h)`` is the backend's own read of that level) that this
     module reads and whose reads :func:`agrees` with the reference; and their file, or None (closed)
-    when no level qualifies.  ``WSI_ESPNET_TILE_DECODE=0`` turns the decoder off: no readers."""
-    if os.environ.get("WSI_ESPNET_TILE_DECODE") == "0":
+    when no level qualifies (none when :func:`tile_decode_enabled` says the decoder is off)."""
+    if not tile_decode_enabled():
         return None, {}
     file, cache, readers = TileFile(path), TileCache(), {}
     for level, page, reference in candidates:
