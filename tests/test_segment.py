@@ -4,6 +4,7 @@ to a byte-identical mask, and one clear line for every kind of bad input."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -116,6 +117,27 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert result.class_mm2 == ref_result.class_mm2
     np.testing.assert_allclose([result.class_mm2[n] for n in engine.config.class_names], expected, rtol=1e-12)
     assert len(np.flatnonzero(expected)) > 1
+
+
+def test_a_cut_short_label_file_starts_the_rows_again(tmp_path, demo_svs, small_model):
+    """A work folder whose label file lost bytes (a full disk, a copy cut short) is not trusted: the
+    re-run starts from the first row and still gives the uninterrupted run's mask."""
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    engine.model_id = "same-model"
+    opts = dict(tile=256, overlap=32, batch=2, progress=False)
+    ref = tmp_path / "ref" / "mask.tif"
+    counting = _Interrupting(engine)
+    segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
+    out = tmp_path / "mask.tif"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, counting.calls // 2))
+    work = tmp_path / "mask.tif.work"
+    assert json.loads((work / "progress.json").read_text())["flushed_y"] > 0
+    labels = work / "labels.u8"
+    os.truncate(labels, labels.stat().st_size // 2)
+    result = segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=engine)
+    assert result.resumed_from_row == 0
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_killed_process_resumes(tmp_path, demo_svs, small_model):

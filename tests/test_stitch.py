@@ -113,18 +113,16 @@ def test_pending_state_is_a_thin_strip_not_the_image(width):
     assert peak < 0.1 * C * 4 * width * H
 
 
-def test_label_band_streams_rows_to_zarr_in_order(tmp_path):
-    """Labels land at their place in the Zarr array whatever the band boundaries, including rows
+def test_label_band_streams_rows_to_the_label_file_in_order(tmp_path):
+    """Labels land at their place in the label file whatever the band boundaries, including rows
     emitted below a band's bottom (no tile below them) that wait for the next flush."""
-    import zarr
-
+    from wsi_espnet.label_file import LabelFile
     from wsi_espnet.segment import LabelBand
 
     H, W = 700, 300
     rng = np.random.default_rng(3)
     truth = rng.integers(1, 9, (H, W), dtype=np.uint8)
-    labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(128, 128), dtype="uint8",
-                               fill_value=0)
+    labels = LabelFile.create(tmp_path / "l.u8", (H, W))
     band = LabelBand(labels, flushed_y=0, height=340)
     # (band bottom, blocks as (y0, y1, x0, x1)) — later blocks may start above the flushed height
     plan = [(100, [(0, 100, 0, 300), (100, 160, 0, 120)]),
@@ -141,19 +139,18 @@ def test_label_band_streams_rows_to_zarr_in_order(tmp_path):
 
 
 def test_label_band_writes_only_where_labels_landed(tmp_path, recorded):
-    """A band whose tissue covers a few columns writes just those chunks, and a band without tissue
-    writes nothing; the array still equals the labels everywhere and the class counts are exact."""
-    import zarr
-
+    """A band whose tissue covers a few columns writes just those columns, and a band without tissue
+    writes nothing; the file still equals the labels everywhere, the class counts are exact, and
+    the rows never written stay holes (no disk space)."""
+    from wsi_espnet.label_file import LabelFile
     from wsi_espnet.segment import LabelBand
 
     H, W = 600, 1000
     rng = np.random.default_rng(4)
     truth = np.zeros((H, W), np.uint8)
-    truth[0:200, 500:610] = rng.integers(1, 5, (200, 110))  # band 1: chunk columns 3 and 4
-    truth[400:600, 990:1000] = 3  # band 3: the last, narrow chunk column; band 2 (200-400): nothing
-    labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(200, 128), dtype="uint8",
-                               fill_value=0)
+    truth[0:200, 500:610] = rng.integers(1, 5, (200, 110))  # band 1
+    truth[400:600, 990:1000] = 3  # band 3: the last columns; band 2 (200-400): nothing
+    labels = LabelFile.create(tmp_path / "l.u8", (H, W))
     rec = recorded(labels)
     band = LabelBand(rec, flushed_y=0, height=200)
     for y0 in (0, 200, 400):
@@ -163,31 +160,28 @@ def test_label_band_writes_only_where_labels_landed(tmp_path, recorded):
             band.write(y0, int(cols[0]), rows[:, cols[0] : cols[-1] + 1])
         band.flush(y0 + 200)
     np.testing.assert_array_equal(labels[:], truth)
-    assert labels.nchunks_initialized == 3  # chunks (0, 3), (0, 4) and (2, 7), nothing else
     written = [(ys.start, xs.start, xs.stop) for ys, xs in rec.writes]
-    assert written == [(0, 384, 640), (400, 896, 1000)]  # whole chunks around the labels; band 2: none
+    assert written == [(0, 500, 610), (400, 990, 1000)]  # band 2: nothing
     np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
 
 
 def test_rows_carried_to_the_next_band_keep_their_columns(tmp_path, recorded):
     """Labels emitted below a band's bottom (no tissue tile below them) wait for the next flush,
     which then writes, counts and clears only their columns, not the whole width."""
-    import zarr
-
+    from wsi_espnet.label_file import LabelFile
     from wsi_espnet.segment import LabelBand
 
     H, W = 300, 1000
     truth = np.zeros((H, W), np.uint8)
     truth[0:150, 500:600] = np.random.default_rng(6).integers(1, 5, (150, 100))
-    labels = zarr.create_array(str(tmp_path / "l.zarr"), shape=(H, W), chunks=(100, 128), dtype="uint8",
-                               fill_value=0)
+    labels = LabelFile.create(tmp_path / "l.u8", (H, W))
     rec = recorded(labels)
     band = LabelBand(rec, flushed_y=0, height=200)
     band.write(0, 500, truth[0:150, 500:600])  # rows 100-149 lie below the first band
     for bottom in (100, 200, 300):
         band.flush(bottom)
     np.testing.assert_array_equal(labels[:], truth)
-    assert [(ys.start, xs.start, xs.stop) for ys, xs in rec.writes] == [(0, 384, 640), (100, 384, 640)]
+    assert [(ys.start, xs.start, xs.stop) for ys, xs in rec.writes] == [(0, 500, 600), (100, 500, 600)]
     np.testing.assert_array_equal(band.counts[:5], np.bincount(truth.ravel(), minlength=5))
     assert not band.buf.any()  # every row handed on was cleared behind it
 

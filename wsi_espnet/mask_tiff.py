@@ -33,7 +33,7 @@ OME-XML there to find the pyramid and the pixel size, and a TIFF page has one de
 Pyramid: each reduced level is the 2x2 *mode* of the level above (ties go to the top-left pixel). A
 mode keeps class areas unbiased at every level, where nearest-neighbour sampling aliases; single-pixel
 specks vanish at coarse levels, which only matters for display: level 0 is always exact. Levels are
-built into a temporary Zarr group next to the output, block by block, so no level is ever held whole
+built into temporary raw label files next to the output, block by block, so no level is ever held whole
 in memory; then each level is streamed into the TIFF tile row by tile row.  Building the pyramid
 notes where each level has labels, so the second pass reads only those regions, and every empty tile
 is the same encoded zero tile (same bytes as tifffile's own encoding, a fraction of the time).
@@ -57,9 +57,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 import tifffile
-import zarr
 
 from .errors import UserError
+from .label_file import LabelFile
 from .outputs import check_output
 from .tiling import Occupancy
 
@@ -139,6 +139,7 @@ def write_mask_tiff(
     for stale in path.parent.glob(f".{path.name}.levels-*"):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
+    reduced: list[LabelFile] = []
     try:
         reduced, occupancy = _build_levels(labels, shapes, scratch, tile, block, len(class_names), occupied)
         levels = [labels] + reduced
@@ -151,6 +152,8 @@ def write_mask_tiff(
         partial.unlink(missing_ok=True)
         raise
     finally:
+        for level in reduced:
+            level.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return path
 
@@ -260,15 +263,14 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,
-                  num_classes: int, occupied: Occupancy | None = None) -> tuple[list[zarr.Array], list[Occupancy | None]]:
-    """Levels 1.. as Zarr arrays under ``scratch``, each from the previous one in blocks, and for
+                  num_classes: int, occupied: Occupancy | None = None) -> tuple[list[LabelFile], list[Occupancy | None]]:
+    """Levels 1.. as label files under ``scratch``, each from the previous one in blocks, and for
     every level (0 included) where it may be non-zero (None: not known, read it all)."""
-    levels: list[zarr.Array] = []
+    levels: list[LabelFile] = []
     occupancy: list[Occupancy | None] = [occupied] + [None] * (len(shapes) - 1)
     source = labels
     for k, (h, w) in enumerate(shapes[1:], start=1):
-        dest = zarr.create_array(store=str(scratch / f"level{k}.zarr"), shape=(h, w), dtype="uint8",
-                                 chunks=(tile, tile), fill_value=0)
+        dest = LabelFile.create(scratch / f"level{k}.u8", (h, w))
         src_h, src_w = shapes[k - 1]
         src_occ = occupancy[k - 1]
         if k == 1:  # learn where level 0 has labels while reading it for level 1

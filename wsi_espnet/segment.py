@@ -3,8 +3,8 @@
 Data flows one way.  Tiles are read and decoded on a thread pool (:class:`TileReader`; OpenSlide and
 the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own
 :class:`BlendStitcher` blends overlaps (the argmax of finished cells on a pool of their own) and
-emits finished cells into a uint8 band that is flushed, whole Zarr chunk rows at a time (class
-areas counted on the way), into ``<out>.work/labels.zarr`` (with ``--probs``, the blended
+emits finished cells into a uint8 band that is flushed, a band of rows at a time (class areas
+counted on the way), into ``<out>.work/labels.u8`` (a :class:`LabelFile`; with ``--probs``, the blended
 probabilities go to :class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is
 complete).  The writers (mask TIFF, GeoJSON, overlay) read that array block by block, and only where
 the tissue tiles ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the
@@ -41,6 +41,7 @@ import numpy as np
 
 from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
+from .label_file import LabelFile
 from .errors import NoMppError, UserError
 from .outputs import check_output
 from .slide import Slide, open_slide
@@ -48,9 +49,11 @@ from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
 
-CHUNK = 512  # label Zarr chunk side
-WORK_VERSION = 3  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
-#                   resampling order and level tolerance (pixels of an older run's rows may differ)
+CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
+LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
+WORK_VERSION = 4  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+#                   resampling order and level tolerance (pixels of an older run's rows may differ);
+#                   4: labels in a raw LabelFile, not Zarr
 
 
 @dataclass
@@ -132,8 +135,8 @@ def _fingerprint(slide: Slide, model_id: str, settings: dict) -> str:
 
 
 class LabelBand:
-    """Holds emitted labels from ``flushed_y`` down to the lowest pending cell; finished rows go to the
-    Zarr array in one write per band.  ``height`` bounds how far below ``flushed_y`` a label may land
+    """Holds emitted labels from ``flushed_y`` down to the lowest pending cell; finished rows go to
+    ``labels`` (a :class:`LabelFile`, or any 2-D array) in one write per band.  ``height`` bounds how far below ``flushed_y`` a label may land
     (the deepest band: the last two tile rows are fed together)."""
 
     def __init__(self, labels, flushed_y: int, height: int, fill: int = 0, counts: list[int] | None = None) -> None:
@@ -169,20 +172,16 @@ class LabelBand:
         self.x_range = (min(self.x_range[0], x), max(self.x_range[1], x + block.shape[1]))
 
     def flush(self, final_y: int) -> int:
-        """Write the final rows < ``final_y`` (once per band: a partly written chunk row costs one
-        re-encode of uint8 labels, cheap next to the model, and resuming loses at most one band)."""
+        """Write the final rows < ``final_y`` (once per band: resuming loses at most one band)."""
         end = min(final_y, self.total_height)
         n = end - self.flushed_y
         if n <= 0:
             return self.flushed_y
         # Only the columns written since the last flush (outside them the buffer holds the fill
-        # value, never written in the array either), widened to whole chunks for the write: a band
-        # without tissue writes nothing; a full-width write of a 50k-wide band costs ~90 ms.
+        # value, never written in the array either): a band without tissue writes nothing.
         x0, x1 = self.x_range
         if x1 > x0:
-            cw = self.labels.chunks[1]
-            chunks = slice(x0 // cw * cw, min(-(-x1 // cw) * cw, self.width))
-            self.labels[self.flushed_y : end, chunks] = self.buf[:n, chunks]
+            self.labels[self.flushed_y : end, x0:x1] = self.buf[:n, x0:x1]
         self._count(self.buf[:n])
         # Move the rows still in use up by n, n rows at a time (source and destination never
         # overlap, so numpy copies in place instead of through a temporary as large as the band),
@@ -324,13 +323,12 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
         bounds = slide.bounds
         slide_name = str(slide.path)
 
-    import zarr
-
-    labels = zarr.open_array(str(work / "labels.zarr"), mode="r")
+    labels = LabelFile.open(work / LABELS, result.size[::-1])
     counts = state["counts"][: cfg.num_classes]  # counted by LabelBand as rows were finished
     px_mm2 = (mpp / 1000.0) ** 2
     class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(cfg.class_names)}
-    outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, state)
+    with labels:
+        outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, state)
     shutil.rmtree(work, ignore_errors=True)
     result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
     result.outputs = outputs
@@ -357,6 +355,19 @@ def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
     return state
 
 
+def _label_file(path: Path, shape: tuple[int, int], state: dict) -> LabelFile:
+    """The run's label map: the one on disk when resuming (``flushed_y`` rows of it are done), else a
+    new, all-background one (and nothing done)."""
+    if state["flushed_y"] > 0:
+        try:
+            return LabelFile.open(path, shape, writable=True)
+        except (OSError, ValueError):
+            pass  # gone or cut short: start the rows again
+    state["flushed_y"] = 0
+    state.pop("counts", None)
+    return LabelFile.create(path, shape)
+
+
 def _tissue(slide: Slide, work: Path) -> TissueMask:
     """Detect once and keep the mask in the work folder, so a resumed run uses the very same grid."""
     path = work / "tissue.png"
@@ -376,18 +387,7 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
 
     width, height = grid.image_size
     stride = grid.tile - grid.overlap
-    # Label chunk rows and probability chunks one tile stride tall, aligned with the grid (see below).
-    side = stride if stride >= 128 else CHUNK
-    labels_path = work / "labels.zarr"
-    if labels_path.exists() and state["flushed_y"] > 0:
-        labels = zarr.open_array(str(labels_path), mode="r+")
-    else:
-        # Chunk rows one tile stride tall: each band then writes whole chunks once, never decoding
-        # and re-encoding a chunk that the band before it half filled.
-        labels = zarr.create_array(str(labels_path), shape=(height, width),
-                                   chunks=(side, CHUNK), dtype="uint8",
-                                   fill_value=0, overwrite=True)
-        state["flushed_y"] = 0
+    labels = _label_file(work / LABELS, (height, width), state)
     probs_arr = None
     if opts.probs:
         probs_path = work / "probs.zarr"
@@ -396,6 +396,7 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
         else:
             # Chunks one tile stride square, aligned with the grid: each completes within the tile
             # row that covers it, so ChunkAssembler holds only a few at a time.
+            side = stride if stride >= 128 else CHUNK
             probs_arr = zarr.create_array(str(probs_path), shape=(engine.config.num_classes, height, width),
                                           chunks=(engine.config.num_classes, side, side), dtype="float16",
                                           fill_value=0, overwrite=True)
@@ -472,6 +473,7 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     if probs_out is not None:
         probs_out.close()
     band.flush(height)
+    labels.close()
     state["flushed_y"] = height
     state["counts"] = band.counts.tolist()
     state["done"] = True

@@ -1,0 +1,88 @@
+"""LabelFile: the raw, sparse uint8 label map behind a segmentation run's work folder and the mask
+writer's pyramid levels."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from wsi_espnet.label_file import LabelFile
+
+
+def test_reads_and_writes_agree_with_numpy_over_random_regions(tmp_path):
+    H, W = 300, 517
+    rng = np.random.default_rng(0)
+    ref = np.zeros((H, W), np.uint8)
+    lf = LabelFile.create(tmp_path / "l.u8", (H, W))
+    for _ in range(200):
+        y0, x0 = rng.integers(0, H), rng.integers(0, W)
+        y1, x1 = rng.integers(y0, H + 1), rng.integers(x0, W + 1)
+        if rng.random() < 0.2:
+            x0, x1 = 0, W  # whole rows: the single-read/write path
+        block = rng.integers(0, 256, (y1 - y0, x1 - x0), dtype=np.uint8)
+        lf[y0:y1, x0:x1] = block
+        ref[y0:y1, x0:x1] = block
+        a, b = sorted(rng.integers(0, H, 2))
+        c, d = sorted(rng.integers(0, W, 2))
+        np.testing.assert_array_equal(lf[a:b, c:d], ref[a:b, c:d])
+    np.testing.assert_array_equal(lf[:], ref)
+    np.testing.assert_array_equal(lf[-10:, -7:], ref[-10:, -7:])  # negative bounds, as numpy
+    lf[5:9, 3:4] = 7  # a scalar broadcasts
+    ref[5:9, 3:4] = 7
+    lf[:, 2:6] = ref[:, 2:6][:, ::-1]  # a non-contiguous block
+    ref[:, 2:6] = ref[:, 2:6][:, ::-1].copy()
+    lf.close()
+    again = LabelFile.open(tmp_path / "l.u8", (H, W))
+    np.testing.assert_array_equal(again[:], ref)
+    assert again[3:3, 0:5].shape == (0, 5)
+
+
+def test_unwritten_regions_are_background_and_take_no_disk(tmp_path):
+    """A 400 MB map with one small block written occupies a few blocks of disk: the rest are holes."""
+    lf = LabelFile.create(tmp_path / "big.u8", (20000, 20000))
+    lf[10000:10100, 5000:5100] = 3
+    st = os.stat(tmp_path / "big.u8")
+    assert st.st_size == 20000 * 20000
+    assert st.st_blocks * 512 < 2 * 1024 * 1024
+    assert not lf[0:100, 0:20000].any()
+    assert (lf[10000:10100, 5000:5100] == 3).all()
+
+
+def test_mistakes_are_refused(tmp_path):
+    path = tmp_path / "l.u8"
+    LabelFile.create(path, (10, 20)).close()
+    with pytest.raises(ValueError, match="bytes"):
+        LabelFile.open(path, (10, 21))  # other settings' file
+    ro = LabelFile.open(path, (10, 20))
+    with pytest.raises(ValueError, match="read-only"):
+        ro[0:1, 0:1] = 1
+    with pytest.raises(IndexError):
+        ro[0:10:2, :]
+    with pytest.raises(IndexError):
+        ro[3]
+    ro.close()
+    with pytest.raises(ValueError, match="closed"):
+        ro[0:1, 0:1]
+    with pytest.raises(ValueError):
+        LabelFile.create(tmp_path / "empty.u8", (0, 5))
+
+
+def test_threads_write_disjoint_rows_without_a_lock(tmp_path):
+    H, W = 400, 333
+    truth = np.random.default_rng(1).integers(0, 9, (H, W), dtype=np.uint8)
+    lf = LabelFile.create(tmp_path / "l.u8", (H, W))
+
+    def work(k: int) -> None:
+        for y in range(k, H, 4):
+            lf[y : y + 1, 11:W] = truth[y : y + 1, 11:]
+            lf[y : y + 1, 0:11] = truth[y : y + 1, :11]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(lf[:], truth)
