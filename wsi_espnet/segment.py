@@ -1,8 +1,8 @@
 """Whole-slide segmentation: slide → tissue → tiles → model → blended label map → outputs.
 
 Data flows one way.  Tiles are read and decoded on a thread pool (:class:`TileReader`; OpenSlide and
-the codecs release the GIL), the model runs on batches of tissue tiles, and on a thread of its own
-:class:`BlendStitcher` blends overlaps (the argmax of finished cells on a pool of their own) and
+the codecs release the GIL), the model runs on batches of tissue tiles, and :class:`BlendStitcher`
+blends overlaps (the argmax of finished cells on a pool of their own) and
 emits finished cells into a uint8 band that is flushed, a band of rows at a time (class areas
 counted on the way), into ``<out>.work/labels.u8`` (a :class:`LabelFile`; with ``--probs``, the blended
 probabilities go to :class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is
@@ -11,9 +11,9 @@ the tissue tiles ran (:meth:`TileGrid.footprint`), so memory grows only with the
 blending strip), never with its area.
 
 Scheduling (:func:`cores_free_beside`): with an accelerator, or CPU cores the model leaves free,
-reading runs ahead and blending one batch behind while the model works; with a CPU model on every
-core both run between the model's batches instead, since beside it they would stall all of its
-threads.  Same operations in the same order either way: the same bytes.
+reading runs ahead and blending one batch behind (on a thread of its own) while the model works;
+with a CPU model on every core both run between the model's batches instead, since beside it they
+would stall all of its threads.  Same operations in the same order either way: the same bytes.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
@@ -420,9 +420,12 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
                              labeler=labeler)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
 
-    def blend(tiles: list[Tile], probs: np.ndarray) -> None:
+    def blend(tiles: list[Tile], probs: np.ndarray, then=None) -> None:
+        """Blend a batch: the adds (whose argmax goes to the labeler pool), ``then``, the labels."""
         for t, p in zip(tiles, probs):
             stitcher.add(t.row, t.col, p)
+        if then is not None:
+            then()
         stitcher.deliver()
 
     def finish_band(b) -> None:
@@ -435,10 +438,11 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
 
     reader = TileReader(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers)
     beside = cores_free_beside(engine) if opts.schedule == "auto" else opts.schedule == "beside"
-    # Blending and label writes run on one thread of their own, in feed order (the same operations
-    # in the same order whatever the schedule, so the same result).  "beside": reads run two
-    # batches ahead and blending one batch behind, while the model works; "between": the next
-    # batch is read while this one is blended, both after the model and before its next batch.
+    # Blending and label writes happen in feed order whatever the schedule (the same operations in
+    # the same order, so the same result).  "beside": on a thread of their own, one batch behind
+    # the model, while reads run two batches ahead.  "between": on this thread, after the model
+    # and before its next batch; the next batch's reads start once this batch's adds are done,
+    # so that the adds (one thread, the longest chain) never share the cores with them.
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
     behind: deque[Future] = deque()
 
@@ -453,17 +457,17 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
                 tiles, images = reader.next_batch()
                 if beside:
                     reader.read_ahead(2)
-                probs = engine.predict_proba(images)
-                if not beside:
-                    reader.read_ahead(1)
-                wait_blender()
-                behind.append(blender.submit(blend, tiles, probs))
-                if not beside:
+                    probs = engine.predict_proba(images)
                     wait_blender()
+                    behind.append(blender.submit(blend, tiles, probs))
+                else:
+                    probs = engine.predict_proba(images)
+                    blend(tiles, probs, then=lambda: reader.read_ahead(1))
                 bar.update(len(tiles))
-            behind.append(blender.submit(finish_band, b))
-            if not beside:
-                wait_blender()
+            if beside:
+                behind.append(blender.submit(finish_band, b))
+            else:
+                finish_band(b)
         wait_blender()
     finally:
         blender.shutdown(wait=True, cancel_futures=True)
