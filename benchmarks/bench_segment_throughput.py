@@ -59,6 +59,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wsi_espnet.runtime import tune_for_inference  # noqa: E402
+
+# As the CLI does (before torch loads): glibc keeps freed memory, OpenMP threads spin less.
+TUNED = tune_for_inference() if "--untuned" not in sys.argv else None
 import wsi_espnet.segment as seg  # noqa: E402
 from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.demo import write_demo_slide  # noqa: E402
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
     p.add_argument("--slide", type=Path, help="measure on this slide instead of a demo slide (e.g. the 100k² "
                    "banded slide of bench_segment_memory.py: most of it background)")
+    p.add_argument("--untuned", action="store_true", help="leave the process as a library call finds it "
+                   "(no runtime.tune_for_inference, which wsi-segment applies)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = TorchEngine(load_model(args.model), device="cpu")
     tile = engine.config.slide.tile
     print(f"model {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -189,10 +189,13 @@ def process_slide(spec: dict) -> dict:
     A :class:`UserError` becomes a ``failed`` row rather than an exception, because Dask retries
     exceptions and a corrupt file stays corrupt.  Everything else propagates, for Dask to retry.
     """
+    from wsi_espnet.runtime import tune_for_inference
     from wsi_espnet.segment import SegmentOptions, segment_slide
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"slide": spec["slide"], "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    if spec.get("tune_process"):  # a worker process of our own LocalCluster, there to run the model
+        tune_for_inference()
     _set_torch_threads(_torch_threads(spec))
     outputs = spec["outputs"]
     seg = spec["segment"]
@@ -315,7 +318,8 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
             for w in workers:
                 per_host[w["host"]] = per_host.get(w["host"], 0) + 1
             yield client, {"device": opts.device, "resources": {"GPU": 1} if gpu else None,
-                           "torch_threads": opts.threads_per_worker, "workers_per_host": per_host}
+                           "torch_threads": opts.threads_per_worker, "workers_per_host": per_host,
+                           "tune_process": False}  # someone else's workers: their process settings stay
         return
 
     gpus = opts.gpus if opts.gpus is not None else _visible_gpus(opts.device)
@@ -344,7 +348,7 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
         device = ("cuda" if opts.device in ("auto", "cuda") else opts.device) if gpus else (
             "cpu" if opts.device == "auto" else opts.device)
         yield client, {"device": device, "resources": {"GPU": 1} if gpus else None,
-                       "torch_threads": plan.torch_threads, "workers_per_host": {}}
+                       "torch_threads": plan.torch_threads, "workers_per_host": {}, "tune_process": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +380,8 @@ def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:
     seg.update(job.options)
     return {"slide": str(job.slide), "outputs": {k: str(v) for k, v in job.outputs(opts.extras).items()},
             "model": str(opts.model) if opts.model else None, "segment": seg,
-            "torch_threads": cluster["torch_threads"], "workers_per_host": cluster["workers_per_host"]}
+            "torch_threads": cluster["torch_threads"], "workers_per_host": cluster["workers_per_host"],
+            "tune_process": cluster.get("tune_process", False)}
 
 
 def _task_key(job: SlideJob, spec: dict) -> str:

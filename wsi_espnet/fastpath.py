@@ -11,7 +11,7 @@ What makes plain eager ESPNet slow on a CPU, largest first (p2q8, 1024×512, 2 c
   in magnitude as 0, which no float32 output can show;
 * fresh memory.  A frame allocates ~150 MB of feature maps; glibc hands large freed blocks back to
   the kernel and their pages fault (and are zeroed) again on the next frame: 45 ms of system time
-  per frame here.  :func:`retain_freed_memory` keeps them in the process;
+  per frame here.  :func:`.runtime.retain_freed_memory` keeps them in the process;
 * memory passes over the feature maps (batch norms, concatenations, hierarchical sums, residual
   adds, PReLUs), and the convolutions themselves (4.7 G multiply-adds per frame).
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .espnet import DILATIONS, ESPModule, ESPNet, ESPNetC, StridedESPModule, Upsampled
+from .runtime import retain_freed_memory
 
 # Parameters smaller than this in magnitude are stored as 0 (see _stored).
 NEGLIGIBLE = 1e-20
@@ -397,32 +398,6 @@ class Compiled(nn.Module):
             return self.compiled(x)
 
 
-def retain_freed_memory() -> bool:
-    """Ask glibc to serve every allocation from its heap and to keep freed memory (up to 1 GiB at
-    the heap's top) in the process instead of handing it back to the kernel (``mallopt``:
-    ``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` 1 GiB).
-
-    Why: a 1024×512 frame allocates ~150 MB of feature maps and a 42 MB output, and frees them
-    again.  By default glibc maps every block above its mmap threshold (at most 32 MiB) straight
-    from the kernel and unmaps it on free, so each frame's pages fault and are zeroed anew: 45 ms
-    of system time per frame on this machine (25,000 page faults), 20% of the work.  With this set
-    the same frame takes no page faults at all.  Peak memory is unchanged; resident memory stays
-    at its peak instead of shrinking between frames.  Process-wide; returns False (and does
-    nothing) where the C library is not glibc.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def optimize_for_inference(
     model: nn.Module,
     example_shape: tuple[int, int, int, int] = (1, 3, 512, 1024),
@@ -445,7 +420,8 @@ def optimize_for_inference(
     logits against the twin's (within 1e-5 of their range); if they disagree it warns and returns
     the uncompiled twin.  ``retain_memory=True`` also calls :func:`retain_freed_memory` (when the
     model is on the CPU): 20% faster frames, but a process-wide allocator setting that keeps freed
-    memory for good, so only ``wsi-espnet bench`` uses it (the segment CLI does not: README).
+    memory for good, so a library call never makes it on its own; the command-line entry points
+    make it for their process (:func:`.runtime.tune_for_inference`).
     """
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")

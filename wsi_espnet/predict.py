@@ -17,6 +17,7 @@ import numpy as np
 
 from .engine import Engine, make_engine
 from .errors import UserError
+from .runtime import tune_for_inference
 
 MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
 
@@ -164,6 +165,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_for_inference()  # this process exists to run the model (before torch is imported)
     engine = make_engine(args.model, backend=args.backend, device=args.device)
     size = parse_size(args.size) if args.size else None
     if size is None and not args.native and engine.config.input_size:

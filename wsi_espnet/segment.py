@@ -42,6 +42,7 @@ import numpy as np
 from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .label_file import LabelFile
+from .runtime import lazy_zeros, tune_for_inference
 from .errors import NoMppError, UserError
 from .outputs import check_output
 from .slide import Slide, open_slide
@@ -145,9 +146,9 @@ class LabelBand:
         self.total_height = labels.shape[0]
         self.flushed_y = flushed_y
         self.fill = fill
-        # Zeros from calloc: its pages become resident only where labels land (a 50k-wide buffer,
-        # two tile rows deep for the last band, is ~50 MB, most of it glass on most slides).
-        self.buf = np.zeros((height, self.width), np.uint8)
+        # Lazily zeroed: pages become resident only where labels land (a 50k-wide buffer, two tile
+        # rows deep for the last band, is ~50 MB, most of it glass on most slides).
+        self.buf = lazy_zeros((height, self.width), np.uint8)
         if fill:
             self.buf[:] = fill
         self.used = 0  # rows of buf that may hold labels
@@ -557,6 +558,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_for_inference()  # this process exists to run the model (before torch is imported)
     if args.mpp is not None and not args.mpp > 0:
         raise UserError(f"--mpp must be positive, got {args.mpp}")
     if args.batch < 1:

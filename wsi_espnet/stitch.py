@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .runtime import lazy_zeros
 from .tiling import Tile, TileGrid
 
 _PACK_SCALE = 65535  # uint16 fixed point for probabilities in [0, 1]
@@ -250,7 +251,7 @@ class BlendStitcher:
             return
         if self._strip is None:
             width = self.xs.starts[-1] + self.tile if self.xs.starts else self.width
-            self._strip = np.zeros((self.num_classes, max(self.overlap, 1), width), np.uint16)
+            self._strip = lazy_zeros((self.num_classes, max(self.overlap, 1), width), np.uint16)
             self._in_use = np.zeros(self._strip.shape[1:], bool)
         rows = slice(cell.y0 - top, cell.y1 - top)
         if self._in_use[rows, cell.x0 : cell.x1].any():  # tiles fed out of order: fail, never blend wrongly

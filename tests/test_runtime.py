@@ -1,0 +1,82 @@
+"""Process settings of the command-line entry points, and lazily zeroed buffers."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wsi_espnet.runtime import lazy_zeros
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _child(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (process settings must not leak into the test session),
+    without a GOMP_SPINCOUNT or OMP_WAIT_POLICY of the caller's."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=env).stdout.strip()
+
+
+def test_lazy_zeros_is_a_writable_zero_array():
+    a = lazy_zeros((3, 5, 7), np.uint16)
+    assert a.shape == (3, 5, 7) and a.dtype == np.uint16 and not a.any()
+    a[1, 2, 3] = 65535
+    assert a.sum() == 65535
+    assert lazy_zeros((0, 4), np.uint8).shape == (0, 4)
+
+
+RSS = """
+import numpy as np
+from wsi_espnet.runtime import lazy_zeros, retain_freed_memory
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+
+assert retain_freed_memory()
+before = rss()
+lazy = lazy_zeros((400, 1_000_000), np.uint8)  # 400 MB, as wide as a large slide's label band
+lazy[:10, :100_000] = 1  # a little tissue
+touched = rss() - before
+lazy[:] = 2  # all of it
+del lazy
+lazy_after = rss() - before
+heap = np.zeros((400, 1_000_000), np.uint8)  # the same from the heap that keeps freed memory
+heap[:] = 2
+del heap
+print(touched, lazy_after, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_lazy_zeros_holds_only_what_is_written_and_gives_it_back():
+    """With the heap keeping freed memory (as the CLI sets it), a slide-wide buffer from ``np.zeros``
+    stays resident after the slide; ``lazy_zeros`` holds only the pages written, and returns them."""
+    touched, lazy_after, heap_after = map(int, _child(RSS).split())
+    assert touched < 20
+    assert lazy_after < 20
+    assert heap_after > 300  # what it guards against: 400 MB kept by the heap for good
+
+
+TUNE = """
+import os, sys
+{pre}
+from wsi_espnet.runtime import tune_for_inference
+print(tune_for_inference(), os.environ.get("GOMP_SPINCOUNT"))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_tune_for_inference_sets_what_it_can_and_leaves_a_users_choice():
+    fresh = _child(TUNE.format(pre=""))
+    assert fresh == "{'gomp_spincount': True, 'retain_freed_memory': True} 30000"
+    late = _child(TUNE.format(pre="import torch"))  # libgomp already read its settings
+    assert late.startswith("{'gomp_spincount': False, 'retain_freed_memory': True}")
+    users = _child(TUNE.format(pre="os.environ['GOMP_SPINCOUNT'] = '5'"))
+    assert users.endswith(" 5") and "'gomp_spincount': False" in users
