@@ -141,11 +141,11 @@ def test_overlap_grid_is_recorded(tmp_path):
 def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path):
     out = tmp_path / "r.zarr"
     partial = Path(str(out) + ".partial")
-    # ~400 patches resampled from 0.499 µm/px: a run of a second or more, so the interruption
-    # below (after 10 of them) always lands before the end (at 2 µm/px its ~100 patches could finish
-    # within the signal's latency)
+    # ~1,700 small patches resampled from 0.499 µm/px: seconds of work, so the interruption below
+    # (after 10 of them) lands long before the end however late this process sees them (with ~100
+    # patches at 2 µm/px, or ~400 at 1 µm/px, the run once finished first in the full suite)
     args = [sys.executable, "-m", "wsi_espnet.cli", "tile", str(CMU), "--out", str(out), "--mpp-out", "1.0",
-            "--tile", "64", "--tissue-threshold", "0", "--workers", "1", "--quiet"]
+            "--tile", "32", "--tissue-threshold", "0", "--workers", "1", "--quiet"]
     # PYTHONFAULTHANDLER: should the interrupted run ever hang, SIGABRT makes it print every
     # thread's stack, and the failure shows where.
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
@@ -173,11 +173,11 @@ def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path):
     total = zarr.open_group(str(partial), mode="r")["patches"].shape[0]
     assert 10 <= done_before < total
 
-    write_patch_store(CMU, out, mpp=1.0, tile=64, tissue_threshold=0.0, workers=2, progress=False)
+    write_patch_store(CMU, out, mpp=1.0, tile=32, tissue_threshold=0.0, workers=2, progress=False)
     resumed = open_patch_store(out)
     assert resumed.attrs["run"]["patches_written"] == total - done_before
     assert not partial.exists()
-    fresh_path = write_patch_store(CMU, tmp_path / "fresh.zarr", mpp=1.0, tile=64, tissue_threshold=0.0,
+    fresh_path = write_patch_store(CMU, tmp_path / "fresh.zarr", mpp=1.0, tile=32, tissue_threshold=0.0,
                                    workers=2, progress=False)
     fresh = open_patch_store(fresh_path)
     assert np.array_equal(resumed["patches"][...], fresh["patches"][...])
