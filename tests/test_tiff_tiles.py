@@ -252,3 +252,28 @@ def test_the_switch_reads_as_a_user_would_write_it(demo_svs, monkeypatch):
         monkeypatch.setenv("WSI_ESPNET_TILE_DECODE", value)
         with open_slide(demo_svs) as s:
             assert bool(s._tile_readers) is on, value
+
+
+def test_levels_are_checked_at_their_first_use_not_at_open(demo_svs, monkeypatch):
+    """Opening checks nothing; a read checks the one level it uses, once, even from several threads;
+    asking for every decoded level checks the rest."""
+    import wsi_espnet.tiff_tiles as tt
+
+    checked: list[int] = []
+    real_agrees = tt.agrees
+
+    def counting(reader, reference):
+        checked.append(reader._key)  # the level
+        return real_agrees(reader, reference)
+
+    monkeypatch.setattr(tt, "agrees", counting)
+    with open_slide(demo_svs) as s:
+        assert checked == []
+        threads = [threading.Thread(target=s.read_at_mpp, args=(64 * i, 0, 256, 256, 1.0)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert checked == [1]  # 1 µm/px is the demo's level 1 (0.5 µm/px at level 0)
+        assert sorted(s._tile_readers) == [0, 1, 2, 3]
+        assert sorted(checked) == [0, 1, 2, 3]

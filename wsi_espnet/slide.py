@@ -33,6 +33,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -507,7 +508,7 @@ class OpenSlideSlide(Slide):
             return None
         return handle if raw.shape == ref.shape and np.abs(raw.astype(np.int16) - ref).max() <= 1 else None
 
-    def _tile_reader_levels(self) -> dict[int, TiledPageReader]:
+    def _tile_reader_levels(self) -> Mapping[int, TiledPageReader]:
         """Levels of an Aperio or generic tiled TIFF whose tiles are decoded here instead of by
         OpenSlide (~4x less CPU per read: see ``tiff_tiles``), each only after reads of it (the tiles
         around its centre, and its last, partial tile) gave OpenSlide's very bytes.  Levels with a
@@ -680,7 +681,7 @@ class TiffSlide(Slide):
         self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels(series)
 
-    def _tile_reader_levels(self, series: Any) -> dict[int, TiledPageReader]:
+    def _tile_reader_levels(self, series: Any) -> Mapping[int, TiledPageReader]:
         """Levels stored as one tiled RGB page, decoded tile by tile with a cache of decoded tiles
         (``tiff_tiles``) instead of through tifffile's Zarr store, which decodes every tile a read
         touches again at every read; each only after reads of it gave the store's very bytes.

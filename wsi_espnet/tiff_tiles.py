@@ -10,7 +10,7 @@ tiles are needed by two or three reads: decoded tiles are kept in a small LRU ca
 
 Only pages this module can read exactly are taken (:func:`page_reader`: tiled, 8-bit RGB or YCbCr,
 one plane, a compression imagecodecs decodes), and the slide checks each level against its backend's
-own pixels before using it (:func:`agrees`): a level that differs in any byte stays on the backend.
+own pixels before its first use (:func:`agrees`): a level that differs in any byte stays on the backend.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -179,20 +180,66 @@ def tile_decode_enabled() -> bool:
     return os.environ.get("WSI_ESPNET_TILE_DECODE", "").strip().lower() not in ("0", "off", "false", "no")
 
 
+class CheckedReaders(Mapping):
+    """Level -> reader for the levels decoded here, each checked (:func:`agrees`) on its first use
+    rather than at open: a slide read at one resolution pays for the checks of the levels it reads
+    (the 8192² demo SVS: open 47 -> ~10 ms).  A level that fails its check, or whose check raises,
+    is absent, so its reads go through the backend.  Thread-safe: one check per level."""
+
+    def __init__(self, candidates: dict[int, tuple[TiledPageReader, Callable[..., np.ndarray]]]) -> None:
+        self._unchecked = candidates
+        self._readers: dict[int, TiledPageReader | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, level: int, default: Any = None) -> Any:  # the hot path: every read asks
+        try:
+            reader = self._readers[level]
+        except KeyError:
+            reader = self._check(level)
+        return default if reader is None else reader
+
+    def _check(self, level: int) -> TiledPageReader | None:
+        with self._lock:
+            if level not in self._readers:
+                reader, reference = self._unchecked.pop(level, (None, None))
+                try:
+                    ok = reader is not None and agrees(reader, reference)
+                except Exception:  # undecodable where checked: the backend reads it (and says why)
+                    ok = False
+                self._readers[level] = reader if ok else None
+            return self._readers[level]
+
+    def __getitem__(self, level: int) -> TiledPageReader:
+        reader = self.get(level)
+        if reader is None:
+            raise KeyError(level)
+        return reader
+
+    def __iter__(self):
+        """The levels that pass (checking every level not checked yet)."""
+        for level in sorted(set(self._unchecked) | set(self._readers)):
+            if self.get(level) is not None:
+                yield level
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def checked_readers(path: str | os.PathLike, candidates: Iterable[tuple[int, Any, Callable[..., np.ndarray]]],
-                    ) -> tuple[TileFile | None, dict[int, TiledPageReader]]:
+                    ) -> tuple[TileFile | None, Mapping[int, TiledPageReader]]:
     """Readers, sharing one file and one cache, for the candidate levels (``(level, page,
     reference)``: ``reference(x, y, w, h)`` is the backend's own read of that level) that this
-    module reads and whose reads :func:`agrees` with the reference; and their file, or None (closed)
-    when no level qualifies (none when :func:`tile_decode_enabled` says the decoder is off)."""
+    module reads, used once their reads :func:`agrees` with the reference (:class:`CheckedReaders`);
+    and their file, or None and no readers when no level can be read here (or
+    :func:`tile_decode_enabled` says the decoder is off)."""
     if not tile_decode_enabled():
         return None, {}
-    file, cache, readers = TileFile(path), TileCache(), {}
+    file, cache, readable = TileFile(path), TileCache(), {}
     for level, page, reference in candidates:
         reader = page_reader(file, page, cache, level)
-        if reader is not None and agrees(reader, reference):
-            readers[level] = reader
-    if not readers:
+        if reader is not None:
+            readable[level] = (reader, reference)
+    if not readable:
         file.close()
-        return None, readers
-    return file, readers
+        return None, {}
+    return file, CheckedReaders(readable)
