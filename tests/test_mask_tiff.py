@@ -111,6 +111,25 @@ def test_mode_downsample_2x2_majority_and_ties():
     assert mode_downsample_2x2(np.array([[4, 5], [5, 7]], np.uint8)).tolist() == [[5]]
 
 
+def test_mode_downsample_2x2_matches_counting_on_flat_and_mixed_maps():
+    """Flat regions (the fast path) and noisy ones (the vote) against a per-cell count."""
+    from collections import Counter
+
+    rng = np.random.default_rng(5)
+    block = np.repeat(np.repeat(rng.integers(0, 4, (20, 30), dtype=np.uint8), 4, 0), 4, 1)  # flat 4x4 patches
+    noisy = rng.random(block.shape) < 0.3
+    block[noisy] = rng.integers(0, 4, int(noisy.sum()), dtype=np.uint8)
+    block[:, :40] = rng.integers(0, 3, (80, 40), dtype=np.uint8)  # all mixed
+    got = mode_downsample_2x2(block)
+    for y in range(got.shape[0]):
+        for x in range(got.shape[1]):
+            a, b, c, d = (int(v) for v in block[2 * y : 2 * y + 2, 2 * x : 2 * x + 2].ravel())
+            count = Counter((a, b, c, d))
+            top = max(count.values())
+            want = a if count[a] == top else next(v for v in (b, c, d) if count[v] == top)
+            assert got[y, x] == want, (y, x, (a, b, c, d))
+
+
 def _pyramid(level0: np.ndarray, shapes: list) -> list[np.ndarray]:
     """Independent reference: each level the 2x2 mode of the one above, odd edges repeated."""
     levels = [level0]

@@ -4,15 +4,21 @@ writer's scratch pyramid levels.
 Why not Zarr: these arrays are written once, a band of rows at a time, read back once or twice, and
 deleted.  Zarr's per-chunk machinery (an event loop, a codec pipeline, a file per chunk) cost ~1 ms a
 chunk: flushing one 448-row band of a 4096-wide label map took 8–10 ms, compressed or not, and on a
-2-core CPU every millisecond outside the model is a millisecond the model waits (issue 4).  Here a
-band is one ``pwrite`` per row (0.2–0.8 ms for the same band) and a block is one ``pread`` per row.
+2-core CPU every millisecond outside the model is a millisecond the model waits (issue 4).  Here
+that band is eight ``pwrite`` calls (~0.2 ms).
 
-The file is ``height * width`` bytes, row-major, created by truncation: never-written regions are
-holes that read as 0 (background) and take no disk space, so the file occupies about the tissue's
-share of ``height * width`` bytes (e.g. a 50k x 50k map at 1 µm/px with 30 % tissue: ~0.75 GB while
-the run lasts).  ``pread``/``pwrite`` carry their own offsets, so threads share one descriptor
-without a lock, and pages read or written go through the page cache, never into this process's
-memory (a ``numpy.memmap`` would count every touched page in the resident set).
+Layout: vertical stripes :data:`STRIPE` columns wide, one after the other, each row-major (the last
+one narrower).  A block of rows in one stripe is one contiguous run of bytes, so a band flush or a
+writer's block read is one system call per stripe it touches, whatever the slide's width (a
+row-major file would take one per row, 28,000 for the mask pyramid of a 4096² map).  The file is
+``height * width`` bytes, created by truncation: never-written regions are holes that read as 0
+(background) and take no disk space, so while a run lasts the file occupies about the tissue's
+stripes (at most ``height * width`` bytes: a 50k x 50k map at 1 µm/px, 2.5 GB, if tissue is
+everywhere).  ``pread``/``pwrite`` carry their own offsets, so threads share one descriptor without
+a lock (writes to the same rows of a stripe must come from one thread: a write that covers part of
+a stripe reads, patches and rewrites those rows), and what is read or written goes through the page
+cache, never into this process's memory (a ``numpy.memmap`` would count every touched page in the
+resident set).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+
+STRIPE = 512  # columns per stripe of the file layout
 
 
 class LabelFile:
@@ -86,18 +94,23 @@ class LabelFile:
         if not self._closer.alive:
             raise ValueError(f"{self.path.name}: label file is closed")
 
+    def _stripes(self, x0: int, x1: int):
+        """(first column, width, file offset) of each stripe that columns [x0, x1) touch."""
+        height, width = self.shape
+        for c0 in range(x0 - x0 % STRIPE, x1, STRIPE):
+            yield c0, min(STRIPE, width - c0), c0 * height
+
     def __getitem__(self, key) -> np.ndarray:
         y0, y1, x0, x1 = self._region(key)
         self._check_open()
-        width = self.shape[1]
         out = np.empty((y1 - y0, x1 - x0), np.uint8)
         if out.size == 0:
             return out
-        if x1 - x0 == width:  # whole rows: one read
-            _pread_into(self._fd, out.reshape(-1), y0 * width)
-        else:
-            for r in range(y1 - y0):
-                _pread_into(self._fd, out[r], (y0 + r) * width + x0)
+        for c0, sw, offset in self._stripes(x0, x1):
+            slab = np.empty((y1 - y0, sw), np.uint8)
+            _pread_into(self._fd, slab, offset + y0 * sw)
+            a, b = max(x0, c0), min(x1, c0 + sw)
+            out[:, a - x0 : b - x0] = slab[:, a - c0 : b - c0]
         return out
 
     def __setitem__(self, key, value) -> None:
@@ -106,12 +119,17 @@ class LabelFile:
         if not self.writable:
             raise ValueError(f"{self.path.name}: label file opened read-only")
         block = np.broadcast_to(np.asarray(value, np.uint8), (y1 - y0, x1 - x0))
-        width = self.shape[1]
-        if x1 - x0 == width and block.flags.c_contiguous:
-            _pwrite_all(self._fd, block.reshape(-1), y0 * width)
+        if block.size == 0:
             return
-        for r in range(y1 - y0):
-            _pwrite_all(self._fd, np.ascontiguousarray(block[r]), (y0 + r) * width + x0)
+        for c0, sw, offset in self._stripes(x0, x1):
+            a, b = max(x0, c0), min(x1, c0 + sw)
+            if a == c0 and b == c0 + sw:  # the stripe's whole width: write the rows as they are
+                slab = np.ascontiguousarray(block[:, a - x0 : b - x0])
+            else:  # part of it: read those rows, patch, write back
+                slab = np.empty((y1 - y0, sw), np.uint8)
+                _pread_into(self._fd, slab, offset + y0 * sw)
+                slab[:, a - c0 : b - c0] = block[:, a - x0 : b - x0]
+            _pwrite_all(self._fd, slab, offset + y0 * sw)
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
