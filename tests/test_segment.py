@@ -234,6 +234,28 @@ def test_probs_store_is_replaced_with_overwrite_but_no_other_folder(tmp_path, ti
     assert (precious / "slide.svs").read_text() == "x"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as on Linux")
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, demo_svs, small_model):
+    """A file-size limit (as a full disk or a quota would) stops the run with one line naming the
+    file, exit 1, nothing at the final path; the same command without the limit then finishes."""
+    import resource
+
+    out = tmp_path / "mask.tif"
+    cmd = [sys.executable, "-m", "wsi_espnet.cli", "segment", str(demo_svs), "--out", str(out), "--model",
+           str(small_model), "--tile", "256", "--overlap", "32", "--quiet", "--device", "cpu"]
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    run = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited)
+    assert run.returncode == 1, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: File too large") and "labels.u8" in lines[0], run.stderr
+    assert not out.exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert tifffile.imread(out).any()
+
+
 def test_unwritable_output_is_refused(tmp_path, tiny_svs, small_model, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")

@@ -8,6 +8,7 @@ Each sub-command lives in the module that does its job and exposes two functions
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Callable
@@ -28,12 +29,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: OSErrors that say what the machine lacks (space, quota, permission, a working disk), not a bug:
+#: one line and exit 1, like a UserError, never a traceback.
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "EMFILE", "ENFILE", "ENOMEM")
+    if hasattr(errno, name))
+
+
 def _run_guarded(fn: Callable[[], int]) -> int:
     try:
         return int(fn() or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where} (fix it and re-run the same command: finished work is kept)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130

@@ -55,6 +55,9 @@ class LabelFile:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, h * w)
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None  # say which file
         except BaseException:
             os.close(fd)
             raise
@@ -121,6 +124,12 @@ class LabelFile:
         block = np.broadcast_to(np.asarray(value, np.uint8), (y1 - y0, x1 - x0))
         if block.size == 0:
             return
+        try:
+            self._write(block, y0, y1, x0, x1)
+        except OSError as exc:  # a full disk, a quota: say which file
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def _write(self, block: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
         for c0, sw, offset in self._stripes(x0, x1):
             a, b = max(x0, c0), min(x1, c0 + sw)
             if a == c0 and b == c0 + sw:  # the stripe's whole width: write the rows as they are
