@@ -115,3 +115,24 @@ def test_a_block_is_one_system_call_per_stripe_it_touches(tmp_path, monkeypatch)
     lf[0:1000, 1000:2024] = block  # three stripes, two of them in part: read, patch, write
     assert calls == {"read": 4, "write": 5}
     np.testing.assert_array_equal(lf[0:1000, 1000:2024], block)
+
+
+def test_without_preadv_the_same_bytes_come_back(tmp_path, monkeypatch):
+    """macOS's Python has no os.preadv: reads fall back to os.pread."""
+    truth = np.random.default_rng(7).integers(0, 9, (300, 700), dtype=np.uint8)
+    lf = LabelFile.create(tmp_path / "l.u8", truth.shape)
+    lf[:, :] = truth
+    monkeypatch.delattr(os, "preadv")
+    np.testing.assert_array_equal(lf[:], truth)
+    np.testing.assert_array_equal(lf[17:250, 100:650], truth[17:250, 100:650])
+
+
+def test_a_file_cut_short_while_in_use_is_an_error_naming_it(tmp_path):
+    import errno
+
+    lf = LabelFile.create(tmp_path / "l.u8", (100, 600))
+    lf[:, :] = 1
+    os.truncate(tmp_path / "l.u8", 100 * 600 // 2)
+    with pytest.raises(OSError) as err:
+        lf[90:100, 0:600]
+    assert err.value.errno == errno.EIO and err.value.filename == str(tmp_path / "l.u8")

@@ -23,6 +23,7 @@ resident set).
 
 from __future__ import annotations
 
+import errno
 import os
 import weakref
 from pathlib import Path
@@ -109,11 +110,14 @@ class LabelFile:
         out = np.empty((y1 - y0, x1 - x0), np.uint8)
         if out.size == 0:
             return out
-        for c0, sw, offset in self._stripes(x0, x1):
-            slab = np.empty((y1 - y0, sw), np.uint8)
-            _pread_into(self._fd, slab, offset + y0 * sw)
-            a, b = max(x0, c0), min(x1, c0 + sw)
-            out[:, a - x0 : b - x0] = slab[:, a - c0 : b - c0]
+        try:
+            for c0, sw, offset in self._stripes(x0, x1):
+                slab = np.empty((y1 - y0, sw), np.uint8)
+                _pread_into(self._fd, slab, offset + y0 * sw)
+                a, b = max(x0, c0), min(x1, c0 + sw)
+                out[:, a - x0 : b - x0] = slab[:, a - c0 : b - c0]
+        except OSError as exc:  # a failing disk, a file cut short: say which file
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         return out
 
     def __setitem__(self, key, value) -> None:
@@ -145,9 +149,14 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
     view = memoryview(out).cast("B")
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        if hasattr(os, "preadv"):  # straight into the array
+            n = os.preadv(fd, [view[done:]], offset + done)
+        else:  # macOS: no preadv in Python's os there
+            data = os.pread(fd, len(view) - done, offset + done)
+            n = len(data)
+            view[done : done + n] = data
         if n <= 0:
-            raise OSError(f"label file ended at byte {offset + done}: cut short while in use")
+            raise OSError(errno.EIO, f"label file cut short at byte {offset + done} while in use")
         done += n
 
 
