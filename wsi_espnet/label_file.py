@@ -72,7 +72,8 @@ class LabelFile:
         size = os.fstat(fd).st_size
         if size != int(shape[0]) * int(shape[1]):
             os.close(fd)
-            raise ValueError(f"{path}: {size} bytes, but a {shape[0]} x {shape[1]} label map has {shape[0] * shape[1]}")
+            need = int(shape[0]) * int(shape[1])
+            raise ValueError(f"{path}: {size} bytes, but a {shape[0]} x {shape[1]} label map has {need}")
         return cls(path, shape, writable, fd)
 
     def close(self) -> None:

@@ -278,7 +278,8 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,
-                  num_classes: int, occupied: Occupancy | None = None) -> tuple[list[LabelFile], list[Occupancy | None]]:
+                  num_classes: int, occupied: Occupancy | None = None,
+                  ) -> tuple[list[LabelFile], list[Occupancy | None]]:
     """Levels 1.. as label files under ``scratch``, each from the previous one in blocks, and for
     every level (0 included) where it may be non-zero (None: not known, read it all)."""
     levels: list[LabelFile] = []

@@ -2,13 +2,13 @@
 
 Data flows one way.  Tiles are read and decoded on a thread pool (:class:`TileReader`; OpenSlide and
 the codecs release the GIL), the model runs on batches of tissue tiles, and :class:`BlendStitcher`
-blends overlaps (the argmax of finished cells on a pool of their own) and
-emits finished cells into a uint8 band that is flushed, a band of rows at a time (class areas
-counted on the way), into ``<out>.work/labels.u8`` (a :class:`LabelFile`; with ``--probs``, the blended
-probabilities go to :class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is
-complete).  The writers (mask TIFF, GeoJSON, overlay) read that array block by block, and only where
-the tissue tiles ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the
-blending strip), never with its area.
+blends overlaps (the argmax of finished cells on a pool of their own) and emits finished cells into
+a uint8 band that is flushed, a band of rows at a time (class areas counted on the way), into
+``<out>.work/labels.u8`` (a :class:`LabelFile`; with ``--probs``, the blended probabilities go to
+:class:`ChunkAssembler`, which writes each chunk of ``probs.zarr`` once it is complete).  The
+writers (mask TIFF, GeoJSON, overlay) read that map block by block, and only where the tissue tiles
+ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
+never with its area.
 
 Scheduling (:func:`cores_free_beside`): with an accelerator, or CPU cores the model leaves free,
 reading runs ahead and blending one batch behind (on a thread of its own) while the model works;
@@ -41,10 +41,10 @@ import numpy as np
 
 from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
-from .label_file import LabelFile
-from .runtime import lazy_zeros, tune_for_inference
 from .errors import NoMppError, UserError
+from .label_file import LabelFile
 from .outputs import check_output
+from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
@@ -137,8 +137,9 @@ def _fingerprint(slide: Slide, model_id: str, settings: dict) -> str:
 
 class LabelBand:
     """Holds emitted labels from ``flushed_y`` down to the lowest pending cell; finished rows go to
-    ``labels`` (a :class:`LabelFile`, or any 2-D array) in one write per band.  ``height`` bounds how far below ``flushed_y`` a label may land
-    (the deepest band: the last two tile rows are fed together)."""
+    ``labels`` (a :class:`LabelFile`, or any 2-D array) in one write per band.  ``height`` bounds how
+    far below ``flushed_y`` a label may land (the deepest band: the last two tile rows are fed
+    together)."""
 
     def __init__(self, labels, flushed_y: int, height: int, fill: int = 0, counts: list[int] | None = None) -> None:
         self.labels = labels
