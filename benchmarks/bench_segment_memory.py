@@ -16,7 +16,7 @@ pixels of tissue far longer on 2 cores, so the slides here hold tissue only wher
   **full-height vertical band**, 372 µm wide, covering exactly one column.  Two rows matter: the
   overlap strip between them is the blending state the stitcher keeps pending, and across a
   full-width band it spans the whole slide width, the worst case for memory.  The vertical band
-  makes every tile row, and every Zarr chunk row of the label map, carry tissue down the whole
+  makes every tile row carry tissue, so every band writes labels, down the whole
   height (one column is enough for that, and keeps the tile count, hence the run time, small);
 * the band pixels are the demo slide's own rendering (:meth:`DemoSlideSpec.rgb`) of the interior of
   a larger demo slide (offset by 12.5 % of the side, so the demo's fade to glass at its edges falls
@@ -28,7 +28,7 @@ pixels of tissue far longer on 2 cores, so the slides here hold tissue only wher
 The run.  ``wsi-segment SLIDE --out mask.tif`` (the CLI with its defaults: batch 4, 4 reader
 threads) runs in a child process that reports its own peak RSS (VmHWM from /proc/self/status: per
 address space, so nothing of this parent process is counted), and the RSS high-water mark at each
-phase's end: tissue detection, tiles (read, model, blend, label Zarr, class counts), and writers (mask
+phase's end: tissue detection, tiles (read, model, blend, label file, class counts), and writers (mask
 TIFF pyramid, and GeoJSON/probabilities when asked).  Phase timing wraps three functions of
 ``wsi_espnet.segment`` in the child (``_tissue``, ``_run_grid``, ``_write_outputs``) with a timer;
 nothing else changes.

@@ -12,7 +12,7 @@ cost under 10 % on top of the network.
   ``engine.predict_proba`` timed over all batches.
 * End to end: ``segment_slide`` with the same engine object (the model is loaded once, outside the
   timing, as a batch run over many slides does).  Its wall time is split by timing three of its
-  functions (``_tissue``: tissue detection; ``_run_grid``: reading, model, blending and label Zarr
+  functions (``_tissue``: tissue detection; ``_run_grid``: reading, model, blending and label-file
   writes; ``_write_outputs``: the mask TIFF pyramid) so the rate is given with and without writers.
 * Rate = working-resolution pixels of the processed tiles (tiles x tile²) / seconds.  Ratios:
   ``tiles`` = model alone / ``_run_grid``; ``no writers`` = model alone / (wall - writers);
@@ -24,7 +24,7 @@ cost under 10 % on top of the network.
 * ``--profile``: one more end-to-end run (the CLI's default batch, readers and schedule) with
   timers around each stage inside ``_run_grid``: on the main thread, the model and the time it
   waits for decoded tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush``
-  (Zarr writes, class counts); and the reader threads' own busy time (``_read_tile``: read + JPEG
+  (label-file writes, class counts); and the reader threads' own busy time (``_read_tile``: read + JPEG
   decode + resample).  On 2 cores they compete with each other, and under ``beside`` with the model.
 * ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
   thread per core that is ``between``), ``beside`` (reads and blending while the model runs, as on
