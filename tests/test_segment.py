@@ -119,9 +119,27 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert len(np.flatnonzero(expected)) > 1
 
 
-def test_a_cut_short_label_file_starts_the_rows_again(tmp_path, demo_svs, small_model):
-    """A work folder whose label file lost bytes (a full disk, a copy cut short) is not trusted: the
-    re-run starts from the first row and still gives the uninterrupted run's mask."""
+def _open_label_files() -> list[str]:
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        return []
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "labels.u8" in target:
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted, and the restart interrupted too"])
+def test_a_lost_label_file_starts_the_rows_again(tmp_path, demo_svs, small_model, damage):
+    """A work folder whose label file lost bytes (a full disk, a copy cut short) or vanished is not
+    trusted: the re-run starts from the first row and still gives the uninterrupted run's mask, also
+    when that restart is itself stopped before its first band (it must not leave the old progress
+    pointing into a fresh, empty file).  No attempt leaves the label file open behind it."""
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     engine.model_id = "same-model"
     opts = dict(tile=256, overlap=32, batch=2, progress=False)
@@ -129,15 +147,24 @@ def test_a_cut_short_label_file_starts_the_rows_again(tmp_path, demo_svs, small_
     counting = _Interrupting(engine)
     segment_slide(demo_svs, ref, options=SegmentOptions(**opts), engine=counting)
     out = tmp_path / "mask.tif"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as kept:  # kept, as a task framework keeps a failure
         segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, counting.calls // 2))
+    assert kept.traceback and not _open_label_files()
     work = tmp_path / "mask.tif.work"
-    assert json.loads((work / "progress.json").read_text())["flushed_y"] > 0
+    progress = work / "progress.json"
+    assert json.loads(progress.read_text())["flushed_y"] > 0
     labels = work / "labels.u8"
-    os.truncate(labels, labels.stat().st_size // 2)
+    if damage == "cut short":
+        os.truncate(labels, labels.stat().st_size // 2)
+    else:
+        labels.unlink()
+        with pytest.raises(KeyboardInterrupt):  # the restart, stopped at its first model call
+            segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, 0))
+        assert json.loads(progress.read_text())["flushed_y"] == 0  # the restart was recorded
     result = segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=engine)
     assert result.resumed_from_row == 0
     assert out.read_bytes() == ref.read_bytes()
+    assert not _open_label_files()
 
 
 def test_killed_process_resumes(tmp_path, demo_svs, small_model):

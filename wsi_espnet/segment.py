@@ -357,16 +357,22 @@ def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
     return state
 
 
-def _label_file(path: Path, shape: tuple[int, int], state: dict) -> LabelFile:
+def _label_file(work: Path, shape: tuple[int, int], state: dict) -> LabelFile:
     """The run's label map: the one on disk when resuming (``flushed_y`` rows of it are done), else a
-    new, all-background one (and nothing done)."""
+    new, all-background one, and nothing done.  Starting again is recorded before the new file
+    exists: should this attempt stop before its first band, the next must not trust the old
+    progress over a fresh file (it would keep the rows above ``flushed_y`` as background)."""
+    path = work / LABELS
     if state["flushed_y"] > 0:
         try:
             return LabelFile.open(path, shape, writable=True)
         except (OSError, ValueError):
             pass  # gone or cut short: start the rows again
-    state["flushed_y"] = 0
-    state.pop("counts", None)
+    if state["flushed_y"] or "counts" in state or "done" in state:
+        state["flushed_y"] = 0
+        state.pop("counts", None)
+        state.pop("done", None)
+        _atomic_json(work / "progress.json", state)
     return LabelFile.create(path, shape)
 
 
@@ -385,11 +391,20 @@ def _tissue(slide: Slide, work: Path) -> TissueMask:
 
 def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: dict,
               opts: SegmentOptions) -> SegmentResult:
+    width, height = grid.image_size
+    # Closed however the run ends (a failed attempt kept by a task framework keeps its exception,
+    # and an open descriptor would keep the deleted file's disk space with it).
+    with _label_file(work, (height, width), state) as labels:
+        return _fill_labels(slide, engine, grid, work, state, opts, labels)
+
+
+def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: dict,
+                 opts: SegmentOptions, labels: LabelFile) -> SegmentResult:
+    """Read, run the model on and blend the tiles still to do, into ``labels``."""
     import zarr
 
     width, height = grid.image_size
     stride = grid.tile - grid.overlap
-    labels = _label_file(work / LABELS, (height, width), state)
     probs_arr = None
     if opts.probs:
         probs_path = work / "probs.zarr"
@@ -479,7 +494,6 @@ def _run_grid(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state: d
     if probs_out is not None:
         probs_out.close()
     band.flush(height)
-    labels.close()
     state["flushed_y"] = height
     state["counts"] = band.counts.tolist()
     state["done"] = True
