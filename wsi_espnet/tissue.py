@@ -281,6 +281,8 @@ def remove_small_objects(mask: np.ndarray, min_px: float) -> np.ndarray:
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     keep = sizes >= min_px
+    if keep[1:].all():  # nothing to drop: spare the lookup over every pixel
+        return mask
     keep[0] = False
     return keep[labels]
 
@@ -293,6 +295,8 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     small = sizes < max_hole_px
     small[0] = False
+    if not small.any():  # no hole to fill
+        return mask
     return mask | small[labels]
 
 
