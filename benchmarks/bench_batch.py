@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, help="work folder, kept (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from pipelines.batch import available_cpus
+    from wsi_espnet.engine import available_cores
 
-    cores = available_cpus()
+    cores = available_cores()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench_batch_"))
     slides = make_slides(work / "slides", args.slides, tuple(args.size), args.mpp)
     warm_slide = make_slides(work / "warm", 1, (512, 512), args.mpp)[0]

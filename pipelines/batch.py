@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from wsi_espnet.engine import available_cores
 from wsi_espnet.errors import ModelFileError, UserError
 
 from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
@@ -147,14 +148,6 @@ def _engine(model: str | None, backend: str, device: str):
     return _ENGINES[key]
 
 
-def available_cpus() -> int:
-    """Cores this process may use (a SLURM or container CPU set, not the whole machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _torch_threads(spec: dict) -> int | None:
     """Threads for this worker: fixed by the driver, or this host's cores shared by its workers."""
     if spec.get("torch_threads"):
@@ -167,7 +160,7 @@ def _torch_threads(spec: dict) -> int | None:
     except (ImportError, ValueError):
         return None
     if host in per_host:
-        return max(1, available_cpus() // int(per_host[host]))
+        return max(1, available_cores() // int(per_host[host]))
     return None
 
 
@@ -327,7 +320,7 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
         raise UserError("--device cuda asked for, but no GPU is visible here")
     import psutil
 
-    plan = plan_local_cluster(n_slides, available_cpus(), psutil.virtual_memory().total, opts.workers,
+    plan = plan_local_cluster(n_slides, available_cores(), psutil.virtual_memory().total, opts.workers,
                               opts.threads_per_worker, gpus)
     try:
         import bokeh  # noqa: F401
