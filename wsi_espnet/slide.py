@@ -19,10 +19,10 @@ level-0 location is not a multiple of a non-integer level downsample (e.g. Aperi
 tifffile backend snaps to the nearest level pixel instead.
 
 Reads are the pipeline's largest cost after the network, so two fast paths sit under the OpenSlide
-backend, each checked against OpenSlide's own pixels when the slide opens and left unused otherwise:
-OpenSlide reads straight into numpy (no PIL round trip), and levels of Aperio and generic tiled TIFF
-slides are decoded tile by tile with a cache of decoded tiles (``tiff_tiles``) instead of through
-OpenSlide's cairo compositing.
+backend, each checked against OpenSlide's own pixels and left unused where they differ: OpenSlide
+reads straight into numpy (no PIL round trip; checked when the slide opens), and levels of Aperio
+and generic tiled TIFF slides are decoded tile by tile with a cache of decoded tiles (``tiff_tiles``;
+each level checked at its first use) instead of through OpenSlide's cairo compositing.
 """
 
 from __future__ import annotations
