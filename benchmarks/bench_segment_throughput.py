@@ -8,7 +8,7 @@ cost under 10 % on top of the network.
 * The slide: a demo slide (``write_demo_slide``: tiled-JPEG Aperio SVS), ``--size`` px square at
   0.5 µm/px (default 8192, a 4 x 4 mm biopsy at 20x), segmented at the model's 1 µm/px.
 * Model alone: the very tiles ``segment_slide`` runs (same tissue mask, grid, feed order and batch
-  composition: batches of ``--batch`` tiles per band), read into memory beforehand, then only
+  composition: ``--batch`` tiles at a time in feed order), read into memory beforehand, then only
   ``engine.predict_proba`` timed over all batches.
 * End to end: ``segment_slide`` with the same engine object (the model is loaded once, outside the
   timing, as a batch run over many slides does).  Its wall time is split by timing three of its
@@ -67,7 +67,7 @@ import wsi_espnet.segment as seg  # noqa: E402
 from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.demo import write_demo_slide  # noqa: E402
 from wsi_espnet.engine import TorchEngine  # noqa: E402
-from wsi_espnet.segment import SegmentOptions, segment_slide  # noqa: E402
+from wsi_espnet.segment import SegmentOptions, feed_batches, segment_slide  # noqa: E402
 from wsi_espnet.slide import open_slide  # noqa: E402
 from wsi_espnet.stitch import feed_bands  # noqa: E402
 from wsi_espnet.tiling import tile_grid  # noqa: E402
@@ -85,24 +85,24 @@ def demo_slide(work: Path, size: int, seed: int) -> Path:
     return path
 
 
-def the_tiles(slide_path: Path, engine) -> tuple[list, np.ndarray]:
-    """The kept tiles in segment_slide's feed order (bands), and their pixels, read beforehand."""
+def the_tiles(slide_path: Path, engine) -> tuple[int, np.ndarray]:
+    """segment_slide's tiles in its feed order, read beforehand: (number of bands, pixels)."""
     cfg = engine.config.slide
     with open_slide(slide_path) as slide:
         tissue = detect_tissue(slide)
         grid = tile_grid(slide.size_at_mpp(cfg.mpp), cfg.tile, cfg.overlap, cfg.mpp, slide.mpp, tissue,
                          cfg.tissue_threshold, level0_size=slide.dimensions)
-        bands = [b.tiles for b in feed_bands(grid) if b.tiles]
-        pixels = [np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in b]) for b in bands]
-    return bands, pixels
+        bands = feed_bands(grid)
+        (order,), _ = feed_batches(bands, batch=len(grid.tiles))
+        return len(bands), np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in order])
 
 
-def model_alone(engine, pixels: list[np.ndarray], batch: int) -> tuple[float, float]:
-    """Wall and CPU seconds of ``predict_proba`` over the batches segment_slide forms (per band)."""
+def model_alone(engine, pixels: np.ndarray, batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of ``predict_proba`` over the batches segment_slide forms (``feed_batches``:
+    ``batch`` tiles at a time in feed order, across bands)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    for band in pixels:
-        for i in range(0, len(band), batch):
-            engine.predict_proba(band[i : i + batch])
+    for i in range(0, len(pixels), batch):
+        engine.predict_proba(pixels[i : i + batch])
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -243,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         slide = args.slide or demo_slide(work, args.size, args.seed)
-        bands, pixels = the_tiles(slide, engine)
-        n = sum(len(b) for b in bands)
+        n_bands, pixels = the_tiles(slide, engine)
+        n = len(pixels)
         mpx = n * tile * tile / 1e6
-        print(f"{slide.name}: {n} tissue tiles of {tile}² in {len(bands)} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
-        engine.predict_proba(pixels[0][:2])  # warm-up
+        print(f"{slide.name}: {n} tissue tiles of {tile}² in {n_bands} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
+        engine.predict_proba(pixels[:2])  # warm-up
         rows = []
         for batch in (int(v) for v in args.batches.split(",")):
             for workers in (int(v) for v in args.workers.split(",")):

@@ -86,10 +86,18 @@ class _Interrupting:
         return self.engine.predict_proba(batch)
 
 
-def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model):
+@pytest.mark.parametrize("batch", [2, 3])
+def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model, batch, monkeypatch):
+    """Batches run across bands; the resumed run starts mid-batch, runs the tiles of the band before
+    in the same batch as the first run did, and blends only its own."""
+    import wsi_espnet.segment as seg
+
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     engine.model_id = "same-model"
-    opts = dict(tile=256, overlap=32, batch=2, progress=False)
+    opts = dict(tile=256, overlap=32, batch=batch, progress=False)
+    leads = []
+    real_feed_batches = seg.feed_batches
+    monkeypatch.setattr(seg, "feed_batches", lambda *a: leads.append(real_feed_batches(*a)[1]) or real_feed_batches(*a))
     ref = tmp_path / "ref" / "mask.tif"  # same name: the name is part of the OME metadata
     counting = _Interrupting(engine)
     ref_result = segment_slide(demo_svs, ref, options=SegmentOptions(**opts, probs=tmp_path / "ref" / "p.zarr"),
@@ -104,6 +112,7 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert progress["flushed_y"] > 0
     result = segment_slide(demo_svs, out, options=SegmentOptions(**opts, probs=tmp_path / "p.zarr"), engine=engine)
     assert result.resumed_from_row > 0
+    assert leads[0] == leads[1] == 0 and leads[2] > 0  # the resumed run started mid-batch
     assert out.read_bytes() == ref.read_bytes()
     # the probabilities too: rows before the interruption kept, the rest recomputed, none lost
     probs, ref_probs = (zarr.open_array(str(d / "p.zarr"), mode="r") for d in (tmp_path, tmp_path / "ref"))
@@ -466,3 +475,24 @@ def test_tiled_blended_map_agrees_with_whole_region_inference(tmp_path, demo_svs
         agreement[overlap] = (tifffile.imread(out) == whole).mean()
     assert agreement[64] >= 0.999
     assert agreement[0] < agreement[64]
+
+
+def test_feed_batches_cut_across_bands_from_the_start_of_the_slide():
+    from wsi_espnet.segment import feed_batches
+    from wsi_espnet.stitch import Band
+    from wsi_espnet.tiling import Tile
+
+    def band(row: int, n: int) -> Band:
+        tiles = [Tile(index=0, row=row, col=c, x=100 * c, y=100 * row, width=128, height=128, x0=0.0, y0=0.0,
+                      w0=0.0, h0=0.0, tissue=1.0) for c in range(n)]
+        return Band((row,), tiles, 100 * row, 100 * row + 100)
+
+    bands = [band(0, 3), band(1, 0), band(2, 1), band(3, 4)]  # 8 tiles, a glass-only band among them
+    batches, lead = feed_batches(bands, 3)
+    assert [[(t.row, t.col) for t in b] for b in batches] == [[(0, 0), (0, 1), (0, 2)], [(2, 0), (3, 0), (3, 1)],
+                                                             [(3, 2), (3, 3)]]
+    assert lead == 0
+    again, lead = feed_batches(bands, 3, first_band=3)  # resuming at band 3: its batch starts with band 2's tile
+    assert again == batches[1:] and lead == 1
+    assert feed_batches(bands, 3, first_band=2) == (batches[1:], 0)
+    assert feed_batches(bands, 3, first_band=4) == ([], 0)  # nothing left

@@ -17,9 +17,10 @@ would stall all of its threads.  Same operations in the same order either way: t
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
-(the blending state of earlier rows is not needed below it), with batches formed per band, so the
-result is byte-identical to an uninterrupted run.  Final files are written under temporary names and
-renamed; the mask, written last, marks the run as done, and the work folder is then removed.
+(the blending state of earlier rows is not needed below it), with batches cut as in the first run
+(:func:`feed_batches`), so the result is byte-identical to an uninterrupted run.  Final files are
+written under temporary names and renamed; the mask, written last, marks the run as done, and the
+work folder is then removed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .label_file import LabelFile
 from .outputs import check_output
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
-from .stitch import BlendStitcher, feed_bands
+from .stitch import Band, BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
 
@@ -223,16 +224,30 @@ def _read_tile(slide: Slide, t: Tile, mpp: float) -> np.ndarray:
     return slide.read_at_mpp(t.x, t.y, t.width, t.height, mpp)
 
 
+def feed_batches(bands: list[Band], batch: int, first_band: int = 0) -> tuple[list[list[Tile]], int]:
+    """The model's batches: the grid's tiles in feed order, ``batch`` at a time across bands (a
+    slide's bands often hold one or two tissue tiles: per band, most batches would be short).
+
+    Resuming at ``first_band``, the batches are still cut from the start of the slide, so that each
+    tile is run in the same batch as before (batch composition changes the model's floating-point
+    results); returns the batches from the one holding ``first_band``'s first tile on, and how many
+    tiles of earlier bands lead that batch (run, not blended)."""
+    order = [t for b in bands for t in b.tiles]
+    skip = sum(len(b.tiles) for b in bands[:first_band])
+    if skip == len(order):  # no tile left to blend
+        return [], 0
+    start = skip - skip % batch
+    return [order[i : i + batch] for i in range(start, len(order), batch)], skip - start
+
+
 class TileReader:
     """Decoded tiles, a batch at a time in feed order, read on a thread pool ahead of their use.
+    The caller says when reading may start (:meth:`read_ahead`): beside the model, or only once the
+    model has let go of the cores."""
 
-    Batches never span two groups (bands), so batch composition, and thus every floating-point
-    result, is the same on a resumed run.  The caller says when reading may start
-    (:meth:`read_ahead`): beside the model, or only once the model has let go of the cores."""
-
-    def __init__(self, slide: Slide, groups: list[list[Tile]], mpp: float, batch: int, workers: int) -> None:
+    def __init__(self, slide: Slide, batches: list[list[Tile]], mpp: float, workers: int) -> None:
         self.slide, self.mpp = slide, mpp
-        self.batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
+        self.batches = batches
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader")
         self._queue: deque[tuple[list[Tile], list[Future]]] = deque()  # batches whose reads started
         self._next = 0  # index of the first batch not started
@@ -423,7 +438,10 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     flushed_y = int(state["flushed_y"])
     # Resume at the first band that reaches below the flushed height: bands above it touch only
     # rows already on disk, and cells below it are covered only by this band and later ones.
-    bands = [b for b in feed_bands(grid) if grid.ys[b.rows[-1]] + grid.tile > flushed_y]
+    every_band = feed_bands(grid)
+    first = next((i for i, b in enumerate(every_band) if grid.ys[b.rows[-1]] + grid.tile > flushed_y), len(every_band))
+    bands = every_band[first:]
+    batches, lead = feed_batches(every_band, opts.batch, first)
     # The band buffer spans the deepest band: one tile row, or the last two fed together.
     depth = max((min(grid.ys[b.rows[-1]] + grid.tile, height) - max(b.top, flushed_y) for b in bands), default=1)
     band = LabelBand(labels, flushed_y, height=max(depth, 1), counts=state.get("counts") if flushed_y else None)
@@ -437,23 +455,37 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                              labeler=labeler)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
 
-    def blend(tiles: list[Tile], probs: np.ndarray, then=None) -> None:
-        """Blend a batch: the adds (whose argmax goes to the labeler pool), ``then``, the labels."""
-        for t, p in zip(tiles, probs):
+    band_ends = np.cumsum([len(b.tiles) for b in bands]).tolist()  # tiles fed when each band is done
+    fed = 0  # tiles of ``bands`` blended so far
+    done = 0  # bands finished so far
+
+    def finish_bands() -> None:
+        """Flush every band whose tiles have all been blended (a glass-only band as soon as the band
+        above it is done), before any tile of the next band: the label band holds one band."""
+        nonlocal done
+        while done < len(bands) and fed >= band_ends[done]:
+            stitcher.deliver()
+            if band.flush(bands[done].bottom) != int(state["flushed_y"]):
+                if probs_out is not None:
+                    probs_out.flush_above(band.flushed_y)  # on disk before the resume point moves past it
+                state["flushed_y"] = band.flushed_y
+                state["counts"] = band.counts.tolist()
+                _atomic_json(work / "progress.json", state)
+            done += 1
+
+    def blend(tiles: list[Tile], probs: np.ndarray, skip: int = 0, then=None) -> None:
+        """Blend a batch but its first ``skip`` tiles (the argmax goes to the labeler pool),
+        finishing bands as they complete; then ``then``, then the labels."""
+        nonlocal fed
+        for t, p in zip(tiles[skip:], probs[skip:]):
             stitcher.add(t.row, t.col, p)
+            fed += 1
+            finish_bands()
         if then is not None:
             then()
         stitcher.deliver()
 
-    def finish_band(b) -> None:
-        if band.flush(b.bottom) != int(state["flushed_y"]):
-            if probs_out is not None:
-                probs_out.flush_above(band.flushed_y)  # on disk before the resume point moves past it
-            state["flushed_y"] = band.flushed_y
-            state["counts"] = band.counts.tolist()
-            _atomic_json(work / "progress.json", state)
-
-    reader = TileReader(slide, [b.tiles for b in bands], grid.mpp, opts.batch, opts.workers)
+    reader = TileReader(slide, batches, grid.mpp, opts.workers)
     beside = cores_free_beside(engine) if opts.schedule == "auto" else opts.schedule == "beside"
     # Blending and label writes happen in feed order whatever the schedule (the same operations in
     # the same order, so the same result).  "beside": on a thread of their own, one batch behind
@@ -468,24 +500,22 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
             behind.popleft().result()
 
     try:
+        finish_bands()  # glass-only bands at the top
         reader.read_ahead(2 if beside else 1)
-        for b in bands:
-            for _ in range(-(-len(b.tiles) // opts.batch)):
-                tiles, images = reader.next_batch()
-                if beside:
-                    reader.read_ahead(2)
-                    probs = engine.predict_proba(images)
-                    wait_blender()
-                    behind.append(blender.submit(blend, tiles, probs))
-                else:
-                    probs = engine.predict_proba(images)
-                    blend(tiles, probs, then=lambda: reader.read_ahead(1))
-                bar.update(len(tiles))
+        for i in range(len(batches)):
+            tiles, images = reader.next_batch()
+            skip = lead if i == 0 else 0
             if beside:
-                behind.append(blender.submit(finish_band, b))
+                reader.read_ahead(2)
+                probs = engine.predict_proba(images)
+                wait_blender()
+                behind.append(blender.submit(blend, tiles, probs, skip))
             else:
-                finish_band(b)
+                probs = engine.predict_proba(images)
+                blend(tiles, probs, skip, then=lambda: reader.read_ahead(1))
+            bar.update(len(tiles) - skip)
         wait_blender()
+        finish_bands()  # glass-only bands at the bottom
     finally:
         blender.shutdown(wait=True, cancel_futures=True)
         labeler.shutdown(wait=True, cancel_futures=True)
