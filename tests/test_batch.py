@@ -250,7 +250,7 @@ def test_rerun_skips_done_redoes_invalid_resumes_partial_and_runs_duplicates_onc
     engine = make_engine(model_file, "torch", "cpu")
     with pytest.raises(KeyboardInterrupt):
         segment_slide(root / "s2" / "c.svs", c_mask, model_file,
-                      SegmentOptions(tile=256, overlap=32, batch=4, progress=False), engine=_interrupt_after(engine, 6))
+                      SegmentOptions(tile=256, overlap=32, batch=4, progress=False), engine=_interrupt_after(engine, 3))
     progress = json.loads((out / "s2" / "c.mask.tif.work" / "progress.json").read_text())
     assert progress["flushed_y"] > 0 and not c_mask.exists()
     jobs = {j.slide.name: j for j in find_slides([root], out).jobs}
