@@ -86,15 +86,16 @@ class _Interrupting:
         return self.engine.predict_proba(batch)
 
 
-@pytest.mark.parametrize("batch", [2, 3])
-def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model, batch, monkeypatch):
+@pytest.mark.parametrize("batch,schedule", [(2, "auto"), (3, "auto"), (3, "beside")])
+def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model, batch, schedule,
+                                                          monkeypatch):
     """Batches run across bands; the resumed run starts mid-batch, runs the tiles of the band before
     in the same batch as the first run did, and blends only its own."""
     import wsi_espnet.segment as seg
 
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     engine.model_id = "same-model"
-    opts = dict(tile=256, overlap=32, batch=batch, progress=False)
+    opts = dict(tile=256, overlap=32, batch=batch, progress=False, schedule=schedule)
     leads = []
     real_feed_batches = seg.feed_batches
     monkeypatch.setattr(seg, "feed_batches", lambda *a: leads.append(real_feed_batches(*a)[1]) or real_feed_batches(*a))
