@@ -220,6 +220,17 @@ def test_slide_without_mpp_needs_the_option(tmp_path, slides_dir, small_model, c
     assert tifffile.imread(out).shape == (892, 1111)  # 4443x3567 at 0.25 µm/px, read at 1 µm/px
 
 
+def test_a_scan_much_coarser_than_the_model_warns_in_one_line(tmp_path, tiny_svs, small_model, capsys):
+    """A 4 µm/px scan (an overview image, say) for a 1 µm/px model is upsampled 4x: it runs, and says so."""
+    out = tmp_path / "m.tif"
+    assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--mpp", "4", *FAST]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("warning:")] == [err[0]] and "4x coarser" in err[0]
+    assert tifffile.imread(out).shape == (600, 800)  # 200x150 px at 4 µm/px, at 1 µm/px
+    assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--overwrite", *FAST]) == 0
+    assert "warning" not in capsys.readouterr().err  # at the model's own resolution: nothing to say
+
+
 def _bad_inputs(tmp_path: Path, slides_dir: Path) -> dict[str, Path]:
     text = tmp_path / "notes.svs"
     text.write_text("this is not a slide\n")

@@ -11,9 +11,10 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 from typing import Callable
 
-from .errors import UserError
+from .errors import InputWarning, UserError
 
 # sub-command -> (module, one-line help).  Modules are imported only when their command runs, so
 # `wsi-espnet --help` stays fast and an edge install without some extras still starts.
@@ -36,7 +37,20 @@ ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     if hasattr(errno, name))
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (:class:`InputWarning`) as one ``warning:`` line on stderr; others as Python
+    prints them."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def _run_guarded(fn: Callable[[], int]) -> int:
+    warnings.showwarning = _one_line_warning
     try:
         return int(fn() or 0)
     except UserError as exc:

@@ -26,3 +26,8 @@ class ModelFileError(UserError):
 
 class OutputExistsError(UserError):
     """The output exists and ``--overwrite`` was not given."""
+
+
+class InputWarning(UserWarning):
+    """Something the user may want to know about their input that does not stop the run (the CLI
+    prints it as one ``warning:`` line)."""

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ import numpy as np
 
 from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
-from .errors import NoMppError, UserError
+from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
 from .outputs import check_output
 from .runtime import lazy_zeros, tune_for_inference
@@ -51,6 +52,7 @@ from .stitch import Band, BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
 
+COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
 WORK_VERSION = 4  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
@@ -315,6 +317,10 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         cfg = engine.config
         mpp = cfg.slide.mpp
+        if slide.mpp > COARSE_SCAN * mpp:
+            warnings.warn(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
+                          f"the model's {mpp:g} µm/px: it is upsampled, and the model sees no detail the scan lacks "
+                          "(is this a thumbnail or overview image?)", InputWarning, stacklevel=2)
         tile = opts.tile or cfg.slide.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
@@ -582,7 +588,8 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("slide", type=Path, help="a slide OpenSlide opens (SVS, NDPI, MRXS, DICOM, TIFF…) or an OME-TIFF")
+    p.add_argument("slide", type=Path, help="a slide OpenSlide opens (SVS, NDPI, MRXS, DICOM, TIFF…), an OME-TIFF, or a DICOM "
+                   "slide's folder")
     p.add_argument("--out", required=True, type=Path, help="mask.tif: pyramidal OME-TIFF of class ids")
     p.add_argument("--model", help="model file (default: the tissue model shipped with the package)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

@@ -836,12 +836,23 @@ def _is_ome(path: Path) -> bool:
     return name.endswith((".ome.tif", ".ome.tiff", ".ome.tf2", ".ome.tf8", ".ome.btf"))
 
 
+def _dicom_file_of(folder: Path) -> Path:
+    """A DICOM slide is a folder of .dcm files (one per level, label, overview); OpenSlide opens it
+    through any one of them and finds the others itself, so a folder stands for its first one."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    if not files:
+        raise SlideError(f"{folder}: is a folder without .dcm files, not a slide (a DICOM slide is a folder "
+                         "of .dcm files; other formats are one file)")
+    return files[0]
+
+
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
     """Open a slide with ``backend`` "openslide", "tifffile", "image" or "auto".
 
     auto: OpenSlide when it opens the file (tifffile first for ``.ome.tif[f]``, whose OME-XML carries the
     pixel size OpenSlide does not read), else tifffile, else an ordinary image.  ``mpp`` overrides the
-    file's µm/px at level 0.  Every failure is a one-line :class:`SlideError` naming the file.
+    file's µm/px at level 0.  A folder of .dcm files opens as the DICOM slide it holds.  Every
+    failure is a one-line :class:`SlideError` naming the file.
     """
     path = Path(path)
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
@@ -850,7 +861,7 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
     if not path.exists():
         raise SlideError(f"{path}: no such file")
     if path.is_dir():
-        raise SlideError(f"{path}: is a directory, not a slide file (for DICOM, give one .dcm file in it)")
+        path = _dicom_file_of(path)
     openers = {"openslide": OpenSlideSlide, "tifffile": TiffSlide, "image": ImageSlide}
     if backend == "auto":
         order = ["tifffile", "openslide", "image"] if _is_ome(path) else ["openslide", "tifffile", "image"]
