@@ -50,7 +50,9 @@ import struct
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -278,40 +280,52 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,
-                  num_classes: int, occupied: Occupancy | None = None,
+                  num_classes: int, occupied: Occupancy | None = None, workers: int = 2,
                   ) -> tuple[list[LabelFile], list[Occupancy | None]]:
-    """Levels 1.. as label files under ``scratch``, each from the previous one in blocks, and for
-    every level (0 included) where it may be non-zero (None: not known, read it all)."""
+    """Levels 1.. as label files under ``scratch``, each from the previous one in blocks (on
+    ``workers`` threads: the blocks of a level are independent, and numpy and the file reads let go
+    of the GIL), and for every level (0 included) where it may be non-zero (None: not known, read it
+    all)."""
     levels: list[LabelFile] = []
     occupancy: list[Occupancy | None] = [occupied] + [None] * (len(shapes) - 1)
     source = labels
-    for k, (h, w) in enumerate(shapes[1:], start=1):
-        dest = LabelFile.create(scratch / f"level{k}.u8", (h, w))
-        src_h, src_w = shapes[k - 1]
-        src_occ = occupancy[k - 1]
-        if k == 1:  # learn where level 0 has labels while reading it for level 1
-            occupancy[0] = found = Occupancy.empty((src_h, src_w), 2 * block, within=occupied)
-        occupancy[k] = Occupancy.empty((h, w), block)
-        for y0 in range(0, h, block):
-            for x0 in range(0, w, block):
-                y1, x1 = min(y0 + block, h), min(x0 + block, w)
-                sy0, sy1, sx0, sx1 = 2 * y0, min(2 * y1, src_h), 2 * x0, min(2 * x1, src_w)
-                if src_occ is not None and not src_occ.may_have(sy0, sy1, sx0, sx1):
-                    continue
-                piece = np.asarray(source[sy0:sy1, sx0:sx1])
-                if not piece.any():
-                    continue  # all background: the level's fill value already says so (most of a slide)
-                if k == 1:
-                    found.mark(sy0, sx0)
-                    piece = clean_block(piece, num_classes)
-                pad = ((0, 2 * (y1 - y0) - piece.shape[0]), (0, 2 * (x1 - x0) - piece.shape[1]))
-                if any(p for _, p in pad):  # odd edge: repeat the last row/column
-                    piece = np.pad(piece, pad, mode="edge")
-                dest[y0:y1, x0:x1] = mode_downsample_2x2(piece)
-                occupancy[k].mark(y0, x0)
-        levels.append(dest)
-        source = dest
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mask-pyramid") as pool:
+        for k, (h, w) in enumerate(shapes[1:], start=1):
+            dest = LabelFile.create(scratch / f"level{k}.u8", (h, w))
+            levels.append(dest)
+            if k == 1:  # learn where level 0 has labels while reading it for level 1
+                occupancy[0] = Occupancy.empty(shapes[0], 2 * block, within=occupied)
+            occupancy[k] = Occupancy.empty((h, w), block)
+            blocks = [(y0, x0) for y0 in range(0, h, block) for x0 in range(0, w, block)]
+            # list(): wait for the whole level (and raise the first error) before the next reads it
+            reduce = partial(_reduce_block, source, dest, k, block=block, shapes=shapes, occupancy=occupancy,
+                             num_classes=num_classes)
+            list(pool.map(lambda yx: reduce(*yx), blocks))
+            source = dest
     return levels, occupancy
+
+
+def _reduce_block(source: Any, dest: LabelFile, k: int, y0: int, x0: int, *, block: int,
+                  shapes: list[tuple[int, int]], occupancy: list[Occupancy | None], num_classes: int) -> None:
+    """One block of level ``k``: the 2x2 mode of the block of level ``k - 1`` under it."""
+    h, w = shapes[k]
+    src_h, src_w = shapes[k - 1]
+    y1, x1 = min(y0 + block, h), min(x0 + block, w)
+    sy0, sy1, sx0, sx1 = 2 * y0, min(2 * y1, src_h), 2 * x0, min(2 * x1, src_w)
+    src_occ = occupancy[k - 1] if k > 1 else occupancy[0].within
+    if src_occ is not None and not src_occ.may_have(sy0, sy1, sx0, sx1):
+        return
+    piece = np.asarray(source[sy0:sy1, sx0:sx1])
+    if not piece.any():
+        return  # all background: the level's fill value already says so (most of a slide)
+    if k == 1:
+        occupancy[0].mark(sy0, sx0)
+        piece = clean_block(piece, num_classes)
+    pad = ((0, 2 * (y1 - y0) - piece.shape[0]), (0, 2 * (x1 - x0) - piece.shape[1]))
+    if any(p for _, p in pad):  # odd edge: repeat the last row/column
+        piece = np.pad(piece, pad, mode="edge")
+    dest[y0:y1, x0:x1] = mode_downsample_2x2(piece)
+    occupancy[k].mark(y0, x0)
 
 
 def _tiles(level: Any, shape: tuple[int, int], tile: int, block: int, clean: int | None,
@@ -345,7 +359,6 @@ def _encoded_tiles(tiles: Iterator[np.ndarray | None], tile: int, compression: s
     tile (``None``: known empty, or found so) is the one encoding of a zero tile, made once; the
     other tiles get the same encoder and padding tifffile would use, so the file's bytes are the same."""
     from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     encode = _tile_encoder(compression)
 
