@@ -88,6 +88,28 @@ def test_threads_write_disjoint_rows_without_a_lock(tmp_path):
     np.testing.assert_array_equal(lf[:], truth)
 
 
+def test_threads_write_disjoint_columns_of_the_same_rows(tmp_path):
+    """Blocks narrower than a stripe (a pyramid built on threads with small blocks): each write
+    reads, patches and rewrites whole stripe rows, so without the file's lock one thread's patch
+    would undo another's."""
+    H, W = 64, 1500
+    truth = np.random.default_rng(2).integers(1, 9, (H, W), dtype=np.uint8)
+    lf = LabelFile.create(tmp_path / "l.u8", (H, W))
+    columns = [(x, min(x + 50, W)) for x in range(0, W, 50)]
+
+    def work(k: int) -> None:
+        for _ in range(20):
+            for x0, x1 in columns[k::6]:
+                lf[:, x0:x1] = truth[:, x0:x1]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(lf[:], truth)
+
+
 def test_a_block_is_one_system_call_per_stripe_it_touches(tmp_path, monkeypatch):
     """Reads and writes of a block cost a call per 512-column stripe, not per row (28,000 preads
     for the mask pyramid of a 4096² map, laid out row by row)."""

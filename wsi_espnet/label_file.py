@@ -14,9 +14,9 @@ row-major file would take one per row, 28,000 for the mask pyramid of a 4096² m
 ``height * width`` bytes, created by truncation: never-written regions are holes that read as 0
 (background) and take no disk space, so while a run lasts the file occupies about the tissue's
 stripes (at most ``height * width`` bytes: a 50k x 50k map at 1 µm/px, 2.5 GB, if tissue is
-everywhere).  ``pread``/``pwrite`` carry their own offsets, so threads share one descriptor without
-a lock (writes to the same rows of a stripe must come from one thread: a write that covers part of
-a stripe reads, patches and rewrites those rows), and what is read or written goes through the page
+everywhere).  ``pread``/``pwrite`` carry their own offsets, so threads share one descriptor and may write
+disjoint regions at once (a write that covers part of a stripe's width reads, patches and rewrites
+those rows, under the file's lock), and what is read or written goes through the page
 cache, never into this process's memory (a ``numpy.memmap`` would count every touched page in the
 resident set).
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class LabelFile:
         self.writable = writable
         self._fd = fd
         self._closer = weakref.finalize(self, os.close, fd)
+        self._patching = threading.Lock()  # partial-stripe writes: read, patch, write back
 
     @classmethod
     def create(cls, path: str | os.PathLike, shape: tuple[int, int]) -> "LabelFile":
@@ -138,12 +140,15 @@ class LabelFile:
         for c0, sw, offset in self._stripes(x0, x1):
             a, b = max(x0, c0), min(x1, c0 + sw)
             if a == c0 and b == c0 + sw:  # the stripe's whole width: write the rows as they are
-                slab = np.ascontiguousarray(block[:, a - x0 : b - x0])
-            else:  # part of it: read those rows, patch, write back
+                _pwrite_all(self._fd, np.ascontiguousarray(block[:, a - x0 : b - x0]), offset + y0 * sw)
+                continue
+            # Part of it: read those rows, patch, write back; under the lock, so that another
+            # thread's patch of other columns in the same rows is not lost.
+            with self._patching:
                 slab = np.empty((y1 - y0, sw), np.uint8)
                 _pread_into(self._fd, slab, offset + y0 * sw)
                 slab[:, a - c0 : b - c0] = block[:, a - x0 : b - x0]
-            _pwrite_all(self._fd, slab, offset + y0 * sw)
+                _pwrite_all(self._fd, slab, offset + y0 * sw)
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
