@@ -55,9 +55,10 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 4  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 5  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
-#                   4: labels in a raw LabelFile, not Zarr
+#                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
+#                   an older run's batches, and so its floating-point results, differ)
 
 
 @dataclass
