@@ -211,7 +211,7 @@ def process_slide(spec: dict) -> dict:
     row.update(status="done", error="", tiles=result.tiles, grid_tiles=result.grid_tiles,
                seconds=round(result.seconds, 3), tissue_mm2=result.tissue_mm2, mpp=result.mpp,
                size=list(result.size), class_mm2=result.class_mm2, outputs=result.outputs,
-               resumed_from_row=result.resumed_from_row)
+               resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings))
     return row
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 STATUSES = ("done", "skipped", "failed", "pending")
-COLUMNS = ("slide", "status", "error", "tiles", "seconds", "tissue_mm2", "mpp", "resumed_from_row", "worker",
+COLUMNS = ("slide", "status", "error", "warning", "tiles", "seconds", "tissue_mm2", "mpp", "resumed_from_row", "worker",
            "mask", "geojson", "overlay", "probs")
 AREA_PREFIX = "mm2 "  # CSV column per class: "mm2 <class name>"
 

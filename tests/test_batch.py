@@ -23,7 +23,7 @@ import wsi_espnet
 from pipelines.archive import find_slides, output_state
 from pipelines.batch import BatchOptions, main, plan_local_cluster, process_slide, run_batch
 from wsi_espnet.demo import write_demo_slide
-from wsi_espnet.errors import UserError
+from wsi_espnet.errors import InputWarning, UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "slides" / "real"
@@ -164,6 +164,18 @@ def test_unreadable_slide_is_a_failed_row_not_an_exception(tmp_path, model_file)
     assert not mask.exists() and not (tmp_path / "out" / "unreadable.mask.tif.work").exists()
 
 
+def test_a_warning_reaches_the_report_row(tmp_path, model_file):
+    """A worker's stderr is not the user's: what segment_slide warns about goes into the row."""
+    slide = write_demo_slide(tmp_path / "thumb.svs", 128, 96, mpp=1.0, seed=8)
+    spec = {"slide": str(slide), "outputs": {"mask": str(tmp_path / "out" / "thumb.mask.tif")},
+            "model": str(model_file),
+            "segment": {"mpp": 4.0, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
+                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+    with pytest.warns(InputWarning, match="4x coarser"):
+        row = process_slide(spec)
+    assert row["status"] == "done" and "4x coarser" in row["warning"]
+
+
 # ---------------------------------------------------------------------------------------------
 # On clusters
 
@@ -205,7 +217,7 @@ def test_archive_with_corrupt_truncated_and_unreadable_slides(tmp_path, model_fi
         assert rows[name]["status"] == "failed" and message in rows[name]["error"], rows[name]
         assert f"failed: " in captured.out and str(root) in captured.out
     csv_lines = (out / "report.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("slide,status,error,tiles,seconds") and "mm2 Necrosis" in csv_lines[0]
+    assert csv_lines[0].startswith("slide,status,error,warning,tiles,seconds") and "mm2 Necrosis" in csv_lines[0]
     assert len(csv_lines) == 7 and sum(",failed," in line for line in csv_lines) == 3
     assert _leftovers(out) == []
 

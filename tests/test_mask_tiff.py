@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -214,9 +216,22 @@ def test_existing_output_and_failed_write_leave_no_trace(tmp_path, written):
     # A label beyond the class list (a bug upstream) stops the write: no file, no leftovers.
     bad = lab.copy()
     bad[-1, -1] = 9
-    with pytest.raises(ValueError, match="label value 9"):
+    with pytest.raises(ValueError, match="label value 9") as kept:
         write_mask_tiff(tmp_path / "bad.tif", bad, 1.0, NAMES, COLORS, tile=128)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+    # nor open scratch files, while the exception (and its frames) is kept, as a task framework does
+    assert kept.traceback and not _open_files(".levels-")
+
+
+def _open_files(part: str) -> list[str]:
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir() if fds.is_dir() else []:
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            pass
+    return [t for t in targets if part in t]
 
 
 def test_memory_stays_far_below_the_label_array(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import imagecodecs
 import numpy as np
@@ -92,10 +93,16 @@ def test_ome_tiff_gets_its_mpp_from_ome_xml_and_is_not_for_openslide(slides_dir)
         open_slide(path, backend="openslide")
 
 
-@pytest.mark.parametrize("name", ["real/dicom-camelyon16/camelyon16-lymph-node.dcm", "real/dicom-camelyon16"])
-def test_dicom_opens_through_its_dcm_file_or_its_folder(slides_dir, name):
-    with open_slide(slides_dir / name) as s:
-        assert s.path.name == "camelyon16-lymph-node.dcm"
+@pytest.mark.parametrize("name", ["real/dicom-camelyon16/camelyon16-lymph-node.dcm", "real/dicom-camelyon16", "copy"])
+def test_dicom_opens_through_its_dcm_file_or_its_folder(slides_dir, tmp_path, name):
+    path, expect = slides_dir / name, "camelyon16-lymph-node.dcm"
+    if name == "copy":  # a folder whose first .dcm is no slide, and the slide's file without a suffix
+        path, expect = tmp_path / "dicom", "image0001"
+        path.mkdir()
+        (path / "DICOMDIR.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+        shutil.copy(slides_dir / "real/dicom-camelyon16/camelyon16-lymph-node.dcm", path / expect)
+    with open_slide(path) as s:
+        assert s.path.name == expect
         region = s.read_region((0, 0), 0, s.dimensions)
         assert region.shape == (700, 1152, 3)
         assert region.min() < 150  # stained tissue is there
@@ -255,7 +262,7 @@ def _one_line_slide_error(path, **kw) -> str:
 
 def test_bad_paths_give_one_line_errors_naming_the_file(tmp_path):
     assert "no such file" in _one_line_slide_error(tmp_path / "missing.svs")
-    assert "folder without .dcm files" in _one_line_slide_error(tmp_path)
+    assert "folder without a DICOM slide" in _one_line_slide_error(tmp_path)
     text = tmp_path / "notes.svs"
     text.write_text("this is not a slide\n")
     assert "not a slide" in _one_line_slide_error(text)

@@ -51,6 +51,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -289,7 +290,8 @@ def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, til
     levels: list[LabelFile] = []
     occupancy: list[Occupancy | None] = [occupied] + [None] * (len(shapes) - 1)
     source = labels
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mask-pyramid") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mask-pyramid") as pool, \
+            _closed_on_error(levels):
         for k, (h, w) in enumerate(shapes[1:], start=1):
             dest = LabelFile.create(scratch / f"level{k}.u8", (h, w))
             levels.append(dest)
@@ -303,6 +305,18 @@ def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, til
             list(pool.map(lambda yx: reduce(*yx), blocks))
             source = dest
     return levels, occupancy
+
+
+@contextmanager
+def _closed_on_error(files: list[LabelFile]) -> Iterator[None]:
+    """Close ``files`` (deleted scratch files) if the block fails: a caller that keeps the exception, as
+    a task framework does, would otherwise keep their descriptors, and their disk space, open."""
+    try:
+        yield
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
 
 
 def _reduce_block(source: Any, dest: LabelFile, k: int, y0: int, x0: int, *, block: int,

@@ -95,6 +95,7 @@ class SegmentResult:
     seconds: float
     outputs: dict[str, str] = field(default_factory=dict)
     resumed_from_row: int = 0
+    warnings: list[str] = field(default_factory=list)  # what was also warned (InputWarning)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -318,10 +319,12 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         cfg = engine.config
         mpp = cfg.slide.mpp
+        notes: list[str] = []  # warnings, also kept in the result (a batch report has no stderr)
         if slide.mpp > COARSE_SCAN * mpp:
-            warnings.warn(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
-                          f"the model's {mpp:g} µm/px: it is upsampled, and the model sees no detail the scan lacks "
-                          "(is this a thumbnail or overview image?)", InputWarning, stacklevel=2)
+            notes.append(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
+                         f"the model's {mpp:g} µm/px: it is upsampled, and the model sees no detail the scan lacks "
+                         "(is this a thumbnail or overview image?)")
+            warnings.warn(notes[-1], InputWarning, stacklevel=2)
         tile = opts.tile or cfg.slide.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
@@ -356,6 +359,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     shutil.rmtree(work, ignore_errors=True)
     result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
     result.outputs = outputs
+    result.warnings = notes
     result.seconds = time.perf_counter() - t_start
     return result
 

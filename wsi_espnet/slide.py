@@ -837,13 +837,18 @@ def _is_ome(path: Path) -> bool:
 
 
 def _dicom_file_of(folder: Path) -> Path:
-    """A DICOM slide is a folder of .dcm files (one per level, label, overview); OpenSlide opens it
-    through any one of them and finds the others itself, so a folder stands for its first one."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-    if not files:
-        raise SlideError(f"{folder}: is a folder without .dcm files, not a slide (a DICOM slide is a folder "
-                         "of .dcm files; other formats are one file)")
-    return files[0]
+    """A DICOM slide is a folder of DICOM files (one per level, label, overview); OpenSlide opens it
+    through any one of its images and finds the others itself, so a folder stands for the first file
+    OpenSlide recognises as a DICOM slide (``.dcm`` files first; scanners also write them without a
+    suffix; a DICOMDIR or a stray non-image object is passed over)."""
+    import openslide
+
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: (p.suffix.lower() != ".dcm", p.name))
+    for path in files:
+        if path.suffix.lower() in ("", ".dcm") and openslide.OpenSlide.detect_format(str(path)) == "dicom":
+            return path
+    raise SlideError(f"{folder}: is a folder without a DICOM slide in it, not a slide (a DICOM slide is a "
+                     "folder of .dcm files; other formats are one file)")
 
 
 def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> Slide:
