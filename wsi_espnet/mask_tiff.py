@@ -49,9 +49,9 @@ import shutil
 import struct
 import tempfile
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -138,21 +138,21 @@ def write_mask_tiff(
     shapes = pyramid_shapes(height, width, tile)
     if bigtiff is None:
         bigtiff = sum(h * w for h, w in shapes) > _BIGTIFF_RAW_BYTES
-    partial = path.with_name(path.name + ".partial")
+    unfinished = path.with_name(path.name + ".partial")
     for stale in path.parent.glob(f".{path.name}.levels-*"):  # left by a run that was killed
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
-    reduced: list[LabelFile] = []
+    reduced: list[LabelFile] = []  # closed below however the write ends, also mid-build
     try:
-        reduced, occupancy = _build_levels(labels, shapes, scratch, tile, block, len(class_names), occupied)
+        occupancy = _build_levels(labels, shapes, scratch, reduced, block, len(class_names), occupied)
         levels = [labels] + reduced
         description = _ome_xml(path.name, width, height, mpp, class_names, palette[1], scale, offset)
-        _write_tiff(partial, levels, occupancy, shapes, mpp, palette[0], description, tile,
+        _write_tiff(unfinished, levels, occupancy, shapes, mpp, palette[0], description, tile,
                     _COMPRESSIONS[compression], bigtiff, block, len(class_names))
-        _link_subifds_into_main_chain(partial)
-        os.replace(partial, path)
+        _link_subifds_into_main_chain(unfinished)
+        os.replace(unfinished, path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        unfinished.unlink(missing_ok=True)
         raise
     finally:
         for level in reduced:
@@ -280,18 +280,17 @@ def clean_block(block: np.ndarray, num_classes: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------- pyramid
 
 
-def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, tile: int, block: int,
-                  num_classes: int, occupied: Occupancy | None = None, workers: int = 2,
-                  ) -> tuple[list[LabelFile], list[Occupancy | None]]:
-    """Levels 1.. as label files under ``scratch``, each from the previous one in blocks (on
-    ``workers`` threads: the blocks of a level are independent, and numpy and the file reads let go
-    of the GIL), and for every level (0 included) where it may be non-zero (None: not known, read it
-    all)."""
-    levels: list[LabelFile] = []
+def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, levels: list[LabelFile], block: int,
+                  num_classes: int, occupied: Occupancy | None = None, workers: int = 2) -> list[Occupancy | None]:
+    """Levels 1.. as label files under ``scratch``, appended to ``levels`` as each is created (so the
+    caller closes them even when the build fails: a caller that keeps the exception, as a task
+    framework does, would otherwise keep the deleted files' descriptors and disk space), each from
+    the previous one in blocks on ``workers`` threads (the blocks of a level are independent, and
+    numpy and the file reads let go of the GIL).  Returns, for every level (0 included), where it may
+    be non-zero (None: not known, read it all)."""
     occupancy: list[Occupancy | None] = [occupied] + [None] * (len(shapes) - 1)
     source = labels
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mask-pyramid") as pool, \
-            _closed_on_error(levels):
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mask-pyramid") as pool:
         for k, (h, w) in enumerate(shapes[1:], start=1):
             dest = LabelFile.create(scratch / f"level{k}.u8", (h, w))
             levels.append(dest)
@@ -304,19 +303,7 @@ def _build_levels(labels: Any, shapes: list[tuple[int, int]], scratch: Path, til
                              num_classes=num_classes)
             list(pool.map(lambda yx: reduce(*yx), blocks))
             source = dest
-    return levels, occupancy
-
-
-@contextmanager
-def _closed_on_error(files: list[LabelFile]) -> Iterator[None]:
-    """Close ``files`` (deleted scratch files) if the block fails: a caller that keeps the exception, as
-    a task framework does, would otherwise keep their descriptors, and their disk space, open."""
-    try:
-        yield
-    except BaseException:
-        for f in files:
-            f.close()
-        raise
+    return occupancy
 
 
 def _reduce_block(source: Any, dest: LabelFile, k: int, y0: int, x0: int, *, block: int,
@@ -372,8 +359,6 @@ def _encoded_tiles(tiles: Iterator[np.ndarray | None], tile: int, compression: s
     empty tile anew (0.7 ms each: 6 s of CPU for the 9,600 tiles of a 50k² mask).  Here an all-zero
     tile (``None``: known empty, or found so) is the one encoding of a zero tile, made once; the
     other tiles get the same encoder and padding tifffile would use, so the file's bytes are the same."""
-    from collections import deque
-
     encode = _tile_encoder(compression)
 
     def padded(t: np.ndarray) -> np.ndarray:
