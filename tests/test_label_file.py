@@ -4,7 +4,7 @@ writer's pyramid levels."""
 from __future__ import annotations
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -70,7 +70,13 @@ def test_mistakes_are_refused(tmp_path):
         LabelFile.create(tmp_path / "empty.u8", (0, 5))
 
 
-def test_threads_write_disjoint_rows_without_a_lock(tmp_path):
+def _in_threads(work, n: int) -> None:
+    """``work(0)`` .. ``work(n - 1)`` at once, one thread each; a failure in any is raised here."""
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        list(pool.map(work, range(n)))
+
+
+def test_threads_write_disjoint_rows(tmp_path):
     H, W = 400, 333
     truth = np.random.default_rng(1).integers(0, 9, (H, W), dtype=np.uint8)
     lf = LabelFile.create(tmp_path / "l.u8", (H, W))
@@ -80,11 +86,7 @@ def test_threads_write_disjoint_rows_without_a_lock(tmp_path):
             lf[y : y + 1, 11:W] = truth[y : y + 1, 11:]
             lf[y : y + 1, 0:11] = truth[y : y + 1, :11]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(work, 4)
     np.testing.assert_array_equal(lf[:], truth)
 
 
@@ -102,11 +104,7 @@ def test_threads_write_disjoint_columns_of_the_same_rows(tmp_path):
             for x0, x1 in columns[k::6]:
                 lf[:, x0:x1] = truth[:, x0:x1]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(work, 6)
     np.testing.assert_array_equal(lf[:], truth)
 
 

@@ -501,8 +501,9 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     # Blending and label writes happen in feed order whatever the schedule (the same operations in
     # the same order, so the same result).  "beside": on a thread of their own, one batch behind
     # the model, while reads run two batches ahead.  "between": on this thread, after the model
-    # and before its next batch; the next batch's reads start once this batch's adds are done,
-    # so that the adds (one thread, the longest chain) never share the cores with them.
+    # and before its next batch; the next batch's reads start once this batch's adds (and the band
+    # flushes they complete) are done, so that the adds (one thread, the longest chain) never
+    # share the cores with them.
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
     behind: deque[Future] = deque()
 
