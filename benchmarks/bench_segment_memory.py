@@ -40,6 +40,7 @@ medians, and the largest-minus-smallest difference is printed beside it.
     python benchmarks/bench_segment_memory.py                         # 20k and 100k, mask only
     python benchmarks/bench_segment_memory.py --extras                # also --probs and --geojson
     python benchmarks/bench_segment_memory.py --workdir /tmp/mem      # keep (and reuse) the slides
+    python benchmarks/bench_segment_memory.py --segment-args "--tile 640"   # another tile size
 """
 
 from __future__ import annotations
@@ -260,12 +261,12 @@ sys.exit(rc)
 """
 
 
-def run_segment(slide: Path, out: Path, model: Path, extras: bool) -> dict:
+def run_segment(slide: Path, out: Path, model: Path, extras: bool, more: list[str] = ()) -> dict:
     probs, geojson = out.with_suffix(".probs.zarr"), out.with_suffix(".geojson")
     for old in (out, probs, geojson, out.with_name(out.name + ".work")):  # a fresh run, never a resumed one
         shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     cmd = [sys.executable, "-c", _CHILD, str(slide), "--out", str(out), "--model", str(model),
-           "--overwrite", "--quiet", "--device", "cpu"]
+           "--overwrite", "--quiet", "--device", "cpu", *more]
     if extras:
         cmd += ["--probs", str(probs), "--geojson", str(geojson)]
     t0 = time.perf_counter()
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras-only", action="store_true", help="only the runs with --probs and --geojson")
     p.add_argument("--repeats", type=int, default=1, help="runs per slide and output set (peak RSS varies a little)")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) slides and outputs here")
+    p.add_argument("--segment-args", default="", help="more wsi-segment options for every run, e.g. "
+                   "'--tile 640' (split on spaces)")
     args = p.parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             for extras in [v for v in variants for _ in range(args.repeats)]:
                 load = os.getloadavg()[0]
                 out = work / f"mask_{size}{'_extras' if extras else ''}.tif"
-                res = run_segment(slide, out, args.model, extras)
+                res = run_segment(slide, out, args.model, extras, args.segment_args.split())
                 res.update(size=size, extras=extras, load=load, slide_mb=facts["bytes"] / 1e6,
                            working=facts["working_size"])
                 print(json.dumps(res), flush=True)

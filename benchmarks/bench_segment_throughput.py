@@ -40,6 +40,7 @@ figure that the wall ratio approaches on an idle machine where the model keeps e
     python benchmarks/bench_segment_throughput.py                    # batch 4/8/16 x workers 2/4
     python benchmarks/bench_segment_throughput.py --batches 8 --workers 4 --profile
     python benchmarks/bench_segment_throughput.py --batches 4 --workers 4 --torch-threads 1  # a core left free
+    python benchmarks/bench_segment_throughput.py --batches 4 --workers 4 --tile 640          # another tile size
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def demo_slide(work: Path, size: int, seed: int) -> Path:
     return path
 
 
-def the_tiles(slide_path: Path, engine) -> tuple[int, np.ndarray]:
+def the_tiles(slide_path: Path, engine, tile: int, overlap: int) -> tuple[int, np.ndarray]:
     """segment_slide's tiles in its feed order, read beforehand: (number of bands, pixels)."""
     cfg = engine.config.slide
     with open_slide(slide_path) as slide:
         tissue = detect_tissue(slide)
-        grid = tile_grid(slide.size_at_mpp(cfg.mpp), cfg.tile, cfg.overlap, cfg.mpp, slide.mpp, tissue,
+        grid = tile_grid(slide.size_at_mpp(cfg.mpp), tile, overlap, cfg.mpp, slide.mpp, tissue,
                          cfg.tissue_threshold, level0_size=slide.dimensions)
         bands = feed_bands(grid)
         (order,), _ = feed_batches(bands, batch=len(grid.tiles))
@@ -188,9 +189,10 @@ def stage_timers(prof: dict):
 
 
 def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int, prof: dict | None = None,
-               schedule: str = "auto") -> dict:
+               schedule: str = "auto", tile: int | None = None, overlap: int | None = None) -> dict:
     """One ``segment_slide`` run, its phases timed, and the seconds its engine spent in the model."""
-    opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False, schedule=schedule)
+    opts = SegmentOptions(batch=batch, workers=workers, overwrite=True, progress=False, schedule=schedule,
+                          tile=tile, overlap=overlap)
     times: dict = {}
     prof = prof if prof is not None else {"model": 0.0}
     timed = _TimedEngine(engine, prof)
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                    "banded slide of bench_segment_memory.py: most of it background)")
     p.add_argument("--untuned", action="store_true", help="leave the process as a library call finds it "
                    "(no runtime.tune_for_inference, which wsi-segment applies)")
+    p.add_argument("--tile", type=int, help="tile side at the working resolution (default: the model's)")
+    p.add_argument("--overlap", type=int, help="tile overlap (default: the model's)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
@@ -236,17 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
 
     engine = TorchEngine(load_model(args.model), device="cpu")
-    tile = engine.config.slide.tile
+    tile = args.tile or engine.config.slide.tile
+    overlap = engine.config.slide.overlap if args.overlap is None else args.overlap
     print(f"model {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         slide = args.slide or demo_slide(work, args.size, args.seed)
-        n_bands, pixels = the_tiles(slide, engine)
+        n_bands, pixels = the_tiles(slide, engine, tile, overlap)
         n = len(pixels)
         mpx = n * tile * tile / 1e6
-        print(f"{slide.name}: {n} tissue tiles of {tile}² in {n_bands} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
+        print(f"{slide.name}: {n} tissue tiles of {tile}² (overlap {overlap}) in {n_bands} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
         engine.predict_proba(pixels[:2])  # warm-up
         rows = []
         for batch in (int(v) for v in args.batches.split(",")):
@@ -255,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     for schedule in args.schedules.split(","):
                         load = os.getloadavg()[0]
                         alone, alone_cpu = model_alone(engine, pixels, batch)
-                        e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, schedule=schedule)
+                        e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, schedule=schedule,
+                                         tile=tile, overlap=overlap)
                         assert e2e["tiles"] == n, (e2e["tiles"], n)
                         row = {"batch": batch, "workers": workers, "schedule": schedule, "alone": alone,
                                "alone_cpu": alone_cpu, "load": load, **e2e}
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
             alone, _ = model_alone(engine, pixels, batch)
             with stage_timers(prof):
-                e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, prof)
+                e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, prof, tile=tile, overlap=overlap)
             prof.update(alone=alone, **e2e)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print(HEADER)
