@@ -4,7 +4,7 @@ it is touched.
 Library functions never change the process they run in; the command-line entry points (``wsi-segment``,
 ``wsi-espnet segment``/``predict``, the batch pipeline's workers) call :func:`tune_for_inference`
 once, before PyTorch is imported, because those processes exist to run the model.  Measured on the
-project's 2-core CPU (README, "Measured numbers"):
+project's 2-core CPU (docs/performance.md):
 
 * :func:`retain_freed_memory`: glibc hands every freed block above its mmap threshold (at most 32 MiB)
   back to the kernel, so each batch's feature maps fault in (and are zeroed) anew: the model runs

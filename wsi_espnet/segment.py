@@ -68,7 +68,7 @@ class SegmentOptions:
     mpp: float | None = None  # the slide's level-0 µm/px, for files that do not record it
     tile: int | None = None
     overlap: int | None = None
-    batch: int = 4  # on CPU both faster and ~250 MB smaller than 8 (README, "Measured numbers")
+    batch: int = 4  # on CPU no slower end to end than 8 or 16, with half the feature maps (docs/performance.md)
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"
