@@ -193,8 +193,44 @@ def test_killed_process_resumes(tmp_path, demo_svs, small_model):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    assert (tmp_path / "mask.tif.lock").is_file()  # the killed run's lock file stays, its lock does not
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert out.read_bytes() == ref.read_bytes()
+    assert not (tmp_path / "mask.tif.lock").exists()
+
+
+def test_a_second_run_on_an_output_being_made_stops_at_once(tmp_path, demo_svs, small_model):
+    """Two runs on one output would share its work folder: the second stops with one line naming the
+    first's pid, touching nothing; once the first is done, the same command runs."""
+    from wsi_espnet.outputs import exclusive_output
+
+    out = tmp_path / "mask.tif"
+    cmd = [sys.executable, "-m", "wsi_espnet.cli", "segment", str(demo_svs), "--out", str(out), "--model",
+           str(small_model), *FAST]
+    with exclusive_output(out):  # this process is the first run
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {out} is being made by another run (pid {os.getpid()}); let it finish, or stop it first"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif.lock"]
+    assert not (tmp_path / "mask.tif.lock").exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif"]
+
+
+def test_output_lock_is_exclusive_and_survives_only_its_holder(tmp_path):
+    from wsi_espnet.outputs import exclusive_output
+
+    out = tmp_path / "m.tif"
+    with exclusive_output(out):
+        with pytest.raises(UserError, match="being made by another run"):
+            with exclusive_output(out):  # a second open file description: flock refuses it too
+                pass
+    # A lock file left by a killed run (its lock died with it) is taken over, then removed.
+    (tmp_path / "m.tif.lock").write_text("999999\n")
+    with exclusive_output(out):
+        assert (tmp_path / "m.tif.lock").read_text() == f"{os.getpid()}\n"
+    assert not (tmp_path / "m.tif.lock").exists()
 
 
 def test_slide_without_tissue_gives_an_empty_valid_mask(tmp_path, empty_svs, small_model):

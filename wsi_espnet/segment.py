@@ -45,7 +45,7 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
-from .outputs import check_output
+from .outputs import check_output, exclusive_output
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import Band, BlendStitcher, feed_bands
@@ -311,7 +311,15 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
     for key, p in [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]:
         _prepare_output(Path(p), opts.overwrite, resuming, zarr_store=key == "probs")
+    with exclusive_output(out):
+        result = _segment(slide_path, out, work, model, opts, engine)
+    result.seconds = time.perf_counter() - t_start
+    return result
 
+
+def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | os.PathLike | None,
+             opts: SegmentOptions, engine: Engine | None) -> SegmentResult:
+    """The run itself, holding the output's lock: tissue, tiles, outputs, then the work folder goes."""
     with open_slide(slide_path, mpp=opts.mpp) as slide:
         if slide.mpp is None:
             raise NoMppError(f"{slide.path.name} records no pixel size (µm/px); give it with --mpp, e.g. --mpp 0.25")
@@ -324,7 +332,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             notes.append(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
                          f"the model's {mpp:g} µm/px: it is upsampled, and the model sees no detail the scan lacks "
                          "(is this a thumbnail or overview image?)")
-            warnings.warn(notes[-1], InputWarning, stacklevel=2)
+            warnings.warn(notes[-1], InputWarning, stacklevel=3)
         tile = opts.tile or cfg.slide.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
@@ -360,7 +368,6 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
     result.outputs = outputs
     result.warnings = notes
-    result.seconds = time.perf_counter() - t_start
     return result
 
 
