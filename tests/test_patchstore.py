@@ -344,3 +344,17 @@ def test_tiny_and_empty_demo_slides(tiny_svs, empty_svs, tmp_path, capsys):
     rc, _, err = run_cli(capsys, empty_svs, "--out", out, "--tile", 256)
     assert rc == 0 and "warning:" in err
     assert open_patch_store(out)["patches"].shape[0] == 0
+
+
+def test_a_store_being_written_is_not_written_by_a_second_run(tmp_path):
+    from wsi_espnet.errors import UserError
+    from wsi_espnet.outputs import exclusive_output
+
+    slide = write_tiff(tmp_path / "s.tif", tissue_image(300, 400, seed=3))
+    out = tmp_path / "o.zarr"
+    with exclusive_output(out):  # the first run
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            write_patch_store(slide, out, mpp=1.0, tile=128, tissue_threshold=0.0, workers=1, progress=False)
+        assert not (tmp_path / "o.zarr.partial").exists()
+    write_patch_store(slide, out, mpp=1.0, tile=128, tissue_threshold=0.0, workers=1, progress=False)
+    assert open_patch_store(out)["patches"].shape[0] > 0 and not (tmp_path / "o.zarr.lock").exists()

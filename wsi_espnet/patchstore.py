@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, OutputExistsError, SlideError, UserError
+from .outputs import exclusive_output
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
@@ -321,36 +322,37 @@ def write_patch_store(
     finally:
         slide.close()
 
-    group = _open_resumable(partial, fingerprint)
-    if group is None:
-        if partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial)
-        elif partial.exists() or partial.is_symlink():
-            partial.unlink()
-        group = _create_store(partial, grid, attrs)
-    done = _Done(group["done"])
-    todo = [t for t in grid.tiles if not done.flags[t.index]]
-    try:
-        timings = _write_tiles(
-            group["patches"], todo, done, len(grid), slide.path, slide_mpp, backend_used, mpp, workers, progress
+    with exclusive_output(out):  # one run per store: the .partial is not shared
+        group = _open_resumable(partial, fingerprint)
+        if group is None:
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial)
+            elif partial.exists() or partial.is_symlink():
+                partial.unlink()
+            group = _create_store(partial, grid, attrs)
+        done = _Done(group["done"])
+        todo = [t for t in grid.tiles if not done.flags[t.index]]
+        try:
+            timings = _write_tiles(
+                group["patches"], todo, done, len(grid), slide.path, slide_mpp, backend_used, mpp, workers, progress
+            )
+        except SlideError as exc:
+            written = int(done.flags.sum())
+            if written == 0:  # nothing worth keeping: leave no trace
+                del group
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            raise SlideError(f"{exc} (the {written} patches written so far are kept in {partial})") from None
+        done.flush()
+        if not done.flags.all():  # pragma: no cover - a bug, not a user error
+            raise RuntimeError(f"{int((~done.flags).sum())} patches were not written")
+        group.attrs.update(
+            complete=True,
+            run={**timings, "wall_s": round(time.monotonic() - started, 3), "workers": workers,
+                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
         )
-    except SlideError as exc:
-        written = int(done.flags.sum())
-        if written == 0:  # nothing worth keeping: leave no trace
-            del group
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        raise SlideError(f"{exc} (the {written} patches written so far are kept in {partial})") from None
-    done.flush()
-    if not done.flags.all():  # pragma: no cover - a bug, not a user error
-        raise RuntimeError(f"{int((~done.flags).sum())} patches were not written")
-    group.attrs.update(
-        complete=True,
-        run={**timings, "wall_s": round(time.monotonic() - started, 3), "workers": workers,
-             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-    )
-    del group
-    _finalize(partial, out)
+        del group
+        _finalize(partial, out)
     return out
 
 
