@@ -249,3 +249,18 @@ def test_memory_stays_far_below_the_label_array(tmp_path):
     assert peak < n * n / 3, f"peak {peak / 2**20:.1f} MiB for a {n * n / 2**20:.0f} MiB label array"
     with tifffile.TiffFile(tmp_path / "big.tif") as tif:
         assert np.array_equal(tif.series[0].levels[0].asarray()[:7, :], np.broadcast_to(stripes, (7, n)))
+
+
+def test_provenance_is_kept_as_text_and_any_characters_survive(tmp_path):
+    labels = np.zeros((200, 300), np.uint8)
+    labels[20:90, 40:200] = 1
+    made = {"software": "wsi-espnet 9.9", "slide": 'case 7 <left> & "right".svs', "tile": 512}
+    path = write_mask_tiff(tmp_path / "m.tif", labels, 0.5, ["bg", "tumour"], [(0, 0, 0), (200, 0, 0)],
+                           tile=128, provenance=made)
+    assert read_mask_info(path).provenance == {k: str(v) for k, v in made.items()}
+    with openslide.OpenSlide(str(path)) as osr:  # still an OME-TIFF that OpenSlide and tifffile open
+        assert osr.dimensions == (300, 200)
+    assert tifffile.TiffFile(path).is_ome
+    plain = write_mask_tiff(tmp_path / "p.tif", labels, 0.5, ["bg", "tumour"], [(0, 0, 0), (200, 0, 0)], tile=128)
+    assert read_mask_info(plain).provenance == {}
+    assert "Provenance" not in tifffile.TiffFile(plain).pages[0].description

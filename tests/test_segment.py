@@ -68,6 +68,16 @@ def test_segment_writes_every_output(tmp_path, demo_svs, small_model, capsys):
     assert (p.argmax(0)[clear] == mask[:256][clear]).all()
     assert (tmp_path / "o.png").stat().st_size > 1000
     assert not list(tmp_path.rglob("*.work")) and not list(tmp_path.rglob("*.partial"))
+    # What made the mask travels with it (and with the probabilities): software, model by content, settings.
+    from wsi_espnet.fileid import file_sha256
+    from wsi_espnet.mask_tiff import read_mask_info
+
+    made = read_mask_info(out).provenance
+    assert made == {"software": f"wsi-espnet {wsi_espnet.__version__}", "model": "breast_biopsy",
+                    "model-sha256": file_sha256(small_model), "device": "cpu", "slide": demo_svs.name,
+                    "slide-size": "2048x1536", "slide-mpp": "0.5", "mpp": "1", "tile": "256", "overlap": "32",
+                    "tissue-threshold": "0.05", "backend": "torch"}
+    assert probs.attrs["provenance"] == made
 
 
 class _Interrupting:

@@ -26,7 +26,9 @@ What the readers return:
 Metadata: the OME ``Pixels`` element has ``PhysicalSizeX/Y`` (µm); ``MapAnnotation``\\ s in
 namespaces :data:`CLASSES_NAMESPACE` and :data:`COLORS_NAMESPACE` list ``class id -> name`` and
 ``class id -> #rrggbb``, and :data:`SLIDE_NAMESPACE` the slide mapping (``scale``, ``bounds-x``,
-``bounds-y``); the image ``Description`` spells the classes out for people. :func:`read_mask_info`
+``bounds-y``), and :data:`PROVENANCE_NAMESPACE` what made the mask (free ``key -> text`` pairs:
+``wsi-segment`` records the software version, the model's name and SHA-256, the slide and the
+settings); the image ``Description`` spells the classes out for people. :func:`read_mask_info`
 parses it all back. (OME-XML rather than a JSON ImageDescription: Bio-Formats and QuPath need the
 OME-XML there to find the pyramid and the pixel size, and a TIFF page has one description.)
 
@@ -50,9 +52,9 @@ import struct
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ NOT_COMPUTED = 255
 CLASSES_NAMESPACE = "wsi-espnet/classes"
 COLORS_NAMESPACE = "wsi-espnet/class-colors"
 SLIDE_NAMESPACE = "wsi-espnet/slide"  # keys: scale, bounds-x, bounds-y (see write_mask_tiff)
+PROVENANCE_NAMESPACE = "wsi-espnet/provenance"  # what made the mask (see write_mask_tiff)
 OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
 
 # Above this much raw pixel data (all levels) the file is written as BigTIFF: deflate cannot grow
@@ -90,6 +93,7 @@ class MaskInfo:
     level_shapes: list[tuple[int, int]]
     scale: float | None  # slide level-0 px per mask px, when the writer was told
     offset: tuple[float, float]  # the slide's bounds-x/y (QuPath's origin on OpenSlide-cropped slides)
+    provenance: dict[str, str] = field(default_factory=dict)  # what made the mask, as the writer was told
 
 
 def write_mask_tiff(
@@ -107,6 +111,7 @@ def write_mask_tiff(
     scale: float | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
     occupied: Occupancy | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``labels`` (H x W uint8 class ids; a Zarr array or anything sliceable like NumPy) as a
     pyramidal OME-TIFF at ``path``, reading it ``block``-sized pieces at a time.
@@ -119,6 +124,9 @@ def write_mask_tiff(
     in ``examples/`` uses them; a slide without mpp in QuPath has nothing else to go by).
 
     ``occupied`` says where ``labels`` may be non-zero; regions it rules out are not read at all.
+
+    ``provenance``: what made the mask (software, model, slide, settings), kept as text so that a
+    mask found on a share years later still says how it came about.
     """
     path = Path(path)
     height, width = _check_labels(labels)
@@ -146,7 +154,8 @@ def write_mask_tiff(
     try:
         occupancy = _build_levels(labels, shapes, scratch, reduced, block, len(class_names), occupied)
         levels = [labels] + reduced
-        description = _ome_xml(path.name, width, height, mpp, class_names, palette[1], scale, offset)
+        description = _ome_xml(path.name, width, height, mpp, class_names, palette[1], scale, offset,
+                               {str(k): str(v) for k, v in (provenance or {}).items()})
         _write_tiff(unfinished, levels, occupancy, shapes, mpp, palette[0], description, tile,
                     _COMPRESSIONS[compression], bigtiff, block, len(class_names))
         _link_subifds_into_main_chain(unfinished)
@@ -196,6 +205,7 @@ def read_mask_info(path: str | os.PathLike) -> MaskInfo:
         level_shapes=level_shapes,
         scale=float(slide["scale"]) if "scale" in slide else None,
         offset=(float(slide.get("bounds-x", 0)), float(slide.get("bounds-y", 0))),
+        provenance=maps.get(PROVENANCE_NAMESPACE, {}),
     )
 
 
@@ -451,12 +461,14 @@ def _link_subifds_into_main_chain(path: Path) -> None:
 
 
 def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequence[str],
-             colors: list[tuple[int, int, int]], scale: float | None, offset: tuple[float, float]) -> str:
+             colors: list[tuple[int, int, int]], scale: float | None, offset: tuple[float, float],
+             provenance: dict[str, str]) -> str:
     legend = "; ".join(f"{i}={n}" for i, n in enumerate(class_names))
     names = "".join(f"<M K=\"{i}\">{escape(n)}</M>" for i, n in enumerate(class_names))
     hexes = "".join(f"<M K=\"{i}\">#{r:02x}{g:02x}{b:02x}</M>" for i, (r, g, b) in enumerate(colors))
     slide = "".join(f"<M K=\"{k}\">{float(v)!r}</M>" for k, v in
                     ((("scale", scale),) if scale is not None else ()) + (("bounds-x", offset[0]), ("bounds-y", offset[1])))
+    made = "".join(f"<M K={quoteattr(k)}>{escape(v)}</M>" for k, v in provenance.items())
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         f'<OME xmlns="{OME_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
@@ -472,12 +484,15 @@ def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequen
         "</Pixels>"
         '<AnnotationRef ID="Annotation:Classes:0"/><AnnotationRef ID="Annotation:Classes:1"/>'
         '<AnnotationRef ID="Annotation:Slide:0"/>'
-        "</Image>"
+        + ('<AnnotationRef ID="Annotation:Provenance:0"/>' if made else "")
+        + "</Image>"
         "<StructuredAnnotations>"
         f'<MapAnnotation ID="Annotation:Classes:0" Namespace="{CLASSES_NAMESPACE}"><Value>{names}</Value></MapAnnotation>'
         f'<MapAnnotation ID="Annotation:Classes:1" Namespace="{COLORS_NAMESPACE}"><Value>{hexes}</Value></MapAnnotation>'
         f'<MapAnnotation ID="Annotation:Slide:0" Namespace="{SLIDE_NAMESPACE}"><Value>{slide}</Value></MapAnnotation>'
-        "</StructuredAnnotations>"
+        + (f'<MapAnnotation ID="Annotation:Provenance:0" Namespace="{PROVENANCE_NAMESPACE}"><Value>{made}</Value>'
+           "</MapAnnotation>" if made else "")
+        + "</StructuredAnnotations>"
         "</OME>"
     )
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
@@ -347,6 +348,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         settings = {"mpp": mpp, "tile": tile, "overlap": overlap, "threshold": threshold, "slide_mpp": slide.mpp,
                     "probs": bool(opts.probs), "backend": opts.backend}
         fp = _fingerprint(slide, getattr(engine, "model_id", cfg.name + str(cfg.num_classes)), settings)
+        provenance = _provenance(slide, engine, settings)
 
         state = _open_work(work, fp, opts.overwrite)
         tissue = _tissue(slide, work)
@@ -363,12 +365,28 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
     px_mm2 = (mpp / 1000.0) ** 2
     class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(cfg.class_names)}
     with labels:
-        outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, state)
+        outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, provenance)
     shutil.rmtree(work, ignore_errors=True)
     result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
     result.outputs = outputs
     result.warnings = notes
     return result
+
+
+def _provenance(slide: Slide, engine: Engine, settings: dict) -> dict[str, str]:
+    """What made this result, recorded in the mask and the probabilities: a mask found on a share
+    years later must still say which software, model (by content, not by path) and settings made
+    it.  Nothing that changes from run to run (no time stamp), so a resumed run's files stay
+    byte-identical to an uninterrupted run's."""
+    made = {"software": f"wsi-espnet {__version__}", "model": engine.config.name}
+    if getattr(engine, "model_id", None):
+        made["model-sha256"] = engine.model_id
+    width, height = slide.dimensions
+    made.update({"device": str(getattr(engine, "device", "")), "slide": slide.path.name,
+                 "slide-size": f"{width}x{height}", "slide-mpp": f"{settings['slide_mpp']:g}",
+                 "mpp": f"{settings['mpp']:g}", "tile": str(settings["tile"]), "overlap": str(settings["overlap"]),
+                 "tissue-threshold": f"{settings['threshold']:g}", "backend": settings["backend"]})
+    return made
 
 
 def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
@@ -560,7 +578,7 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Path, opts: SegmentOptions,
-                   thumbnail, bounds, class_mm2: dict, state: dict) -> dict[str, str]:
+                   thumbnail, bounds, class_mm2: dict, provenance: dict[str, str]) -> dict[str, str]:
     """Optional outputs first, the mask last: the mask's presence means the run is complete."""
     written: dict[str, str] = {}
     footprint = grid.footprint(2048)  # outside the tissue tiles the label map is background: not read back
@@ -584,6 +602,9 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         tmp = dst.with_name(dst.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(work / "probs.zarr", tmp)
+        import zarr
+
+        zarr.open_array(str(tmp), mode="r+").attrs["provenance"] = provenance
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         os.replace(tmp, dst)
@@ -591,7 +612,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
     from .mask_tiff import write_mask_tiff
 
     write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True,
-                    scale=scale, offset=offset, occupied=footprint)
+                    scale=scale, offset=offset, occupied=footprint, provenance=provenance)
     written["mask"] = str(out)
     return written
 
