@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_espnet.engine import available_cores
-from wsi_espnet.errors import ModelFileError, UserError
+from wsi_espnet.errors import ModelFileError, OutputBusyError, UserError
 
 from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
 from .report import BatchReport, one_line
@@ -202,9 +202,8 @@ def process_slide(spec: dict) -> dict:
         )
         result = segment_slide(spec["slide"], outputs["mask"], spec.get("model"), options, engine=engine)
     except UserError as exc:
-        # The slide (or an option) is wrong and stays wrong: its partial work is worthless, and a fixed
-        # file would not resume it anyway (the work folder is tied to the file's size and mtime).
-        shutil.rmtree(work_folder(Path(outputs["mask"])), ignore_errors=True)
+        if not isinstance(exc, OutputBusyError):
+            _discard_work(Path(outputs["mask"]))
         row.update(status="failed", error=one_line(str(exc)), error_type=type(exc).__name__,
                    seconds=round(time.perf_counter() - t0, 3))
         return row
@@ -213,6 +212,20 @@ def process_slide(spec: dict) -> dict:
                size=list(result.size), class_mm2=result.class_mm2, outputs=result.outputs,
                resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings))
     return row
+
+
+def _discard_work(mask: Path) -> None:
+    """After a user error the slide (or an option) is wrong and stays wrong: its partial work is
+    worthless, and a fixed file would not resume it anyway (the work folder is tied to the file's size
+    and mtime).  Under the output's lock, so that a run that started on it meanwhile keeps its work;
+    and never on :class:`OutputBusyError`, whose work folder belongs to the live run that holds it."""
+    from wsi_espnet.outputs import exclusive_output
+
+    try:
+        with exclusive_output(mask):
+            shutil.rmtree(work_folder(mask), ignore_errors=True)
+    except UserError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

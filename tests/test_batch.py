@@ -164,6 +164,27 @@ def test_unreadable_slide_is_a_failed_row_not_an_exception(tmp_path, model_file)
     assert not mask.exists() and not (tmp_path / "out" / "unreadable.mask.tif.work").exists()
 
 
+def test_a_slide_whose_output_a_live_run_is_making_is_left_to_it(tmp_path, model_file):
+    """A cluster's retry of a task whose first attempt still runs: a failed row, and the live run's
+    work folder untouched (a user error's clean-up must not delete it under the other run)."""
+    from wsi_espnet.outputs import exclusive_output
+
+    slide = write_demo_slide(tmp_path / "s.svs", 512, 384, mpp=1.0, seed=2)
+    mask = tmp_path / "out" / "s.mask.tif"
+    live_work = tmp_path / "out" / "s.mask.tif.work"
+    live_work.mkdir(parents=True)
+    (live_work / "progress.json").write_text("{}")
+    spec = {"slide": str(slide), "outputs": {"mask": str(mask)}, "model": str(model_file),
+            "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
+                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+    with exclusive_output(mask):  # the live first attempt
+        row = process_slide(spec)
+    assert row["status"] == "failed" and row["error_type"] == "OutputBusyError"
+    assert f"pid {os.getpid()}" in row["error"]
+    assert (live_work / "progress.json").is_file() and not mask.exists()
+    assert process_slide(spec)["status"] == "done"  # once it is gone, the slide runs
+
+
 def test_a_warning_reaches_the_report_row(tmp_path, model_file):
     """A worker's stderr is not the user's: what segment_slide warns about goes into the row."""
     slide = write_demo_slide(tmp_path / "thumb.svs", 128, 96, mpp=1.0, seed=8)

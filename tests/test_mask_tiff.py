@@ -251,13 +251,20 @@ def test_memory_stays_far_below_the_label_array(tmp_path):
         assert np.array_equal(tif.series[0].levels[0].asarray()[:7, :], np.broadcast_to(stripes, (7, n)))
 
 
-def test_provenance_is_kept_as_text_and_any_characters_survive(tmp_path):
+def test_provenance_is_kept_as_text_whatever_the_file_name_holds(tmp_path):
     labels = np.zeros((200, 300), np.uint8)
     labels[20:90, 40:200] = 1
-    made = {"software": "wsi-espnet 9.9", "slide": 'case 7 <left> & "right".svs', "tile": 512}
+    made = {"software": "wsi-espnet 9.9", "slide": 'case 7 <left> & "right"\r\n\tPräparat µ.svs', "tile": 512}
     path = write_mask_tiff(tmp_path / "m.tif", labels, 0.5, ["bg", "tumour"], [(0, 0, 0), (200, 0, 0)],
                            tile=128, provenance=made)
     assert read_mask_info(path).provenance == {k: str(v) for k, v in made.items()}
+    # What XML cannot hold (control characters; a file name that was not UTF-8 decodes to lone
+    # surrogates) is spelled as a backslash escape, and the OME-XML stays valid for every reader.
+    odd = write_mask_tiff(tmp_path / "o.tif", labels, 0.5, ["bg", "tumour"], [(0, 0, 0), (200, 0, 0)], tile=128,
+                          provenance={"slide": "bad\udcff tab\x01.svs"})
+    assert read_mask_info(odd).provenance == {"slide": "bad\\xff tab\\x01.svs"}
+    with tifffile.TiffFile(odd) as tif:  # read as OME (pyramid and all), not as a generic TIFF
+        assert tif.is_ome and tif.series[0].kind == "ome" and len(tif.series[0].levels) == 3
     with openslide.OpenSlide(str(path)) as osr:  # still an OME-TIFF that OpenSlide and tifffile open
         assert osr.dimensions == (300, 200)
     assert tifffile.TiffFile(path).is_ome

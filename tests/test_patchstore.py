@@ -353,8 +353,9 @@ def test_a_store_being_written_is_not_written_by_a_second_run(tmp_path):
     slide = write_tiff(tmp_path / "s.tif", tissue_image(300, 400, seed=3))
     out = tmp_path / "o.zarr"
     with exclusive_output(out):  # the first run
-        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
-            write_patch_store(slide, out, mpp=1.0, tile=128, tissue_threshold=0.0, workers=1, progress=False)
-        assert not (tmp_path / "o.zarr.partial").exists()
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):  # refused before it reads anything
+            write_patch_store(slide, out, mpp=1.0, tile=128, tissue_threshold=0.0, workers=1, progress=False,
+                              save_tissue_mask=tmp_path / "tissue.png")
+        assert not (tmp_path / "o.zarr.partial").exists() and not (tmp_path / "tissue.png").exists()
     write_patch_store(slide, out, mpp=1.0, tile=128, tissue_threshold=0.0, workers=1, progress=False)
     assert open_patch_store(out)["patches"].shape[0] > 0 and not (tmp_path / "o.zarr.lock").exists()

@@ -75,7 +75,7 @@ def test_segment_writes_every_output(tmp_path, demo_svs, small_model, capsys):
     made = read_mask_info(out).provenance
     assert made == {"software": f"wsi-espnet {wsi_espnet.__version__}", "model": "breast_biopsy",
                     "model-sha256": file_sha256(small_model), "device": "cpu", "slide": demo_svs.name,
-                    "slide-size": "2048x1536", "slide-mpp": "0.5", "mpp": "1", "tile": "256", "overlap": "32",
+                    "slide-size": "2048x1536", "slide-mpp": "0.5", "mpp": "1.0", "tile": "256", "overlap": "32",
                     "tissue-threshold": "0.05", "backend": "torch"}
     assert probs.attrs["provenance"] == made
 
@@ -219,7 +219,7 @@ def test_a_second_run_on_an_output_being_made_stops_at_once(tmp_path, demo_svs, 
            str(small_model), *FAST]
     with exclusive_output(out):  # this process is the first run
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        assert proc.returncode == 2
+        assert proc.returncode == 75  # EX_TEMPFAIL: not a mistake, try again later
         assert proc.stderr.strip().splitlines() == [
             f"error: {out} is being made by another run (pid {os.getpid()}); let it finish, or stop it first"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif.lock"]
@@ -241,6 +241,21 @@ def test_output_lock_is_exclusive_and_survives_only_its_holder(tmp_path):
     with exclusive_output(out):
         assert (tmp_path / "m.tif.lock").read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / "m.tif.lock").exists()
+    # A link planted at the lock's path is refused, never followed (a run would truncate its target).
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    (tmp_path / "m.tif.lock").symlink_to(precious)
+    with pytest.raises(UserError, match="is a link"):
+        with exclusive_output(out):
+            pass
+    assert precious.read_text() == "keep"
+    # An exception inside releases the lock and removes its file, and comes out unchanged.
+    (tmp_path / "m.tif.lock").unlink()
+    boom = ValueError("boom")
+    with pytest.raises(ValueError) as caught:
+        with exclusive_output(out):
+            raise boom
+    assert caught.value is boom and not (tmp_path / "m.tif.lock").exists()
 
 
 def test_slide_without_tissue_gives_an_empty_valid_mask(tmp_path, empty_svs, small_model):

@@ -28,6 +28,13 @@ class OutputExistsError(UserError):
     """The output exists and ``--overwrite`` was not given."""
 
 
+class OutputBusyError(UserError):
+    """Another run is making the same output right now.  Not a mistake in the input but a moment's
+    state: exit code 75 (``EX_TEMPFAIL``, "try again later"), and nothing of the other run's is touched."""
+
+    exit_code = 75
+
+
 class InputWarning(UserWarning):
     """Something the user may want to know about their input that does not stop the run (the CLI
     prints it as one ``warning:`` line)."""

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -464,17 +465,17 @@ def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequen
              colors: list[tuple[int, int, int]], scale: float | None, offset: tuple[float, float],
              provenance: dict[str, str]) -> str:
     legend = "; ".join(f"{i}={n}" for i, n in enumerate(class_names))
-    names = "".join(f"<M K=\"{i}\">{escape(n)}</M>" for i, n in enumerate(class_names))
+    names = "".join(f"<M K=\"{i}\">{_text(n)}</M>" for i, n in enumerate(class_names))
     hexes = "".join(f"<M K=\"{i}\">#{r:02x}{g:02x}{b:02x}</M>" for i, (r, g, b) in enumerate(colors))
     slide = "".join(f"<M K=\"{k}\">{float(v)!r}</M>" for k, v in
                     ((("scale", scale),) if scale is not None else ()) + (("bounds-x", offset[0]), ("bounds-y", offset[1])))
-    made = "".join(f"<M K={quoteattr(k)}>{escape(v)}</M>" for k, v in provenance.items())
+    made = "".join(f"<M K={_attr(k)}>{_text(v)}</M>" for k, v in provenance.items())
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         f'<OME xmlns="{OME_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
         f'xsi:schemaLocation="{OME_NS} {OME_NS}/ome.xsd" Creator="wsi-espnet">'
-        f'<Image ID="Image:0" Name={quoteattr(name)}>'
-        f"<Description>{escape('wsi-espnet class ids: ' + legend)}</Description>"
+        f'<Image ID="Image:0" Name={_attr(name)}>'
+        f"<Description>{_text('wsi-espnet class ids: ' + legend)}</Description>"
         f'<Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" BigEndian="false" '
         f'Interleaved="false" SignificantBits="8" SizeX="{width}" SizeY="{height}" SizeZ="1" '
         f'SizeC="1" SizeT="1" PhysicalSizeX="{mpp!r}" PhysicalSizeXUnit="\u00b5m" '
@@ -495,6 +496,31 @@ def _ome_xml(name: str, width: int, height: int, mpp: float, class_names: Sequen
         + "</StructuredAnnotations>"
         "</OME>"
     )
+
+
+# Characters XML 1.0 cannot hold at all (most control characters, lone surrogates: a file name that
+# was not valid UTF-8 decodes to those), written as backslash escapes instead.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_safe(text: str) -> str:
+    def spell(m: re.Match) -> str:
+        c = ord(m.group())
+        if 0xDC80 <= c <= 0xDCFF:  # a byte that os.fsdecode could not decode
+            return f"\\x{c - 0xDC00:02x}"
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    return _NOT_XML.sub(spell, text)
+
+
+def _text(text: str) -> str:
+    """Element text, as written and read back (a carriage return too, which XML would turn into a
+    line feed)."""
+    return escape(_xml_safe(text), {"\r": "&#13;"})
+
+
+def _attr(text: str) -> str:
+    return quoteattr(_xml_safe(text))
 
 
 def _hex_to_rgb(text: str) -> tuple[int, int, int]:

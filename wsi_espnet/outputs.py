@@ -1,16 +1,17 @@
 """Checks every writer makes before it starts: an existing output needs ``overwrite``, and the
 folder must exist and be writable.  Done up front, so a mistake costs nothing and no writer leaves a
 half-made file (each writes to a temporary name and renames at the end).  And a lock, so that two runs
-never make the same output at once."""
+never make the same mask or patch store at once."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError, UserError
+from .errors import InputWarning, OutputBusyError, OutputExistsError, UserError
 
 
 def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
@@ -36,39 +37,40 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
 
 @contextmanager
 def exclusive_output(path: Path) -> Iterator[None]:
-    """Hold ``PATH.lock`` (an advisory ``flock``) while ``path`` is being made; a second run on the
-    same output stops at once with a one-line :class:`UserError` naming the holder's pid.
+    """Hold ``PATH.lock`` (an advisory ``flock``) while ``path`` is being made: take it before looking
+    at what exists, so that a second run on the same output stops at once, having written nothing,
+    with a one-line :class:`OutputBusyError` naming the holder's pid.
 
     Why: two runs on one output (the same command started twice, or a cluster retrying a task whose
     first attempt is still alive) would share one work folder, and the first to finish would delete
     it under the other.  The kernel drops the lock when its process dies, so a killed run never
     blocks its own resumption; its lock file stays and is taken over.  The file is removed while
-    still locked, and a lock won on a file no longer at the path is tried again.  Where there are no
-    locks (not POSIX, or a file system without them) the run goes on unlocked."""
+    still locked, and a lock won on a file no longer at the path is tried again.  Where the file
+    system has no locks (some parallel file systems), the run goes on unlocked, with a warning.
+    Not POSIX (Windows): no lock."""
     try:
         import fcntl
-    except ImportError:  # Windows
+    except ImportError:
         yield
         return
     lock_path = path.with_name(path.name + ".lock")
     while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise UserError(f"cannot write {lock_path}: {exc.strerror}") from None
+        fd = _open_lock_file(lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise UserError(f"{path} is being made by another run{f' (pid {holder})' if holder.isdigit() else ''}; "
-                            "let it finish, or stop it first") from None
-        except OSError:  # no locks on this file system
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise OutputBusyError(f"{path} is being made by another run{who}; let it finish, or stop it first") from None
+        except OSError as exc:  # no locks on this file system
             os.close(fd)
+            warnings.warn(f"cannot lock {lock_path} ({exc.strerror}): a second run on this output at the same "
+                          "time would not be stopped", InputWarning, stacklevel=3)
             fd = None
             break
         try:
-            current = os.stat(lock_path)
+            current = os.stat(lock_path, follow_symlinks=False)
         except FileNotFoundError:
             current = None
         if current is not None and os.path.samestat(os.fstat(fd), current):
@@ -78,8 +80,11 @@ def exclusive_output(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # opened read-only (another user's file): the lock holds without the pid
+            pass
         yield
     finally:
         try:
@@ -87,3 +92,23 @@ def exclusive_output(path: Path) -> Iterator[None]:
         except OSError:
             pass
         os.close(fd)
+
+
+def _open_lock_file(lock_path: Path) -> int:
+    """The lock file, opened without following a link (a link planted there must not make a run
+    truncate what it points to); read-only if it is another user's (``flock`` needs no write access)."""
+    flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(lock_path, os.O_RDWR | flags, 0o666)
+    except PermissionError:
+        if not os.path.lexists(lock_path):
+            raise UserError(f"cannot write {lock_path.with_suffix('')}: folder {lock_path.parent} is not writable") from None
+        try:
+            return os.open(lock_path, os.O_RDONLY | flags)
+        except OSError as exc:
+            raise UserError(f"cannot open {lock_path}: {exc.strerror} (if no run is making "
+                            f"{lock_path.with_suffix('').name}, remove it)") from None
+    except OSError as exc:
+        if os.path.islink(lock_path):
+            raise UserError(f"{lock_path} is a link; remove it (a run's lock file is a plain file)") from None
+        raise UserError(f"cannot open {lock_path}: {exc.strerror}") from None

@@ -277,10 +277,22 @@ def write_patch_store(
         raise UserError(f"workers must be at least 1, got {workers}")
     out = Path(out)
     partial = _partial_path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.exists():
         raise UserError(f"output folder {out.parent} does not exist")
+    with exclusive_output(out):  # one run per store, from before the checks: the .partial is not shared
+        return _write_locked(slide_path, out, partial, mpp=mpp, tile=tile, overlap=overlap,
+                             tissue_threshold=tissue_threshold, slide_mpp=slide_mpp, tissue_mask=tissue_mask,
+                             save_tissue_mask=save_tissue_mask, tissue_mpp=tissue_mpp, workers=workers,
+                             overwrite=overwrite, progress=progress, backend=backend)
+
+
+def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mpp: float, tile: int, overlap: int,
+                  tissue_threshold: float, slide_mpp: float | None, tissue_mask: str | os.PathLike | TissueMask | None,
+                  save_tissue_mask: str | os.PathLike | None, tissue_mpp: float, workers: int, overwrite: bool,
+                  progress: bool, backend: str) -> Path:
+    """:func:`write_patch_store` once its arguments are checked and the store's lock is held."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
 
     started = time.monotonic()
     slide = open_slide(slide_path, mpp=slide_mpp, backend=backend)
@@ -316,43 +328,42 @@ def write_patch_store(
             warnings.warn(
                 f"{slide.path}: no tile has tissue fraction >= {tissue_threshold} "
                 f"(slide tissue fraction {tissue.tissue_fraction:.3f}); writing an empty store (N = 0)",
-                stacklevel=2,
+                stacklevel=3,
             )
         backend_used = slide.backend
     finally:
         slide.close()
 
-    with exclusive_output(out):  # one run per store: the .partial is not shared
-        group = _open_resumable(partial, fingerprint)
-        if group is None:
-            if partial.is_dir() and not partial.is_symlink():
-                shutil.rmtree(partial)
-            elif partial.exists() or partial.is_symlink():
-                partial.unlink()
-            group = _create_store(partial, grid, attrs)
-        done = _Done(group["done"])
-        todo = [t for t in grid.tiles if not done.flags[t.index]]
-        try:
-            timings = _write_tiles(
-                group["patches"], todo, done, len(grid), slide.path, slide_mpp, backend_used, mpp, workers, progress
-            )
-        except SlideError as exc:
-            written = int(done.flags.sum())
-            if written == 0:  # nothing worth keeping: leave no trace
-                del group
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-            raise SlideError(f"{exc} (the {written} patches written so far are kept in {partial})") from None
-        done.flush()
-        if not done.flags.all():  # pragma: no cover - a bug, not a user error
-            raise RuntimeError(f"{int((~done.flags).sum())} patches were not written")
-        group.attrs.update(
-            complete=True,
-            run={**timings, "wall_s": round(time.monotonic() - started, 3), "workers": workers,
-                 "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+    group = _open_resumable(partial, fingerprint)
+    if group is None:
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial)
+        elif partial.exists() or partial.is_symlink():
+            partial.unlink()
+        group = _create_store(partial, grid, attrs)
+    done = _Done(group["done"])
+    todo = [t for t in grid.tiles if not done.flags[t.index]]
+    try:
+        timings = _write_tiles(
+            group["patches"], todo, done, len(grid), slide.path, slide_mpp, backend_used, mpp, workers, progress
         )
-        del group
-        _finalize(partial, out)
+    except SlideError as exc:
+        written = int(done.flags.sum())
+        if written == 0:  # nothing worth keeping: leave no trace
+            del group
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        raise SlideError(f"{exc} (the {written} patches written so far are kept in {partial})") from None
+    done.flush()
+    if not done.flags.all():  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(f"{int((~done.flags).sum())} patches were not written")
+    group.attrs.update(
+        complete=True,
+        run={**timings, "wall_s": round(time.monotonic() - started, 3), "workers": workers,
+             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+    )
+    del group
+    _finalize(partial, out)
     return out
 
 

@@ -113,14 +113,18 @@ class SegmentResult:
 # Outputs: check before any work, so a mistake costs nothing
 
 
+def _make_folder(folder: Path) -> None:
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+
+
 def _prepare_output(path: Path, overwrite: bool, resuming: bool = False, zarr_store: bool = False) -> None:
     """Create the output's folder, then the writers' common check (a resumed run may replace the
     outputs of its own earlier, unfinished attempt)."""
-    if not path.parent.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+    _make_folder(path.parent)
     check_output(path, overwrite or resuming, zarr_store)
 
 
@@ -307,12 +311,13 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
-    work = out.with_name(out.name + ".work")
-    resuming = work.is_dir() and (work / "progress.json").is_file()
-    extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
-    for key, p in [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]:
-        _prepare_output(Path(p), opts.overwrite, resuming, zarr_store=key == "probs")
-    with exclusive_output(out):
+    _make_folder(out.parent)
+    with exclusive_output(out):  # before anything is looked at: a second run on ``out`` stops here
+        work = out.with_name(out.name + ".work")
+        resuming = work.is_dir() and (work / "progress.json").is_file()
+        extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
+        for key, p in [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]:
+            _prepare_output(Path(p), opts.overwrite, resuming, zarr_store=key == "probs")
         result = _segment(slide_path, out, work, model, opts, engine)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -383,9 +388,9 @@ def _provenance(slide: Slide, engine: Engine, settings: dict) -> dict[str, str]:
         made["model-sha256"] = engine.model_id
     width, height = slide.dimensions
     made.update({"device": str(getattr(engine, "device", "")), "slide": slide.path.name,
-                 "slide-size": f"{width}x{height}", "slide-mpp": f"{settings['slide_mpp']:g}",
-                 "mpp": f"{settings['mpp']:g}", "tile": str(settings["tile"]), "overlap": str(settings["overlap"]),
-                 "tissue-threshold": f"{settings['threshold']:g}", "backend": settings["backend"]})
+                 "slide-size": f"{width}x{height}", "slide-mpp": repr(float(settings["slide_mpp"])),
+                 "mpp": repr(float(settings["mpp"])), "tile": str(settings["tile"]), "overlap": str(settings["overlap"]),
+                 "tissue-threshold": repr(float(settings["threshold"])), "backend": settings["backend"]})
     return made
 
 
