@@ -62,6 +62,8 @@ def exclusive_output(path: Path) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             who = f" (pid {holder})" if holder.isdigit() else ""
+            if holder == str(os.getpid()):
+                who = f" in this same process (pid {holder})"
             raise OutputBusyError(f"{path} is being made by another run{who}; let it finish, or stop it first") from None
         except OSError as exc:  # no locks on this file system
             os.close(fd)
