@@ -3,15 +3,21 @@
 Writes N demo slides, then times:
 
 * ``loop T``: ``segment_slide`` called in a loop (one engine, T PyTorch threads) in a fresh Python
-  process: what a lab would write without Dask, and the baseline;
+  process tuned as ``wsi-segment`` tunes itself: what a lab would write without Dask, and the baseline;
 * ``dask 1xT``: the same slides through ``run_batch`` on a warm LocalCluster of one worker process
   with T PyTorch threads: the same compute, so the difference is the Dask layer (task submission,
   scheduling, result transfer, the worker's own threads, the per-slide done-check and report
   rewrite);
-* ``dask WxT``: W worker processes sharing the cores (the scaling to report);
+* ``dask WxT``: W worker processes sharing the cores (the scaling to report); the warm clusters'
+  workers are tuned as wsi-batch tunes those of its own LocalCluster; ``dask WxT untuned``
+  (``--untuned-workers``) leaves them as Dask starts them, as wsi-batch leaves a cluster you give it;
 * ``cold dask WxT``: ``run_batch`` from nothing: cluster start, worker imports and model loads included;
 * ``dask 1xT dflt`` (``--compare-defaults``): as ``dask 1xT`` but with Dask's default worker settings
-  rather than wsi-batch's :data:`~pipelines.batch.QUIET_CLUSTER`.
+  rather than wsi-batch's :data:`~pipelines.batch.QUIET_CLUSTER`;
+* ``model alone``: only ``predict_proba`` on the archive's very tiles (read beforehand, batched as
+  ``segment_slide`` batches them), on every core, in a fresh process tuned as ``wsi-segment`` tunes
+  itself: the archive's end-to-end ratio is this time over a configuration's wall time (the issue's
+  throughput measure, for a lab's archive rather than one slide).
 
 "Warm" clusters have run one slide per worker first, so every worker has its model loaded, as in the
 steady state of a long archive.  Each configuration runs ``--repeat`` times, interleaved with its
@@ -24,6 +30,7 @@ given in both.
 
     python benchmarks/bench_batch.py                        # 6 slides of 2048x1536 at 0.5 µm/px
     python benchmarks/bench_batch.py --slides 16 --size 4096 3072 --workers 1 2 4
+    python benchmarks/bench_batch.py --slides 4 --size 8192 8192 --no-cold   # the archive's ratio
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ import time
 from pathlib import Path
 
 Timing = dict  # {"wall": s, "cpu": s, "tiles": n}
+
+# Starting a LocalCluster sets Dask's worker environment in *this* process's os.environ and leaves it
+# there (MALLOC_TRIM_THRESHOLD_=65536, OMP_NUM_THREADS=1, ...); a loop started afterwards with it ran
+# 2x slower.  The baselines run in fresh processes with the environment this one started with.
+CLEAN_ENV = dict(os.environ)
 
 
 def make_slides(folder: Path, n: int, size: tuple[int, int], mpp: float) -> list[Path]:
@@ -84,6 +96,9 @@ def _tree_cpu() -> float:
 
 
 def loop_in_this_process(slides_root: Path, out: Path, model: Path, tile: int | None, threads: int) -> Timing:
+    from wsi_espnet.runtime import tune_for_inference
+
+    tune_for_inference()  # as wsi-segment and wsi-batch's own workers do (before torch is imported)
     import torch
 
     from wsi_espnet.engine import make_engine
@@ -101,11 +116,38 @@ def loop_in_this_process(slides_root: Path, out: Path, model: Path, tile: int | 
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "tiles": tiles}
 
 
+def model_alone_in_this_process(slides_root: Path, model: Path, tile: int | None, threads: int) -> Timing:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_segment_throughput import model_alone, the_tiles  # tunes this process, as wsi-segment does
+
+    import torch
+
+    from wsi_espnet.engine import make_engine
+    from wsi_espnet.segment import SegmentOptions
+
+    torch.set_num_threads(threads)
+    engine = make_engine(model, "torch", "cpu")
+    cfg = engine.config.slide
+    timing = {"wall": 0.0, "cpu": 0.0, "tiles": 0}
+    for i, s in enumerate(sorted(slides_root.rglob("*.svs"))):
+        _, pixels = the_tiles(s, engine, tile or cfg.tile, cfg.overlap)
+        if i == 0:
+            engine.predict_proba(pixels[:2])  # warm-up
+        wall, cpu = model_alone(engine, pixels, SegmentOptions().batch)
+        timing = {"wall": timing["wall"] + wall, "cpu": timing["cpu"] + cpu, "tiles": timing["tiles"] + len(pixels)}
+    return timing
+
+
+def time_model_alone(slides_root: Path, model: Path, tile: int | None, threads: int) -> Timing:
+    cmd = [sys.executable, __file__, "--alone-only", str(slides_root), str(model), str(tile or 0), str(threads)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=CLEAN_ENV).stdout.splitlines()[-1])
+
+
 def time_loop(slides_root: Path, out: Path, model: Path, tile: int | None, threads: int) -> Timing:
     """The loop in a fresh process, so neither this process's cluster nor its imports are counted."""
     cmd = [sys.executable, __file__, "--loop-only", str(slides_root), str(out), str(model), str(tile or 0),
            str(threads)]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=CLEAN_ENV).stdout.splitlines()[-1])
 
 
 def time_batch(slides_root: Path, out: Path, model: Path, tile: int | None, scheduler: str | None,
@@ -124,7 +166,7 @@ def time_batch(slides_root: Path, out: Path, model: Path, tile: int | None, sche
 
 
 def warm_cluster(workers: int, threads: int, warm_slide: Path, model: Path, tile: int | None, scratch: Path,
-                 quiet: bool = True):
+                 quiet: bool = True, tune: bool = True):
     import dask
     from distributed import Client, LocalCluster
 
@@ -137,6 +179,10 @@ def warm_cluster(workers: int, threads: int, warm_slide: Path, model: Path, tile
             "segment": {"mpp": None, "tile": tile, "overlap": None, "batch": 8, "tissue_threshold": None,
                         "device": "cpu", "backend": "torch", "reader_threads": 4}}
     with Client(cluster) as client:
+        if tune:  # as wsi-batch tunes the workers of its own LocalCluster, before torch is imported there
+            from wsi_espnet.runtime import tune_for_inference
+
+            client.run(tune_for_inference)
         futures = []
         for i, w in enumerate(client.scheduler_info()["workers"]):
             s = dict(spec, outputs={"mask": str(scratch / f"warm{i}.mask.tif")})
@@ -150,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--loop-only":
         root, out, model, tile, threads = argv[1:6]
         print(json.dumps(loop_in_this_process(Path(root), Path(out), Path(model), int(tile) or None, int(threads))))
+        return 0
+    if argv and argv[0] == "--alone-only":
+        root, model, tile, threads = argv[1:5]
+        print(json.dumps(model_alone_in_this_process(Path(root), Path(model), int(tile) or None, int(threads))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slides", type=int, default=6)
@@ -166,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cold", action="store_true", help="skip the cold runs")
     ap.add_argument("--compare-defaults", action="store_true",
                     help="also time the 1-worker pairs with Dask's default worker settings (profiler on)")
+    ap.add_argument("--untuned-workers", action="store_true",
+                    help="also time workers left as Dask starts them, as wsi-batch leaves a cluster you give it")
     ap.add_argument("--dir", type=Path, help="work folder, kept (default: a temporary one)")
     args = ap.parse_args(argv)
 
@@ -193,15 +245,18 @@ def main(argv: list[str] | None = None) -> int:
             record(f"cold dask {w}x{t}", time_batch(work / "slides", work / "out_cold", model, args.tile, None, w, t))
 
     configs = sorted({(w, max(1, cores // w)) for w in args.workers} | {(1, t) for t in args.overhead_threads})
-    runs = [(w, t, True) for w, t in configs]
+    runs = [(w, t, True, True) for w, t in configs]
     if args.compare_defaults:
-        runs += [(1, t, False) for t in args.overhead_threads]
-    for w, t, quiet in runs:
-        cluster = warm_cluster(w, t, warm_slide, model, args.tile, work, quiet=quiet)
-        name = f"dask {w}x{t}" + ("" if quiet else " dflt")
+        runs += [(1, t, False, True) for t in args.overhead_threads]
+    if args.untuned_workers:
+        runs += [(w, t, True, False) for w, t in configs]
+    for w, t, quiet, tune in runs:
+        record("model alone", time_model_alone(work / "slides", model, args.tile, cores))
+        cluster = warm_cluster(w, t, warm_slide, model, args.tile, work, quiet=quiet, tune=tune)
+        name = f"dask {w}x{t}" + ("" if quiet else " dflt") + ("" if tune else " untuned")
         try:
             for _ in range(args.repeat):
-                if w == 1:
+                if w == 1 and tune:
                     record(f"loop {t}", time_loop(work / "slides", work / "out_loop", model, args.tile, t))
                 record(name, time_batch(work / "slides", work / f"out_{w}x{t}", model, args.tile,
                                         cluster.scheduler_address, w, t))
@@ -215,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, b in best.items():
         print(f"{name:<18} {b['wall']:8.2f} {n / b['wall'] * 3600:12.0f} {b['tiles'] / b['wall']:8.1f} "
               f"{b['cpu']:8.2f} {b['cpu'] / n:12.3f}")
+    alone = best["model alone"]
+    print(f"\narchive end to end / model alone on the same {alone['tiles']} tiles ({cores} threads, "
+          f"{alone['wall']:.2f} s), target >= 0.9:")
+    for name, b in best.items():
+        if name != "model alone" and not name.startswith("cold"):
+            print(f"  {name:<18} {alone['wall'] / b['wall']:.3f}")
     print()
     pairs = [(t, f"dask 1x{t}") for t in sorted({t for w, t in configs if w == 1})]
     pairs += [(t, f"dask 1x{t} dflt") for t in args.overhead_threads if args.compare_defaults]

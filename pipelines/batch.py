@@ -182,7 +182,7 @@ def process_slide(spec: dict) -> dict:
     A :class:`UserError` becomes a ``failed`` row rather than an exception, because Dask retries
     exceptions and a corrupt file stays corrupt.  Everything else propagates, for Dask to retry.
     """
-    from wsi_espnet.runtime import tune_for_inference
+    from wsi_espnet.runtime import retained_memory, tune_for_inference
     from wsi_espnet.segment import SegmentOptions, segment_slide
 
     t0 = time.perf_counter()
@@ -200,7 +200,10 @@ def process_slide(spec: dict) -> dict:
             workers=seg["reader_threads"], probs=outputs.get("probs"), geojson=outputs.get("geojson"),
             overlay=outputs.get("overlay"), overwrite=True, progress=False,
         )
-        result = segment_slide(spec["slide"], outputs["mask"], spec.get("model"), options, engine=engine)
+        # Someone else's worker is tuned for the task only (Dask starts workers with settings that
+        # halve the model's speed); a worker of our own LocalCluster was tuned for good above.
+        with contextlib.nullcontext() if spec.get("tune_process") else retained_memory():
+            result = segment_slide(spec["slide"], outputs["mask"], spec.get("model"), options, engine=engine)
     except UserError as exc:
         if not isinstance(exc, OutputBusyError):
             _discard_work(Path(outputs["mask"]))

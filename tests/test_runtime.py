@@ -80,3 +80,43 @@ def test_tune_for_inference_sets_what_it_can_and_leaves_a_users_choice():
     assert late.startswith("{'gomp_spincount': False, 'retain_freed_memory': True}")
     users = _child(TUNE.format(pre="os.environ['GOMP_SPINCOUNT'] = '5'"))
     assert users.endswith(" 5") and "'gomp_spincount': False" in users
+
+
+SCOPED = """
+import resource
+import numpy as np
+from wsi_espnet.runtime import retained_memory
+
+np._core.multiarray._set_madvise_hugepage(False)  # count 4 KiB pages, as torch's allocations fault them
+
+def faults_per_round(rounds=4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        a = np.ones(8_000_000, np.float64)  # 64 MB, touched: a batch's feature map
+        del a
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // rounds
+
+faults_per_round(1)
+outside = faults_per_round()
+with retained_memory() as applied:
+    faults_per_round(1)  # the first allocation faults in once
+    inside = faults_per_round()
+after = faults_per_round()
+print(applied, outside, inside, after)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_retained_memory_for_a_block_then_the_workers_own_settings():
+    """A Dask worker starts with MALLOC_TRIM_THRESHOLD_=65536: every large block is mapped and faulted
+    in anew.  Inside the block freed memory is kept (no faults after the first round); afterwards the
+    worker's own settings are back (the faults too)."""
+    import os
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", SCOPED], capture_output=True, text=True, check=True, env=env).stdout
+    applied, outside, inside, after = out.split()
+    assert applied == "True"
+    assert int(outside) > 10_000  # 64 MB is 15,625 pages of 4 KiB
+    assert int(inside) < 500
+    assert int(after) > 10_000
