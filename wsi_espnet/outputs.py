@@ -61,9 +61,8 @@ def exclusive_output(path: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
-            if holder == str(os.getpid()):
-                who = f" in this same process (pid {holder})"
+            who = (" in this same process" if holder == str(os.getpid()) else "") + (
+                f" (pid {holder})" if holder.isdigit() else "")
             raise OutputBusyError(f"{path} is being made by another run{who}; let it finish, or stop it first") from None
         except OSError as exc:  # no locks on this file system
             os.close(fd)

@@ -85,8 +85,7 @@ def retained_memory() -> Iterator[bool]:
     with _scoped_lock:
         _scoped_users += 1
         if _scoped_users == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+            retain_freed_memory()
     try:
         yield True
     finally:
