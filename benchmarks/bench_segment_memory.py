@@ -40,7 +40,7 @@ medians, and the largest-minus-smallest difference is printed beside it.
     python benchmarks/bench_segment_memory.py                         # 20k and 100k, mask only
     python benchmarks/bench_segment_memory.py --extras                # also --probs and --geojson
     python benchmarks/bench_segment_memory.py --workdir /tmp/mem      # keep (and reuse) the slides
-    python benchmarks/bench_segment_memory.py --segment-args "--tile 640"   # another tile size
+    python benchmarks/bench_segment_memory.py --segment-args="--tile 640"   # another tile size
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per slide and output set (peak RSS varies a little)")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) slides and outputs here")
     p.add_argument("--segment-args", default="", help="more wsi-segment options for every run, e.g. "
-                   "'--tile 640' (split on spaces)")
+                   "--segment-args='--tile 640' (with '=': the value starts with a dash; split on spaces)")
     args = p.parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")

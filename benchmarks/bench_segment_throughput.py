@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
     args = p.parse_args(argv)
+    if args.tile is not None and (args.tile < 8 or args.tile % 8):
+        p.error(f"--tile {args.tile}: ESPNet needs a positive tile size divisible by 8")
     bad = [v for v in args.schedules.split(",") if v not in ("auto", "beside", "between")]
     if bad:
         p.error(f"--schedules: {', '.join(bad)} is not one of auto, beside, between")
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = TorchEngine(load_model(args.model), device="cpu")
     tile = args.tile or engine.config.slide.tile
     overlap = engine.config.slide.overlap if args.overlap is None else args.overlap
+    if not 0 <= overlap <= tile // 2:
+        p.error(f"--overlap {overlap}: between 0 and half the tile ({tile // 2})")
     print(f"model {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
