@@ -112,9 +112,10 @@ def _common_root(paths: Sequence[Path]) -> Path:
 
 
 def _stem_for(slide: Path, root: Path, out_dir: Path) -> Path:
-    """OUT/<slide's folder relative to root>/<stem>; a DICOM slide is named for its folder."""
-    if slide.suffix.lower() == ".dcm":
-        folder = slide.parent
+    """OUT/<slide's folder relative to root>/<stem>; a DICOM slide (its folder, or a file in it) is
+    named for its folder."""
+    if slide.is_dir() or slide.suffix.lower() == ".dcm":
+        folder = slide if slide.is_dir() else slide.parent
         if folder == root:
             return out_dir / folder.name
         return out_dir / folder.relative_to(root)
@@ -122,7 +123,9 @@ def _stem_for(slide: Path, root: Path, out_dir: Path) -> Path:
 
 
 def _one_dicom_per_folder(paths: list[Path]) -> list[Path]:
-    """OpenSlide reads a DICOM slide's sibling files itself: listing each .dcm would run it N times."""
+    """A folder of .dcm files stands for one slide, as the folder: OpenSlide reads a DICOM slide's
+    sibling files itself (listing each .dcm would run it N times), and which file to open it through
+    is ``open_slide``'s choice (the first alphabetically may be a non-image object)."""
     seen: set[Path] = set()
     kept = []
     for p in paths:
@@ -130,6 +133,7 @@ def _one_dicom_per_folder(paths: list[Path]) -> list[Path]:
             if p.parent in seen:
                 continue
             seen.add(p.parent)
+            p = p.parent
         kept.append(p)
     return kept
 

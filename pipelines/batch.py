@@ -490,6 +490,16 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                         rows=list(report.rows.values()), dashboard=dashboard)
 
 
+def _slide_bytes(slide: Path) -> int:
+    """Size on disk: a file's, or a DICOM slide folder's files together (0 if it went away)."""
+    try:
+        if slide.is_dir():
+            return sum(p.stat().st_size for p in slide.iterdir() if p.is_file())
+        return slide.stat().st_size
+    except OSError:
+        return 0
+
+
 def _run_tasks(client, cluster: dict, todo: list[SlideJob], opts: BatchOptions, report: BatchReport,
                t0: float) -> int:
     """Submit every slide, then record each as it finishes.  Returns the tiles segmented."""
@@ -498,7 +508,7 @@ def _run_tasks(client, cluster: dict, todo: list[SlideJob], opts: BatchOptions, 
     futures = {}
     for job in todo:
         spec = _task_spec(job, opts, cluster)
-        size = job.slide.stat().st_size if job.slide.is_file() else 0
+        size = _slide_bytes(job.slide)
         # Largest slides first: the archive's last slide to finish is then a small one.
         fut = client.submit(process_slide, spec, key=_task_key(job, spec), retries=opts.retries,
                             resources=cluster["resources"], priority=size // (1 << 20), pure=False)

@@ -24,6 +24,7 @@ from pipelines.archive import find_slides, output_state
 from pipelines.batch import BatchOptions, main, plan_local_cluster, process_slide, run_batch
 from wsi_espnet.demo import write_demo_slide
 from wsi_espnet.errors import InputWarning, UserError
+from wsi_espnet.slide import open_slide
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL = SHARED / "slides" / "real"
@@ -83,7 +84,7 @@ def test_find_slides_mirrors_the_tree_dedupes_and_reads_manifests(tmp_path):
     archive = find_slides([root, root / "case1" / "b.SVS", str(root / "**" / "*.svs")], out)
     stems = {j.slide.relative_to(root).as_posix(): j.stem.relative_to(out).as_posix() for j in archive.jobs}
     assert stems == {"a.svs": "a", "case1/b.SVS": "case1/b", "case1/block2/c.ome.tif": "case1/block2/c",
-                     "dicom/boxes_0.dcm": "dicom"}  # one DICOM slide per folder, named for it
+                     "dicom": "dicom"}  # one DICOM slide per folder, as the folder, named for it
     assert len(archive.duplicates) == 2  # b.SVS as a file, a.svs again through the (case-sensitive) glob
     assert archive.jobs[0].mask == out / "a.mask.tif"
 
@@ -94,6 +95,24 @@ def test_find_slides_mirrors_the_tree_dedupes_and_reads_manifests(tmp_path):
     assert [j.options for j in jobs.jobs] == [{"mpp": 0.25}, {"tile": 512}]
     assert jobs.jobs[1].mask == (tmp_path / "o2" / "renamed" / "b1.mask.tif").resolve()
     assert "case_id" in jobs.warnings[0]
+
+
+def test_a_dicom_folder_is_one_slide_opened_through_its_image_not_its_first_file(tmp_path):
+    """A stray object that sorts first (here not DICOM at all; in archives a report or DICOMDIR-like
+    file) must not become the file the batch opens: the job names the folder, which open_slide
+    resolves to an image of the slide."""
+    folder = tmp_path / "archive" / "case7"
+    folder.mkdir(parents=True)
+    (folder / "0-report.dcm").write_bytes(b"not an image")
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(FIXTURES / name, folder / name)
+    for inputs in ([tmp_path / "archive"], [str(tmp_path / "archive" / "*" / "*.dcm")]):
+        archive = find_slides(inputs, tmp_path / "out")
+        assert [j.slide for j in archive.jobs] == [folder.resolve()]
+        assert archive.jobs[0].stem == (tmp_path / "out" / "case7").resolve()
+        with open_slide(archive.jobs[0].slide) as slide:
+            assert slide.backend == "openslide" and slide.path.name != "0-report.dcm"
+            assert slide.dimensions == (16, 16)
 
 
 @pytest.mark.parametrize("content, message", [

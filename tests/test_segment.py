@@ -228,6 +228,28 @@ def test_a_second_run_on_an_output_being_made_stops_at_once(tmp_path, demo_svs, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif"]
 
 
+def test_runs_on_different_masks_sharing_another_output_do_not_both_run(tmp_path, demo_svs, small_model):
+    """Two masks, one --geojson (a loop over slides with a fixed name): the second run stops at once
+    instead of racing the first to rename onto it; one path named for two outputs is refused."""
+    from wsi_espnet.outputs import exclusive_output
+
+    shared = tmp_path / "all.geojson"
+    cmd = [sys.executable, "-m", "wsi_espnet.cli", "segment", str(demo_svs), "--out", str(tmp_path / "b.tif"),
+           "--geojson", str(shared), "--model", str(small_model), *FAST]
+    with exclusive_output(shared):  # a run making a.tif with --geojson all.geojson
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 75
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {shared} is being made by another run (pid {os.getpid()}); let it finish, or stop it first"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["all.geojson.lock"]  # b.tif's lock gone too
+    same = subprocess.run([*cmd[:-len(FAST)], "--overlay", str(shared), *FAST], capture_output=True, text=True)
+    assert same.returncode == 2
+    assert same.stderr.strip().splitlines() == [
+        f"error: {shared} is named for two outputs (geojson and overlay); give each its own file"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.geojson", "b.tif"]
+
+
 def test_output_lock_is_exclusive_and_survives_only_its_holder(tmp_path):
     from wsi_espnet.outputs import exclusive_output
 

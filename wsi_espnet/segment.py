@@ -26,6 +26,7 @@ work folder is then removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -119,6 +120,15 @@ def _make_folder(folder: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+
+
+def _check_distinct(targets: list[tuple[str, Path]]) -> None:
+    """One file per output: two options naming one path would have one writer replace the other's file."""
+    seen: dict[str, str] = {}
+    for key, p in targets:
+        other = seen.setdefault(os.path.normcase(os.path.abspath(p)), key)
+        if other != key:
+            raise UserError(f"{p} is named for two outputs ({other} and {key}); give each its own file")
 
 
 def _prepare_output(path: Path, overwrite: bool, resuming: bool = False, zarr_store: bool = False) -> None:
@@ -311,13 +321,19 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
-    _make_folder(out.parent)
-    with exclusive_output(out):  # before anything is looked at: a second run on ``out`` stops here
+    extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
+    targets = [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]
+    _check_distinct(targets)
+    with contextlib.ExitStack() as held:
+        # Every output locked before anything is looked at: a second run on any of them stops here
+        # (two runs on different masks would otherwise race to rename onto one --probs or --geojson).
+        for _, p in targets:
+            _make_folder(p.parent)
+            held.enter_context(exclusive_output(p))
         work = out.with_name(out.name + ".work")
         resuming = work.is_dir() and (work / "progress.json").is_file()
-        extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
-        for key, p in [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]:
-            _prepare_output(Path(p), opts.overwrite, resuming, zarr_store=key == "probs")
+        for key, p in targets:
+            _prepare_output(p, opts.overwrite, resuming, zarr_store=key == "probs")
         result = _segment(slide_path, out, work, model, opts, engine)
     result.seconds = time.perf_counter() - t_start
     return result
