@@ -21,6 +21,7 @@ import wsi_espnet
 from wsi_espnet.cli import main
 from wsi_espnet.engine import TorchEngine
 from wsi_espnet.errors import UserError
+from wsi_espnet.mask_tiff import read_mask_info
 from wsi_espnet.segment import SegmentOptions, segment_slide
 
 FAST = ["--tile", "256", "--overlap", "32", "--quiet", "--device", "cpu"]
@@ -125,6 +126,7 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert result.resumed_from_row > 0
     assert leads[0] == leads[1] == 0 and leads[2] > 0  # the resumed run started mid-batch
     assert out.read_bytes() == ref.read_bytes()
+    assert read_mask_info(out).provenance["device"] == "cpu"  # one device, named once
     # the probabilities too: rows before the interruption kept, the rest recomputed, none lost
     probs, ref_probs = (zarr.open_array(str(d / "p.zarr"), mode="r") for d in (tmp_path, tmp_path / "ref"))
     np.testing.assert_array_equal(probs[:], ref_probs[:])
@@ -185,6 +187,21 @@ def test_a_lost_label_file_starts_the_rows_again(tmp_path, demo_svs, small_model
     assert result.resumed_from_row == 0
     assert out.read_bytes() == ref.read_bytes()
     assert not _open_label_files()
+
+
+def test_a_run_resumed_on_another_device_names_both(tmp_path, demo_svs, small_model):
+    """Half a slide from one device and half from another is what the provenance must say (an engine
+    that reports another device name stands in for the GPU this machine may not have)."""
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    out = tmp_path / "mask.tif"
+    opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False)
+    first = _Interrupting(engine, 6)
+    first.device = "cuda:0"
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(demo_svs, out, options=opts, engine=first)
+    result = segment_slide(demo_svs, out, options=opts, engine=_Interrupting(engine))
+    assert result.resumed_from_row > 0
+    assert read_mask_info(out).provenance["device"] == "cuda:0, cpu"
 
 
 def test_killed_process_resumes(tmp_path, demo_svs, small_model):

@@ -372,6 +372,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         provenance = _provenance(slide, engine, settings)
 
         state = _open_work(work, fp, opts.overwrite)
+        provenance["device"] = _devices_used(state, provenance["device"], work)
         tissue = _tissue(slide, work)
         size = slide.size_at_mpp(mpp)
         grid = tile_grid(size, tile, overlap, mpp, slide.mpp, tissue, threshold, level0_size=slide.dimensions)
@@ -408,6 +409,17 @@ def _provenance(slide: Slide, engine: Engine, settings: dict) -> dict[str, str]:
                  "mpp": repr(float(settings["mpp"])), "tile": str(settings["tile"]), "overlap": str(settings["overlap"]),
                  "tissue-threshold": repr(float(settings["threshold"])), "backend": settings["backend"]})
     return made
+
+
+def _devices_used(state: dict, device: str, work: Path) -> str:
+    """Every device that ran part of this result, in order ("cuda:0, cpu" for a run resumed on the
+    CPU): a resumed run's tiles before the interruption came from the first attempt's device, and
+    fp16 on a GPU and float32 on a CPU differ in the last bits."""
+    used = state.setdefault("devices", [])
+    if device not in used:
+        used.append(device)
+        _atomic_json(work / "progress.json", state)
+    return ", ".join(used)
 
 
 def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
