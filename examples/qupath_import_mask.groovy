@@ -12,8 +12,10 @@
  *   3. opens the mask as a second image (Bio-Formats; it is not shown) and traces each class with
  *      QuPath's own ContourTracing (exact pixel outlines, tile by tile);
  *   4. scales the outlines from mask pixels to slide pixels, subtracts the bounds offset when
- *      QuPath's OpenSlide reader has cropped the slide to its bounds (MIRAX, some Hamamatsu), and
- *      adds one annotation per class, classified with the class's name and colour.
+ *      QuPath shows the slide cropped to its bounds (MIRAX, some Hamamatsu, read by OpenSlide
+ *      without --no-crop: the image is then smaller than the slide size the mask records), and
+ *      adds one annotation per class, classified with the class's name and colour (the name made
+ *      ASCII without ':' as in wsi-espnet's GeoJSON, so both routes give the same classes).
  *
  * Written against QuPath's source (ContourTracing.traceGeometry, GeometryTools.geometryToROI,
  * PathClass.fromString, QP.buildServer; the same signatures in 0.4.0, 0.5.1 and 0.6.0). It has not
@@ -33,8 +35,8 @@ import qupath.lib.roi.GeometryTools
 // ------------------------------------------------------------------------------------ settings
 String MASK_PATH = null          // full path of the mask, or null to look next to the slide
 boolean SKIP_BACKGROUND = true   // do not import the class named "Background"
-Boolean APPLY_OFFSET = null      // null: subtract the bounds offset only when QuPath reads the
-                                 // slide with OpenSlide (which crops to the bounds); true/false: force
+Boolean APPLY_OFFSET = null      // null: subtract the bounds offset only when QuPath shows the
+                                 // slide cropped to its bounds; true/false: force
 boolean CLEAR_EXISTING = false   // remove existing annotations of the imported classes first
 // ---------------------------------------------------------------------------------------------
 
@@ -97,6 +99,15 @@ for (int i = 0; i < annotationNodes.getLength(); i++) {
 def classNames = maps["wsi-espnet/classes"] ?: [:]
 def classColors = maps["wsi-espnet/class-colors"] ?: [:]
 def slideInfo = maps["wsi-espnet/slide"] ?: [:]
+def madeBy = maps["wsi-espnet/provenance"] ?: [:]
+
+// The class name as wsi-espnet writes it in GeoJSON: QuPath 0.4 reads files in the platform's
+// encoding (so ASCII), and a ':' would make a sub-class.
+String qupathName(String name) {
+    String ascii = java.text.Normalizer.normalize(name, java.text.Normalizer.Form.NFKD).replaceAll("[^\\x00-\\x7F]", "")
+    ascii = ascii.replaceAll("[\\x00-\\x1F\\x7F]", " ").replace(":", "-").trim()
+    return ascii.isEmpty() ? "Unnamed" : ascii
+}
 
 // 3. Open the mask as a second image and work out mask pixel -> slide pixel
 def maskServer = buildServer(maskFile.getAbsolutePath())
@@ -115,7 +126,18 @@ try {
     }
     double boundsX = Double.parseDouble(slideInfo.getOrDefault("bounds-x", "0"))
     double boundsY = Double.parseDouble(slideInfo.getOrDefault("bounds-y", "0"))
-    boolean applyOffset = APPLY_OFFSET != null ? APPLY_OFFSET : slideServer.getServerType() == "OpenSlide"
+    boolean applyOffset
+    if (APPLY_OFFSET != null) {
+        applyOffset = APPLY_OFFSET
+    } else if ((madeBy["slide-size"] ?: "") ==~ /\d+x\d+/) {
+        // QuPath's OpenSlide reader crops a slide with bounds (unless --no-crop), whatever server
+        // wraps it: the image it shows is then smaller than the slide wsi-espnet read.
+        def (fullWidth, fullHeight) = madeBy["slide-size"].split("x").collect { it as long }
+        applyOffset = (boundsX != 0 || boundsY != 0) &&
+                      (slideServer.getWidth() != fullWidth || slideServer.getHeight() != fullHeight)
+    } else {  // a mask older than wsi-espnet's provenance record: OpenSlide crops by default
+        applyOffset = slideServer.getServerType() == "OpenSlide"
+    }
     double dx = applyOffset ? -boundsX : 0.0
     double dy = applyOffset ? -boundsY : 0.0
     // x' = scale * x + dx, y' = scale * y + dy
@@ -129,7 +151,7 @@ try {
     def plane = ImagePlane.getDefaultPlane()
     for (def key : classNames.keySet().sort { it as int }) {
         int id = key as int
-        String name = classNames[key].replace(":", "-").trim()
+        String name = qupathName(classNames[key])
         if (SKIP_BACKGROUND && name.equalsIgnoreCase("Background"))
             continue
         Integer rgb = null

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -79,6 +80,7 @@ class BatchOptions:
     retries: int = 2
     patterns: Sequence[str] = DEFAULT_PATTERNS
     geojson: bool = False
+    geojson_min_area: float = 0.0  # µm² (see SegmentOptions)
     overlay: bool = False
     probs: bool = False
     mpp: float | None = None
@@ -198,7 +200,8 @@ def process_slide(spec: dict) -> dict:
             mpp=seg["mpp"], tile=seg["tile"], overlap=seg["overlap"], batch=seg["batch"],
             tissue_threshold=seg["tissue_threshold"], device=seg["device"], backend=seg["backend"],
             workers=seg["reader_threads"], probs=outputs.get("probs"), geojson=outputs.get("geojson"),
-            overlay=outputs.get("overlay"), overwrite=True, progress=False,
+            geojson_min_area=seg.get("geojson_min_area", 0.0), overlay=outputs.get("overlay"), overwrite=True,
+            progress=False,
         )
         # Someone else's worker is tuned for the task only (Dask starts workers with settings that
         # halve the model's speed); a worker of our own LocalCluster was tuned for good above.
@@ -375,6 +378,8 @@ def _validate(opts: BatchOptions) -> None:
             raise UserError(f"{name} must be at least {low}, got {value}")
     if opts.mpp is not None and not opts.mpp > 0:
         raise UserError(f"--mpp must be positive, got {opts.mpp}")
+    if not (math.isfinite(opts.geojson_min_area) and opts.geojson_min_area >= 0):
+        raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {opts.geojson_min_area}")
     if opts.tile is not None and opts.tile % 8:
         raise UserError(f"--tile {opts.tile}: ESPNet needs a tile size divisible by 8")
     if opts.tile is not None and opts.overlap is not None and 2 * opts.overlap > opts.tile:
@@ -385,7 +390,7 @@ def _validate(opts: BatchOptions) -> None:
 def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:
     seg = {"mpp": opts.mpp, "tile": opts.tile, "overlap": opts.overlap, "batch": opts.batch,
            "tissue_threshold": opts.tissue_threshold, "device": cluster["device"], "backend": opts.backend,
-           "reader_threads": opts.reader_threads}
+           "reader_threads": opts.reader_threads, "geojson_min_area": opts.geojson_min_area}
     seg.update(job.options)
     return {"slide": str(job.slide), "outputs": {k: str(v) for k, v in job.outputs(opts.extras).items()},
             "model": str(opts.model) if opts.model else None, "segment": seg,
@@ -572,6 +577,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default=",".join(DEFAULT_PATTERNS),
                    help="comma-separated file patterns for folder inputs (default: %(default)s)")
     p.add_argument("--geojson", action="store_true", help="also write <slide>" + OUTPUT_SUFFIXES["geojson"])
+    p.add_argument("--geojson-min-area", type=float, default=0.0, metavar="UM2",
+                   help="leave specks smaller than this many µm² out of the GeoJSON, and fill smaller holes (default 0)")
     p.add_argument("--overlay", action="store_true", help="also write <slide>" + OUTPUT_SUFFIXES["overlay"])
     p.add_argument("--probs", action="store_true", help="also write <slide>" + OUTPUT_SUFFIXES["probs"])
     p.add_argument("--mpp", type=float, help="level-0 µm/px for slides that do not record it")
@@ -593,8 +600,9 @@ def options_from_args(args: argparse.Namespace) -> BatchOptions:
         raise UserError("--pattern: give at least one pattern, e.g. '*.svs'")
     return BatchOptions(
         model=args.model, scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
-        gpus=args.gpus, retries=args.retries, patterns=patterns, geojson=args.geojson, overlay=args.overlay,
-        probs=args.probs, mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
+        gpus=args.gpus, retries=args.retries, patterns=patterns, geojson=args.geojson,
+        geojson_min_area=args.geojson_min_area, overlay=args.overlay, probs=args.probs, mpp=args.mpp, tile=args.tile,
+        overlap=args.overlap, batch=args.batch,
         tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
         reader_threads=args.reader_threads, report=args.report, overwrite=args.overwrite, progress=not args.quiet)
 

@@ -146,7 +146,7 @@ def test_fractional_scale_stays_valid_after_qupath_snapping(tmp_path):
         assert geom.area == pytest.approx((lab == c).sum() * 3.98765**2, rel=0.01)
 
 
-def test_simplify_keeps_areas_within_one_percent(tmp_path):
+def test_simplify_keeps_a_large_region_s_area_within_one_percent(tmp_path):
     yy, xx = np.mgrid[:300, :300]
     lab = (((yy - 150) ** 2 + (xx - 150) ** 2) < 120**2).astype(np.uint8)
     summary, feats = _write(tmp_path, lab, scale=2.0, simplify=2.0)
@@ -154,6 +154,48 @@ def test_simplify_keeps_areas_within_one_percent(tmp_path):
     assert geom.is_valid and shapely.set_precision(geom, 0.01).is_valid
     assert geom.area == pytest.approx(lab.sum() * 4, rel=0.01)
     assert summary["classes"]["Tumor"]["vertices"] < 4 * 120  # fewer than the exact staircase
+
+
+def test_min_area_drops_specks_and_fills_small_holes_without_overlaps(tmp_path):
+    """Threshold 5 label pixels (1.25 µm² at 0.5 µm per label pixel, scale 2): a 4-px speck and the
+    hole it leaves go, a 16-px region stays and its 1-px hole is filled, the 1-px dot of the other
+    class inside that hole goes with it (no two classes overlap), a 2-px island goes."""
+    lab = np.zeros((40, 40), np.uint8)
+    lab[5:25, 5:25] = 1
+    lab[10:12, 10:12] = 2  # 4-px speck: gone, its hole in class 1 filled
+    lab[15:19, 15:19] = 2  # 16 px: stays
+    lab[17, 17] = 1  # 1 px inside it: gone, and class 2's hole there filled
+    lab[30, 30:32] = 1  # 2-px island: gone
+    lab[30:38, 2:12] = 3
+    exact, _ = _write(tmp_path, lab, scale=2.0, mpp=0.5)
+    summary, feats = _write(tmp_path, lab, scale=2.0, mpp=0.5, min_area=1.25, overwrite=True)
+    geoms = {name: shape(f["geometry"]) for name, f in feats.items()}
+    assert {n: g.area / 4 for n, g in geoms.items()} == {"Tumor": 400 - 16, "Stroma": 16, "Fat": 80}
+    for name, g in geoms.items():
+        assert g.is_valid and shapely.set_precision(g, 0.01).is_valid
+        parts = shapely.get_parts(g)
+        assert (shapely.area(parts) >= 20).all()
+        assert feats[name]["properties"]["measurements"]["Area um^2"] == pytest.approx(g.area / 4 * 0.25)
+        assert feats[name]["properties"]["measurements"]["Label pixels"] == (lab == NAMES.index(name)).sum()
+    assert geoms["Tumor"].intersection(geoms["Stroma"]).area == 0
+    assert summary["classes"]["Tumor"]["polygons"] == 1 and summary["classes"]["Tumor"]["holes"] == 1
+    assert exact["classes"]["Tumor"]["polygons"] == 3 and exact["classes"]["Tumor"]["holes"] == 2
+    with pytest.raises(ValueError, match="needs mpp"):
+        _write(tmp_path, lab, min_area=1.0, overwrite=True)
+
+
+def test_gz_name_writes_gzip_that_reads_back_the_same(tmp_path):
+    import gzip
+
+    lab = _noisy_labels(3, (50, 60))
+    _, plain = _write(tmp_path, lab, mpp=0.5)
+    write_geojson(tmp_path / "out.geojson.gz", lab, 1.0, class_names=NAMES, colors=COLORS, mpp=0.5)
+    raw = (tmp_path / "out.geojson.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and b"out.geojson\x00" in raw[:40]  # gzip, named without .gz
+    data = json.loads(gzip.decompress(raw).decode("ascii"))
+    packed = {f["properties"]["name"]: f for f in data["features"]}
+    assert {n: f["geometry"] for n, f in packed.items()} == {n: f["geometry"] for n, f in plain.items()}
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_qupath_feature_structure(tmp_path):

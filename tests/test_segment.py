@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 import tifffile
 import torch
 import zarr
@@ -429,6 +430,38 @@ def test_bad_options(tmp_path, tiny_svs, small_model, capsys):
         _one_line_error(capsys)
     assert main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.png"), "--model", str(small_model)]) == 2
     _one_line_error(capsys)
+    # Names QuPath or an image viewer would not take for what they are, and a negative speck size.
+    for extra in (["--geojson", str(tmp_path / "g.txt")], ["--overlay", str(tmp_path / "o.jpg")],
+                  ["--geojson", str(tmp_path / "g.geojson"), "--geojson-min-area", "-1"],
+                  ["--geojson", str(tmp_path / "g.geojson"), "--geojson-min-area", "nan"]):
+        rc = main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model),
+                   "--quiet", *extra])
+        assert rc == 2, extra
+        _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_geojson_min_area_and_gz_from_the_command_line(tmp_path, demo_svs, small_model):
+    """A gzip GeoJSON without the model's specks: fewer parts, none under the size, no overlaps."""
+    import gzip
+
+    from shapely.geometry import shape
+
+    base = ["segment", str(demo_svs), "--model", str(small_model), *FAST]
+    assert main([*base, "--out", str(tmp_path / "a.tif"), "--geojson", str(tmp_path / "a.geojson")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b.tif"), "--geojson", str(tmp_path / "b.geojson.gz"),
+                 "--geojson-min-area", "20"]) == 0
+    exact = json.loads((tmp_path / "a.geojson").read_text())["features"]
+    clean = json.loads(gzip.decompress((tmp_path / "b.geojson.gz").read_bytes()))["features"]
+    parts = {f["properties"]["name"]: shapely.get_parts(shape(f["geometry"])) for f in clean}
+    exact_parts = sum(len(shapely.get_parts(shape(f["geometry"]))) for f in exact)
+    assert sum(len(p) for p in parts.values()) < exact_parts
+    for name, ps in parts.items():
+        assert (shapely.area(ps) * 0.25 >= 20).all(), name  # level-0 px of 0.5 µm
+    geoms = [shape(f["geometry"]) for f in clean]
+    for i in range(len(geoms)):
+        for j in range(i + 1, len(geoms)):
+            assert geoms[i].intersection(geoms[j]).area < 1e-6
 
 
 def test_threads_sets_the_models_cpu_threads(tmp_path, tiny_svs, small_model):

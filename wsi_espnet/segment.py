@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -79,6 +80,7 @@ class SegmentOptions:
     schedule: str = "auto"  # reading and blending "beside" or "between" the model's batches (cores_free_beside)
     probs: Path | None = None
     geojson: Path | None = None
+    geojson_min_area: float = 0.0  # µm²: smaller parts dropped, smaller holes filled (GeoJSON only)
     overlay: Path | None = None
     overwrite: bool = False
     progress: bool = True
@@ -120,6 +122,23 @@ def _make_folder(folder: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+
+
+GEOJSON_ENDS = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath's import reads
+
+
+def _check_names(out: Path, opts: SegmentOptions) -> None:
+    """Names the outputs' readers accept: QuPath imports GeoJSON by extension only ("no objects
+    found" otherwise), and a viewer takes the overlay for what its extension says."""
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
+    if opts.geojson and not str(opts.geojson).lower().endswith(GEOJSON_ENDS):
+        raise UserError(f"--geojson {opts.geojson}: QuPath imports only {', '.join(GEOJSON_ENDS)}; name it so")
+    if opts.overlay and Path(opts.overlay).suffix.lower() != ".png":
+        raise UserError(f"--overlay {opts.overlay}: the overlay is a PNG, name it .png")
+    area = opts.geojson_min_area
+    if not (isinstance(area, (int, float)) and math.isfinite(area) and area >= 0):
+        raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {area!r}")
 
 
 def _check_distinct(targets: list[tuple[str, Path]]) -> None:
@@ -319,8 +338,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     opts = options or SegmentOptions()
     t_start = time.perf_counter()
     out = Path(out)
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
+    _check_names(out, opts)
     extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
     targets = [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]
     _check_distinct(targets)
@@ -621,7 +639,8 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         from .geojson import write_geojson
 
         write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
-                      colors=[c.color for c in cfg.classes], mpp=mpp, overwrite=True, occupied=footprint)
+                      colors=[c.color for c in cfg.classes], mpp=mpp, min_area=opts.geojson_min_area,
+                      overwrite=True, occupied=footprint)
         written["geojson"] = str(opts.geojson)
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
@@ -670,7 +689,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: one per core; fewer leaves "
                    "cores to other work, e.g. several runs side by side)")
     p.add_argument("--probs", type=Path, help="also write per-class probabilities (float16 Zarr)")
-    p.add_argument("--geojson", type=Path, help="also write QuPath GeoJSON (one MultiPolygon per class)")
+    p.add_argument("--geojson", type=Path, help="also write QuPath GeoJSON (one MultiPolygon per class); "
+                   "a name ending in .gz is gzip-compressed")
+    p.add_argument("--geojson-min-area", type=float, default=0.0, metavar="UM2",
+                   help="leave out of the GeoJSON the parts of a class smaller than this many µm², and fill its "
+                   "holes smaller than that (default 0: every pixel, exactly as the mask)")
     p.add_argument("--overlay", type=Path, help="also write a PNG preview with a legend")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -687,7 +710,7 @@ def run(args: argparse.Namespace) -> int:
     opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
                           tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
                           workers=args.workers, threads=args.threads, probs=args.probs, geojson=args.geojson,
-                          overlay=args.overlay,
+                          geojson_min_area=args.geojson_min_area, overlay=args.overlay,
                           overwrite=args.overwrite, progress=not args.quiet)
     result = segment_slide(args.slide, args.out, args.model, opts)
     print(result.summary())
