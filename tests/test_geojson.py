@@ -184,6 +184,20 @@ def test_min_area_drops_specks_and_fills_small_holes_without_overlaps(tmp_path):
         _write(tmp_path, lab, min_area=1.0, overwrite=True)
 
 
+def test_outlines_are_clipped_to_the_slide(tmp_path):
+    """The label map's size is the slide's rounded up: its last pixels reach past the slide's edge."""
+    lab = np.ones((10, 10), np.uint8)
+    lab[:, :3] = 2
+    _, feats = _write(tmp_path, lab, scale=2.5, offset=(1.0, 2.0), extent=(24.0, 23.37))
+    geoms = [shape(f["geometry"]) for f in feats.values()]
+    assert shapely.union_all(geoms).bounds == (-1.0, -2.0, 23.0, 21.37)
+    assert sum(g.area for g in geoms) == pytest.approx(24.0 * 23.37)
+    for g in geoms:
+        assert g.is_valid and shapely.set_precision(g, 0.01).is_valid and g.geom_type == "MultiPolygon"
+    _, inside = _write(tmp_path, lab, scale=2.5, extent=(25.0, 25.0), overwrite=True)  # nothing to clip
+    assert shape(inside["Tumor"]["geometry"]).area == 7 * 10 * 2.5**2
+
+
 def test_gz_name_writes_gzip_that_reads_back_the_same(tmp_path):
     import gzip
 

@@ -260,10 +260,10 @@ def test_runs_on_different_masks_sharing_another_output_do_not_both_run(tmp_path
         assert proc.stderr.strip().splitlines() == [
             f"error: {shared} is being made by another run (pid {os.getpid()}); let it finish, or stop it first"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["all.geojson.lock"]  # b.tif's lock gone too
-    same = subprocess.run([*cmd[:-len(FAST)], "--overlay", str(shared), *FAST], capture_output=True, text=True)
+    same = subprocess.run([*cmd[:-len(FAST)], "--probs", str(shared), *FAST], capture_output=True, text=True)
     assert same.returncode == 2
     assert same.stderr.strip().splitlines() == [
-        f"error: {shared} is named for two outputs (geojson and overlay); give each its own file"]
+        f"error: {shared} is named for two outputs (probs and geojson); give each its own file"]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.geojson", "b.tif"]
 

@@ -84,6 +84,7 @@ def write_geojson(
     block: int = 2048,
     overwrite: bool = False,
     occupied: Occupancy | None = None,
+    extent: tuple[float, float] | None = None,
 ) -> dict:
     """Write ``labels`` (H x W uint8 class ids, Zarr or NumPy) as a GeoJSON FeatureCollection.
 
@@ -91,7 +92,9 @@ def write_geojson(
     coordinate (the slide's ``openslide.bounds-x/y`` for QuPath). ``mpp``: µm per label pixel, for
     the ``Area um^2`` measurement and the summary (left out when None).  ``occupied``: where
     ``labels`` may be non-zero; blocks it rules out are counted as class 0 without being read
-    (when class 0 is not excluded, they are read and drawn as any other).
+    (when class 0 is not excluded, they are read and drawn as any other).  ``extent``: the slide's
+    level-0 ``(width, height)``; outlines are clipped to it (the label map's last row and column,
+    rounded up from the slide's size, may reach up to one label pixel past the slide's edge).
 
     Returns a summary: ``{"features": n, "classes": {name: {"pixels", "area_um2", "polygons",
     "holes", "vertices", "written_name"}}}`` with pixel counts for *every* class, written or not.
@@ -174,6 +177,8 @@ def write_geojson(
                     continue
                 geometry = _class_geometry([p for p in inner[c] if p.size], [p for p in edge[c] if p.size],
                                            scale, (ox, oy), simplify, min_area_px)
+                if extent is not None:
+                    geometry = _clip(geometry, (-ox, -oy, extent[0] - ox, extent[1] - oy))
                 if geometry.is_empty:
                     continue
                 info = summary["classes"][class_names[c]]
@@ -420,6 +425,21 @@ def _class_geometry(inner: list[np.ndarray], edge: list[np.ndarray], scale: floa
                     if isinstance(p, shapely.Polygon) and not p.is_empty]
     merged = shapely.MultiPolygon(polygons)
     if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1: RFC 7946 winding (shells CCW, y up)
+        merged = shapely.orient_polygons(merged, exterior_cw=False)
+    return merged
+
+
+def _clip(geometry: shapely.MultiPolygon, box: tuple[float, float, float, float]) -> shapely.MultiPolygon:
+    """``geometry`` inside ``box`` (x0, y0, x1, y1), untouched when already inside; still valid on
+    QuPath's grid (the box's edges are snapped to it first)."""
+    x0, y0, x1, y1 = (round(v, 2) for v in box)
+    bx0, by0, bx1, by1 = geometry.bounds
+    if geometry.is_empty or (bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1):
+        return geometry
+    clipped = shapely.intersection(geometry, shapely.box(x0, y0, x1, y1), grid_size=QUPATH_GRID)
+    polygons = [p for p in shapely.get_parts(clipped) if isinstance(p, shapely.Polygon) and not p.is_empty]
+    merged = shapely.MultiPolygon(polygons)
+    if hasattr(shapely, "orient_polygons"):
         merged = shapely.orient_polygons(merged, exterior_cw=False)
     return merged
 

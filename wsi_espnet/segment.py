@@ -640,7 +640,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
 
         write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
                       colors=[c.color for c in cfg.classes], mpp=mpp, min_area=opts.geojson_min_area,
-                      overwrite=True, occupied=footprint)
+                      overwrite=True, occupied=footprint, extent=grid.level0_size)
         written["geojson"] = str(opts.geojson)
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
