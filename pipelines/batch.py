@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -46,7 +46,7 @@ from wsi_espnet.engine import available_cores
 from wsi_espnet.errors import ModelFileError, OutputBusyError, UserError
 
 from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
-from .report import BatchReport, one_line
+from .report import BatchReport, check_report_target, one_line
 
 EXTRA_OUTPUTS = ("geojson", "overlay", "probs")
 #: Dask settings of the LocalCluster we start.  Dask's background machinery (the event-loop watchdog
@@ -213,7 +213,7 @@ def process_slide(spec: dict) -> dict:
         row.update(status="failed", error=one_line(str(exc)), error_type=type(exc).__name__,
                    seconds=round(time.perf_counter() - t0, 3))
         return row
-    row.update(status="done", error="", tiles=result.tiles, grid_tiles=result.grid_tiles,
+    row.update(status="done", error="", tiles=result.tiles, tiles_run=result.tiles_run, grid_tiles=result.grid_tiles,
                seconds=round(result.seconds, 3), tissue_mm2=result.tissue_mm2, mpp=result.mpp,
                size=list(result.size), class_mm2=result.class_mm2, outputs=result.outputs,
                resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings))
@@ -367,24 +367,56 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
 # The driver
 
 
-def _validate(opts: BatchOptions) -> None:
+def _validate(opts: BatchOptions, jobs: Sequence[SlideJob] = ()) -> None:
+    """Every mistake in the invocation, once, before a cluster starts: a bad option would otherwise
+    fail every slide of the archive in turn (``wsi-segment``'s own checks, on the options each
+    slide gets, with the model's tile where none is given)."""
     if opts.model is not None and not Path(opts.model).is_file():
         raise UserError(f"--model {opts.model}: no such file")
-    checks = [("--retries", opts.retries, 0), ("--batch", opts.batch, 1), ("--workers", opts.workers, 1),
+    checks = [("--retries", opts.retries, 0), ("--workers", opts.workers, 1),
               ("--threads-per-worker", opts.threads_per_worker, 1), ("--gpus", opts.gpus, 0),
-              ("--reader-threads", opts.reader_threads, 1), ("--tile", opts.tile, 8), ("--overlap", opts.overlap, 0)]
+              ("--reader-threads", opts.reader_threads, 1)]
     for name, value, low in checks:
         if value is not None and value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
-    if opts.mpp is not None and not opts.mpp > 0:
-        raise UserError(f"--mpp must be positive, got {opts.mpp}")
-    if not (math.isfinite(opts.geojson_min_area) and opts.geojson_min_area >= 0):
-        raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {opts.geojson_min_area}")
-    if opts.tile is not None and opts.tile % 8:
-        raise UserError(f"--tile {opts.tile}: ESPNet needs a tile size divisible by 8")
-    if opts.tile is not None and opts.overlap is not None and 2 * opts.overlap > opts.tile:
-        raise UserError(f"--overlap ({opts.overlap}) can be at most half of --tile ({opts.tile}): the blending "
-                        "window ramps over the overlap at both borders of a tile")
+    from wsi_espnet.segment import check_options
+
+    check_options(_segment_options(opts))
+    model_tile = _model_tile(opts.model, opts.backend)
+    for job in [None, *jobs]:
+        if job is not None and not job.options:
+            continue
+        seg = _segment_options(opts, job.options if job else {})
+        if seg.tile is None and seg.overlap is not None and model_tile is not None:
+            seg.tile = model_tile
+        try:
+            check_options(seg)
+        except UserError as exc:
+            raise UserError(f"{job.source}: {job.slide.name}: {exc}" if job else str(exc)) from None
+
+
+def _segment_options(opts: BatchOptions, overrides: dict | None = None):
+    """The options of ``wsi-segment`` that a slide of this batch gets (its manifest row's first)."""
+    from wsi_espnet.segment import SegmentOptions
+
+    seg = SegmentOptions(mpp=opts.mpp, tile=opts.tile, overlap=opts.overlap, batch=opts.batch,
+                         tissue_threshold=opts.tissue_threshold, device=opts.device, backend=opts.backend,
+                         workers=opts.reader_threads, geojson_min_area=opts.geojson_min_area)
+    for key, value in (overrides or {}).items():
+        setattr(seg, key, value)
+    return seg
+
+
+@functools.lru_cache(maxsize=4)
+def _model_tile(model: str | os.PathLike | None, backend: str) -> int | None:
+    """The model's tile side, for an overlap given without a tile.  A PyTorch model is loaded here,
+    once, so that a file that is not a model stops the batch before any slide runs (every slide
+    would fail the same way); an ONNX model is first opened by a worker."""
+    if backend != "torch":
+        return None
+    from wsi_espnet.checkpoint import load_model
+
+    return int(load_model(model).config.slide.tile)
 
 
 def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:
@@ -449,6 +481,7 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     _validate(opts)
     out = Path(out_dir).expanduser().resolve()
     archive = find_slides(inputs, out, opts.patterns)
+    _validate(opts, archive.jobs)  # the manifest's per-slide options too, and the model's tile
     for note in archive.warnings:
         log(f"warning: {note}")
     if archive.duplicates:
@@ -460,8 +493,10 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: not writable")
     csv_path = Path(opts.report).expanduser().resolve() if opts.report else out / "report.csv"
-    if csv_path.suffix.lower() == ".json":  # --report x.json: the CSV goes beside it, not over it
+    if csv_path.suffix.lower() != ".csv":  # --report x.json: the CSV goes beside it, not over it
         csv_path = csv_path.with_suffix(".csv")
+    for path in (csv_path, csv_path.with_suffix(".json")):
+        check_report_target(path)
     meta = {"inputs": [str(i) for i in inputs], "out": str(out), "model": opts.model,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "options": {k: v for k, v in asdict(opts).items() if k not in ("report", "patterns")}}
@@ -537,7 +572,7 @@ def _run_tasks(client, cluster: dict, todo: list[SlideJob], opts: BatchOptions, 
                 # The model is the same for every slide: stop rather than fail them all one by one.
                 fatal = ModelFileError(row["error"])
                 client.cancel(list(futures))
-            tiles += int(row.get("tiles") or 0) if row["status"] == "done" else 0
+            tiles += int(row.get("tiles_run") or 0) if row["status"] == "done" else 0  # not a resume's earlier ones
             counts = report.counts()
             elapsed = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(done=counts["done"], failed=counts["failed"], skipped=counts["skipped"],
@@ -589,7 +624,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     p.add_argument("--reader-threads", type=int, default=4, help="tile reader threads per slide (default 4)")
-    p.add_argument("--report", type=Path, help="report CSV (default OUT/report.csv); the JSON goes beside it")
+    p.add_argument("--report", type=Path, help="report CSV (default OUT/report.csv; another suffix is replaced by "
+                   ".csv); the JSON goes beside it. An existing file is replaced only if it is an earlier report")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose outputs are already complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

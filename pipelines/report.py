@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from wsi_espnet.errors import UserError
+
 STATUSES = ("done", "skipped", "failed", "pending")
 COLUMNS = ("slide", "status", "error", "warning", "tiles", "seconds", "tissue_mm2", "mpp", "resumed_from_row", "worker",
            "mask", "geojson", "overlay", "probs")
@@ -28,6 +30,32 @@ def _atomic_write(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+#: How each file of a report begins: an existing file that does not is never overwritten.
+_SIGNATURES = {".csv": b"slide,status,", ".json": b'{\n "inputs": ['}
+
+
+def check_report_target(path: Path) -> None:
+    """Raise a one-line :class:`UserError` unless ``path`` can take a report: a new file in a
+    writable folder, or a report an earlier run wrote there (a re-run rewrites it).  Why: the
+    report is rewritten without ``--overwrite``, so a mistyped ``--report`` must not replace a slide
+    or anything else that happens to be there."""
+    if path.is_dir():
+        raise UserError(f"--report {path}: is a folder; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"--report {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--report {path}: folder {path.parent} is not writable")
+    if path.exists():
+        signature = _SIGNATURES[path.suffix.lower()]
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(signature))
+        except OSError as exc:
+            raise UserError(f"--report {path}: cannot read it ({exc.strerror})") from None
+        if head != signature:
+            raise UserError(f"--report {path} exists and is not a wsi-batch report; remove it or name another file")
 
 
 def one_line(text: str, limit: int = 300) -> str:

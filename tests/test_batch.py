@@ -7,6 +7,7 @@ standing in for a lab's)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -115,6 +116,52 @@ def test_a_dicom_folder_is_one_slide_opened_through_its_image_not_its_first_file
             assert slide.dimensions == (16, 16)
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"overlap": 400, "tile": None}, "--overlap 400: .* at most half the tile \\(256\\)"),  # the model's tile: 512
+    ({"tissue_threshold": 5.0}, "--tissue-threshold must be a fraction between 0 and 1"),
+    ({"device": "gpu"}, "unknown device 'gpu'"),
+    ({"tile": 0}, "--tile 0: ESPNet needs a tile size that is a positive multiple of 8"),
+    ({"reader_threads": 0}, "--reader-threads must be at least 1"),
+    ({"geojson_min_area": float("nan")}, "--geojson-min-area must be a number"),
+])
+def test_a_bad_option_stops_the_batch_before_any_slide(tmp_path, model_file, demo_svs, kw, message):
+    """One line before a cluster starts, not one failed row per slide of the archive."""
+    opts = dataclasses.replace(_options(model_file), **kw)
+    with pytest.raises(UserError, match=message):
+        run_batch([demo_svs], tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_manifest_value_names_its_row_before_any_slide(tmp_path, model_file, demo_svs):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide,tile\n{demo_svs},-5\n")
+    with pytest.raises(UserError, match=f"m.csv: {demo_svs.name}: --tile -5: ESPNet needs"):
+        run_batch([manifest], tmp_path / "out", _options(model_file))
+    manifest.write_text(f"slide,overlap\n{demo_svs},300\n")  # half the batch's tile (256) is 128
+    with pytest.raises(UserError, match="--overlap 300"):
+        run_batch([manifest], tmp_path / "out", _options(model_file))
+
+
+def test_report_never_replaces_what_is_not_a_report(tmp_path, model_file, demo_svs):
+    """--report is rewritten without --overwrite: a slide, a note or a folder in its way is refused
+    (a name that does not end in .csv gets .csv, so --report slide.svs leaves the slide alone)."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my notes\n")
+    (tmp_path / "folder.csv").mkdir()
+    for report, message in ((notes, "exists and is not a wsi-batch report"), (tmp_path / "folder.csv", "is a folder"),
+                            (tmp_path / "no" / "r.csv", "does not exist")):
+        with pytest.raises(UserError, match=message):
+            run_batch([demo_svs], tmp_path / "out", _options(model_file, report=report))
+    assert notes.read_text() == "my notes\n"
+    victim = tmp_path / "victim.svs"
+    victim.write_bytes(demo_svs.read_bytes())
+    opts = _options(model_file, report=victim)
+    assert run_batch([demo_svs], tmp_path / "out", opts).exit_code == 0
+    assert victim.read_bytes() == demo_svs.read_bytes()
+    assert (tmp_path / "victim.csv").read_text().startswith("slide,status,")
+    assert run_batch([demo_svs], tmp_path / "out", opts).exit_code == 0  # an earlier report: rewritten
+
+
 @pytest.mark.parametrize("content, message", [
     ("path\nfoo.svs\n", "no 'slide' column"),
     ("slide,mpp\na.svs,fast\n", "line 2: mpp 'fast' is not a number"),
@@ -139,7 +186,7 @@ def test_invocation_errors_exit_2_with_one_line(tmp_path, capsys, model_file):
              ([str(tmp_path / "empty")], "no slides found"),
              ([str(bad)], "no 'slide' column"),
              ([str(tmp_path / "x")], "would both write"),
-             ([str(tmp_path / "x" / "s.svs"), "--tile", "100"], "divisible by 8"),
+             ([str(tmp_path / "x" / "s.svs"), "--tile", "100"], "a positive multiple of 8"),
              ([str(tmp_path / "x" / "s.svs"), "--model", str(tmp_path / "nope.pt")], "no such file")]
     for argv, message in cases:
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2
@@ -318,6 +365,8 @@ def test_rerun_skips_done_redoes_invalid_resumes_partial_and_runs_duplicates_onc
     assert a_mask.stat().st_mtime_ns == a_mtime  # untouched
     assert rows["b.svs"]["status"] == "done" and tifffile.imread(b_mask).shape == (480, 480)
     assert rows["c.svs"]["status"] == "done" and rows["c.svs"]["resumed_from_row"] > 0
+    assert 0 < rows["c.svs"]["tiles_run"] < rows["c.svs"]["tiles"]  # the rate counts this run's tiles only
+    assert again.tiles == rows["b.svs"]["tiles_run"] + rows["c.svs"]["tiles_run"]
     assert tifffile.imread(c_mask).shape == (1024, 1024)
     assert len((out / "report.csv").read_text().splitlines()) == 4  # header + 3: the duplicates ran once
     assert _leftovers(out) == []
@@ -387,7 +436,6 @@ def test_a_model_that_cannot_load_stops_the_batch_as_a_user_error(tmp_path, sche
     for name in ("a.svs", "b.svs"):
         (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_bytes(b"x")
-    with pytest.raises(UserError, match="refused to load"):
+    with pytest.raises(UserError, match="not a PyTorch model file"):
         run_batch([tmp_path / "in"], tmp_path / "out", _options(bad_model, scheduler, report=tmp_path / "r.json"))
-    statuses = {r["status"] for r in json.loads((tmp_path / "r.json").read_text())["slides"]}
-    assert "failed" in statuses and (tmp_path / "r.csv").is_file()
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "out").exists()  # stopped before any slide

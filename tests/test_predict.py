@@ -38,3 +38,19 @@ def test_predict_bad_inputs_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["predict", str(tmp_path / "missing.png"), "--model", str(MODEL), "--out", str(tmp_path / "o")]) == 2
     assert main(["predict", str(tmp_path / "text.png"), "--model", str(tmp_path / "nomodel.pt"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_predict_keeps_earlier_results_unless_told_and_wants_a_folder(tmp_path, capsys):
+    io.imsave(tmp_path / "a.png", data.astronaut()[:64, :96])
+    cmd = ["predict", str(tmp_path / "a.png"), "--model", str(MODEL), "--native", "--out"]
+    assert main([*cmd, str(tmp_path / "o")]) == 0
+    first = (tmp_path / "o" / "a.labels.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*cmd, str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'o' / 'a.labels.png'} exists (and 1 more); pass --overwrite to replace"
+    assert (tmp_path / "o" / "a.labels.png").stat().st_mtime_ns == first
+    assert main([*cmd, str(tmp_path / "o"), "--overwrite"]) == 0
+    assert main([*cmd, str(tmp_path / "a.png")]) == 2  # a file, not a folder: one line, never a traceback
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "is a file" in err and "\n" not in err

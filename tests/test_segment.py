@@ -327,6 +327,7 @@ def test_a_scan_much_coarser_than_the_model_warns_in_one_line(tmp_path, tiny_svs
     assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--mpp", "4", *FAST]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if line.startswith("warning:")] == [err[0]] and "4x coarser" in err[0]
+    assert "upsampled to 800x600 px, the outputs are that large" in err[0]
     assert tifffile.imread(out).shape == (600, 800)  # 200x150 px at 4 µm/px, at 1 µm/px
     assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--overwrite", *FAST]) == 0
     assert "warning" not in capsys.readouterr().err  # at the model's own resolution: nothing to say
@@ -462,6 +463,27 @@ def test_geojson_min_area_and_gz_from_the_command_line(tmp_path, demo_svs, small
     for i in range(len(geoms)):
         for j in range(i + 1, len(geoms)):
             assert geoms[i].intersection(geoms[j]).area < 1e-6
+
+
+def test_an_output_naming_the_input_slide_is_refused_even_with_overwrite(tmp_path, demo_ome, small_model, capsys):
+    """--out slide.ome.tif --overwrite would replace the slide with its own mask."""
+    slide = tmp_path / "victim.ome.tif"
+    slide.write_bytes(demo_ome.read_bytes())
+    for argv in (["segment", str(slide), "--out", str(slide), "--model", str(small_model), "--overwrite", *FAST],
+                 ["tile", str(slide), "--out", str(slide), "--overwrite"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"error: {slide} is the input slide; name the output differently"
+    assert slide.read_bytes() == demo_ome.read_bytes()
+
+
+def test_a_mistake_leaves_no_folder_and_no_work_behind(tmp_path, tiny_svs, small_model, capsys):
+    """Checked before anything is made (--tile 0 is not "the default"), or taken away again."""
+    for extra in (["--tissue-threshold", "2"], ["--tile", "0"], ["--workers", "0"],
+                  ["--model", str(tmp_path / "nope.pt")]):
+        argv = ["segment", str(tiny_svs), "--out", str(tmp_path / "new" / "deeper" / "m.tif"), "--quiet", *extra]
+        assert main(argv if "--model" in extra else [*argv, "--model", str(small_model)]) == 2, extra
+        _one_line_error(capsys)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], extra
 
 
 def test_threads_sets_the_models_cpu_threads(tmp_path, tiny_svs, small_model):

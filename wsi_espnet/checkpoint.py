@@ -35,10 +35,21 @@ def _torch_load(path: Path) -> Any:
     if path.is_dir():
         raise ModelFileError(f"model path is a directory, not a file: {path}")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or its legacy pickle
+        raise ModelFileError(f"{path}: not a PyTorch model file (a model is a .pt/.pth of weights, or an .onnx "
+                             "file with --backend onnxruntime)")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise ModelFileError(f"{path}: refused to load: it holds Python objects beyond plain weights, and "
+                                 "loading those could run code (save the model's state_dict instead)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: refused to load (not a plain-weights file: {first[:160]})") from None
+        raise ModelFileError(f"{path}: not a readable PyTorch model file ({first[:160]})") from None
     except Exception as exc:  # zip/pickle/EOF errors: not a torch file, or truncated
         raise ModelFileError(f"{path}: not a readable PyTorch model file ({type(exc).__name__}: {str(exc)[:120]})") from None
 

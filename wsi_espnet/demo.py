@@ -462,7 +462,7 @@ def write_demo_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
     if fmt not in ("svs", "ome"):
         raise UserError(f"demo slide format must be 'svs' or 'ome', got {fmt!r}")
     if tile % 16 or tile < 16:
-        raise UserError(f"tile size must be a multiple of 16, got {tile}")
+        raise UserError(f"tile size must be a positive multiple of 16, got {tile}")
     if not 1 <= quality <= 100:
         raise UserError(f"JPEG quality must be 1..100, got {quality}")
     check_output(path, overwrite)

@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from .checkpoint import flush_subnormals_
-from .errors import OutputExistsError, UserError
+from .errors import UserError
+from .outputs import check_output
 from .onnx_engine import (
     INPUT_NAME,
     KEY_ARCH,
@@ -99,12 +100,9 @@ def torch_logits(model, batch: np.ndarray) -> np.ndarray:
 @contextmanager
 def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it only if the block finishes."""
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     if path.suffix.lower() != ".onnx":
         raise UserError(f"output {path} should end in .onnx")
-    if not path.parent.is_dir():
-        raise UserError(f"output folder {path.parent} does not exist")
+    check_output(path, overwrite)  # exists, a folder, or its folder missing or not writable: one line
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
@@ -263,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
 
     out: Path = args.out
-    if out.exists() and not args.overwrite:  # before the slow part
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"output {out} should end in .onnx")
+    check_output(out, args.overwrite)  # before the slow part
     if args.opset < 17:
         raise UserError(f"--opset {args.opset}: needs 17 or later")
     if args.calibration and not args.int8:

@@ -35,6 +35,17 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
         raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
 
 
+def check_not_input(output: Path, source: Path, what: str = "the input slide") -> None:
+    """Raise a one-line :class:`UserError` if ``output`` names ``source`` (or a file inside a slide
+    folder): with ``--overwrite`` a slip of the tongue would replace the slide with the result."""
+    out, src = Path(os.path.realpath(output)), Path(os.path.realpath(source))
+    same = out == src or src in out.parents
+    if not same and out.exists() and src.exists():
+        same = os.path.samefile(out, src)  # a hard link or another path to the same file
+    if same:
+        raise UserError(f"{output} is {what}; name the output differently")
+
+
 @contextmanager
 def exclusive_output(path: Path) -> Iterator[None]:
     """Hold ``PATH.lock`` (an advisory ``flock``) while ``path`` is being made: take it before looking

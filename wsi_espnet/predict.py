@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine, make_engine
-from .errors import UserError
+from .errors import OutputExistsError, UserError
 from .runtime import tune_for_inference
 
 MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
@@ -152,6 +152,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--overwrite", action="store_true", help="replace label maps and overlays already in --out")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -171,7 +172,19 @@ def run(args: argparse.Namespace) -> int:
     if size is None and not args.native and engine.config.input_size:
         size = tuple(engine.config.input_size)  # type: ignore[assignment]
     images = [read_image(p) for p in args.images]  # fail on a bad input before writing anything
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: is a file; --out names a folder for the label maps")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot create it ({exc.strerror})") from None
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise UserError(f"--out {args.out}: folder is not writable")
+    written = [args.out / f"{p.stem}.{kind}.png" for p in args.images for kind in ("labels", "overlay")]
+    existing = [w for w in written if w.exists()]
+    if existing and not args.overwrite:
+        raise OutputExistsError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                                "pass --overwrite to replace")
     palette = engine.config.palette
     for path, rgb in zip(args.images, images):
         labels = predict_image(engine, rgb, size)

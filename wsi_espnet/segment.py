@@ -48,7 +48,7 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
-from .outputs import check_output, exclusive_output
+from .outputs import check_not_input, check_output, exclusive_output
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import Band, BlendStitcher, feed_bands
@@ -100,6 +100,7 @@ class SegmentResult:
     outputs: dict[str, str] = field(default_factory=dict)
     resumed_from_row: int = 0
     warnings: list[str] = field(default_factory=list)  # what was also warned (InputWarning)
+    tiles_run: int | None = None  # tiles this call ran through the model (fewer than ``tiles`` when resumed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,12 +117,63 @@ class SegmentResult:
 # Outputs: check before any work, so a mistake costs nothing
 
 
-def _make_folder(folder: Path) -> None:
-    if not folder.exists():
+def _make_folder(folder: Path) -> Path | None:
+    """Create ``folder`` and its missing parents; the highest one created (None if it existed), so
+    that a run that fails before writing anything can take away what it made."""
+    if folder.exists():
+        return None
+    top = folder
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    return top
+
+
+def _remove_empty_folders(top: Path) -> None:
+    """``top`` and the folders under it, those left empty (a resumable work folder is not)."""
+    for dirpath, _, _ in os.walk(top, topdown=False):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def check_options(opts: SegmentOptions) -> None:
+    """Every option that can be checked without the slide or the model, before anything is made:
+    a mistake costs nothing and leaves nothing (``wsi-batch`` runs it once for the whole archive)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if opts.mpp is not None and not (number(opts.mpp) and opts.mpp > 0):
+        raise UserError(f"--mpp must be a positive number of µm per pixel, got {opts.mpp!r}")
+    if opts.tile is not None and not (whole(opts.tile) and opts.tile >= 8 and opts.tile % 8 == 0):
+        raise UserError(f"--tile {opts.tile!r}: ESPNet needs a tile size that is a positive multiple of 8")
+    if opts.overlap is not None and not (whole(opts.overlap) and opts.overlap >= 0):
+        raise UserError(f"--overlap must be a whole number of pixels >= 0, got {opts.overlap!r}")
+    if opts.tile is not None and opts.overlap is not None and 2 * opts.overlap > opts.tile:
+        raise UserError(f"--overlap {opts.overlap}: the blending window ramps over the overlap at both borders "
+                        f"of a tile, so it can be at most half the tile ({opts.tile // 2})")
+    if opts.tissue_threshold is not None and not (number(opts.tissue_threshold) and 0 <= opts.tissue_threshold <= 1):
+        raise UserError(f"--tissue-threshold must be a fraction between 0 and 1, got {opts.tissue_threshold!r}")
+    for name, value in (("--batch", opts.batch), ("--workers", opts.workers), ("--threads", opts.threads)):
+        if value is not None and not (whole(value) and value >= 1):
+            raise UserError(f"{name} must be at least 1, got {value!r}")
+    device = str(opts.device)
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    if opts.backend not in ("torch", "onnxruntime"):
+        raise UserError(f"unknown backend {opts.backend!r}: use torch or onnxruntime")
+    if opts.schedule not in ("auto", "beside", "between"):
+        raise UserError(f"schedule {opts.schedule!r}: use auto, beside or between")
+    area = opts.geojson_min_area
+    if not (number(area) and area >= 0):
+        raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {area!r}")
 
 
 GEOJSON_ENDS = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath's import reads
@@ -136,9 +188,6 @@ def _check_names(out: Path, opts: SegmentOptions) -> None:
         raise UserError(f"--geojson {opts.geojson}: QuPath imports only {', '.join(GEOJSON_ENDS)}; name it so")
     if opts.overlay and Path(opts.overlay).suffix.lower() != ".png":
         raise UserError(f"--overlay {opts.overlay}: the overlay is a PNG, name it .png")
-    area = opts.geojson_min_area
-    if not (isinstance(area, (int, float)) and math.isfinite(area) and area >= 0):
-        raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {area!r}")
 
 
 def _check_distinct(targets: list[tuple[str, Path]]) -> None:
@@ -338,21 +387,30 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
     opts = options or SegmentOptions()
     t_start = time.perf_counter()
     out = Path(out)
+    check_options(opts)
     _check_names(out, opts)
     extra = {"probs": opts.probs, "geojson": opts.geojson, "overlay": opts.overlay}
     targets = [("mask", out), *[(k, Path(v)) for k, v in extra.items() if v]]
     _check_distinct(targets)
-    with contextlib.ExitStack() as held:
-        # Every output locked before anything is looked at: a second run on any of them stops here
-        # (two runs on different masks would otherwise race to rename onto one --probs or --geojson).
-        for _, p in targets:
-            _make_folder(p.parent)
-            held.enter_context(exclusive_output(p))
-        work = out.with_name(out.name + ".work")
-        resuming = work.is_dir() and (work / "progress.json").is_file()
-        for key, p in targets:
-            _prepare_output(p, opts.overwrite, resuming, zarr_store=key == "probs")
-        result = _segment(slide_path, out, work, model, opts, engine)
+    for _, p in targets:
+        check_not_input(p, Path(slide_path))
+    made: list[Path] = []  # output folders this run created: taken away again if it fails empty-handed
+    try:
+        with contextlib.ExitStack() as held:
+            # Every output locked before anything is looked at: a second run on any of them stops here
+            # (two runs on different masks would otherwise race to rename onto one --probs or --geojson).
+            for _, p in targets:
+                made += filter(None, [_make_folder(p.parent)])
+                held.enter_context(exclusive_output(p))
+            work = out.with_name(out.name + ".work")
+            resuming = work.is_dir() and (work / "progress.json").is_file()
+            for key, p in targets:
+                _prepare_output(p, opts.overwrite, resuming, zarr_store=key == "probs")
+            result = _segment(slide_path, out, work, model, opts, engine)
+    except BaseException:
+        for folder in made:
+            _remove_empty_folders(folder)
+        raise
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -369,18 +427,17 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         mpp = cfg.slide.mpp
         notes: list[str] = []  # warnings, also kept in the result (a batch report has no stderr)
         if slide.mpp > COARSE_SCAN * mpp:
+            up_w, up_h = slide.size_at_mpp(mpp)
             notes.append(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
-                         f"the model's {mpp:g} µm/px: it is upsampled, and the model sees no detail the scan lacks "
-                         "(is this a thumbnail or overview image?)")
+                         f"the model's {mpp:g} µm/px: it is upsampled to {up_w}x{up_h} px, the outputs are that large, "
+                         "and the model sees no detail the scan lacks (is this a thumbnail or overview image?)")
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
-        tile = opts.tile or cfg.slide.tile
+        tile = cfg.slide.tile if opts.tile is None else opts.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
         validate_tiling(tile, overlap)
         if tile % 8:
             raise UserError(f"--tile {tile}: ESPNet needs a tile size divisible by 8")
-        if opts.schedule not in ("auto", "beside", "between"):
-            raise UserError(f"schedule {opts.schedule!r}: use auto, beside or between")
         if 2 * overlap > tile:
             raise UserError(f"--overlap {overlap}: the blending window ramps over the overlap at both borders "
                             f"of a tile, so it can be at most half the tile ({tile // 2})")
@@ -618,7 +675,8 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     _atomic_json(work / "progress.json", state)
     return SegmentResult(slide="", mask="", tiles=len(grid.tiles), grid_tiles=grid.n_positions, mpp=grid.mpp,
                          size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0,
-                         resumed_from_row=bands[0].rows[0] if bands else len(grid.ys))
+                         resumed_from_row=bands[0].rows[0] if bands else len(grid.ys),
+                         tiles_run=sum(len(b) for b in batches))
 
 
 def _progress(total: int, name: str, enabled: bool):
@@ -701,12 +759,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tune_for_inference()  # this process exists to run the model (before torch is imported)
-    if args.mpp is not None and not args.mpp > 0:
-        raise UserError(f"--mpp must be positive, got {args.mpp}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
                           tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
                           workers=args.workers, threads=args.threads, probs=args.probs, geojson=args.geojson,
