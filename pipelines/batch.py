@@ -652,19 +652,21 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``wsi-batch``: exit 0 when every slide is done or skipped, 1 when some failed, 2 for a mistake
-    in the invocation (one line on stderr), 130 when interrupted (re-run to resume)."""
+    in the invocation (one line on stderr), 130 when interrupted, 143 when terminated (re-run to resume)."""
     parser = argparse.ArgumentParser(prog="wsi-batch", description="Segment an archive of slides on Dask "
                                      "(a local cluster or an existing scheduler).")
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from wsi_espnet.cli import interrupted, terminate_as_interrupt
+
     try:
-        return run(args)
+        with terminate_as_interrupt():
+            return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupted(exc)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,27 @@ def test_killed_process_resumes(tmp_path, demo_svs, small_model):
     assert not (tmp_path / "mask.tif.lock").exists()
 
 
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path, demo_svs, small_model):
+    """A batch system's time limit sends SIGTERM: the run stops as on Ctrl-C (exit 143, one line),
+    its locks go, nothing is at the final paths, and the same command finishes the job."""
+    out = tmp_path / "mask.tif"
+    cmd = [sys.executable, "-m", "wsi_espnet.cli", "segment", str(demo_svs), "--out", str(out), "--model",
+           str(small_model), "--geojson", str(tmp_path / "g.geojson"), "--tile", "256", "--overlap", "32",
+           "--batch", "1", "--quiet", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "mask.tif.work" / "progress.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text()).get("flushed_y")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.strip().splitlines()[-1] == "terminated: re-run the same command to resume"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif.work"]  # no lock, no output
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.geojson", "mask.tif"]
+
+
 def test_a_second_run_on_an_output_being_made_stops_at_once(tmp_path, demo_svs, small_model):
     """Two runs on one output would share its work folder: the second stops with one line naming the
     first's pid, touching nothing; once the first is done, the same command runs."""

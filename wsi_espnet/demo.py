@@ -619,6 +619,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = [args.out] + [p for p in (args.ome, args.truth) if p is not None]
     for p in outputs:  # check all before writing any: no partial set of outputs
         check_output(p, args.overwrite)
+    if len({os.path.abspath(p) for p in outputs}) < len(outputs):
+        raise UserError("the slide, --ome and --truth must be three different files")
     if args.truth is not None and args.truth.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise UserError(f"truth must be .png or .tif, got {args.truth.name}")
     if args.truth_mpp is not None and not (math.isfinite(args.truth_mpp) and args.truth_mpp > 0):
