@@ -36,10 +36,9 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
 
 
 def check_not_input(output: Path, source: Path, what: str = "the input slide") -> None:
-    """Raise a one-line :class:`UserError` if ``output`` names ``source`` (or a file inside a slide
-    folder): with ``--overwrite`` a slip of the tongue would replace the slide with the result."""
-    out, src = Path(os.path.realpath(output)), Path(os.path.realpath(source))
-    same = out == src or src in out.parents
+    """Raise a one-line :class:`UserError` if ``output`` names ``source``: with ``--overwrite`` a slip
+    of the tongue would replace the slide with the result."""
+    same = os.path.realpath(output) == os.path.realpath(source)
     if not same and out.exists() and src.exists():
         same = os.path.samefile(out, src)  # a hard link or another path to the same file
     if same:
