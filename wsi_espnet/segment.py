@@ -145,10 +145,10 @@ def check_options(opts: SegmentOptions) -> None:
     """Every option that can be checked without the slide or the model, before anything is made:
     a mistake costs nothing and leaves nothing (``wsi-batch`` runs it once for the whole archive)."""
     def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
 
     def whole(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
     if opts.mpp is not None and not (number(opts.mpp) and opts.mpp > 0):
         raise UserError(f"--mpp must be a positive number of µm per pixel, got {opts.mpp!r}")
