@@ -381,9 +381,8 @@ def _validate(opts: BatchOptions, jobs: Sequence[SlideJob] = ()) -> None:
             raise UserError(f"{name} must be at least {low}, got {value}")
     from wsi_espnet.segment import check_options
 
-    check_options(_segment_options(opts))
     model_tile = _model_tile(opts.model, opts.backend)
-    for job in [None, *jobs]:
+    for job in [None, *jobs]:  # the batch's own options, then each manifest row's
         if job is not None and not job.options:
             continue
         seg = _segment_options(opts, job.options if job else {})
