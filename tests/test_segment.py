@@ -494,6 +494,10 @@ def test_an_output_naming_the_input_slide_is_refused_even_with_overwrite(tmp_pat
                  ["tile", str(slide), "--out", str(slide), "--overwrite"]):
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"error: {slide} is the input slide; name the output differently"
+    link = tmp_path / "another-name.tif"  # a hard link: another path to the same file
+    os.link(slide, link)
+    assert main(["segment", str(slide), "--out", str(link), "--model", str(small_model), "--overwrite", *FAST]) == 2
+    assert "is the input slide" in capsys.readouterr().err
     assert slide.read_bytes() == demo_ome.read_bytes()
 
 

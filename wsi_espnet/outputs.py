@@ -39,8 +39,8 @@ def check_not_input(output: Path, source: Path, what: str = "the input slide") -
     """Raise a one-line :class:`UserError` if ``output`` names ``source``: with ``--overwrite`` a slip
     of the tongue would replace the slide with the result."""
     same = os.path.realpath(output) == os.path.realpath(source)
-    if not same and out.exists() and src.exists():
-        same = os.path.samefile(out, src)  # a hard link or another path to the same file
+    if not same and os.path.exists(output) and os.path.exists(source):
+        same = os.path.samefile(output, source)  # a hard link or another path to the same file
     if same:
         raise UserError(f"{output} is {what}; name the output differently")
 
