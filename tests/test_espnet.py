@@ -95,3 +95,20 @@ def test_released_p2q8_reproduces_the_authors_argmax():
                                         size=(512, 1024), mode="bilinear", align_corners=False)[0]
         .permute(1, 2, 0).numpy()))
     assert (direct == ref).mean() >= 0.999
+
+
+def test_fewer_than_five_classes_is_refused_up_front_for_espnet_not_espnet_c():
+    """The decoder's ESP module spreads the classes over 5 dilated branches: with 2 (tumour / other)
+    each would get 0 maps and training would die after its whole encoder stage."""
+    from wsi_espnet.config import config_from_dict
+    from wsi_espnet.errors import UserError
+
+    raw = {"name": "two", "classes": ["tumour", "other"]}
+    with pytest.raises(UserError, match="needs at least 5 classes.*model.variant=espnet_c"):
+        config_from_dict(raw)
+    cfg = config_from_dict({**raw, "model": {"variant": "espnet_c"}})
+    assert ESPNetC(cfg.num_classes)(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 8, 8)  # any number of classes
+    with pytest.raises(ValueError, match="at least 5 classes"):
+        ESPNet(3)
+    with pytest.raises(UserError, match="train.encoder_epochs must be 0 or more"):
+        config_from_dict({**raw, "model": {"variant": "espnet_c"}, "train": {"encoder_epochs": -1}})

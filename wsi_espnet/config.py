@@ -179,7 +179,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> DatasetConfi
     if not classes:
         raise UserError(f"{where}: 'classes' is empty")
     input_size = raw.get("input_size")
-    return DatasetConfig(
+    cfg = DatasetConfig(
         name=str(raw["name"]),
         classes=tuple(classes),
         normalization=_build(Normalization, raw.get("normalization"), f"{where}: normalization"),
@@ -190,6 +190,14 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> DatasetConfi
         data=_build(DataSettings, raw.get("data"), f"{where}: data"),
         train=_build(TrainSettings, raw.get("train"), f"{where}: train"),
     )
+    if cfg.model.variant == "espnet" and len(classes) < 5:
+        raise UserError(f"{where}: ESPNet's decoder needs at least 5 classes (its last ESP module spreads the "
+                        f"classes over 5 dilated branches), this config has {len(classes)}: use "
+                        "model.variant=espnet_c (the encoder network, any number of classes)")
+    for name in ("encoder_epochs", "decoder_epochs"):
+        if getattr(cfg.train, name) < 0:
+            raise UserError(f"{where}: train.{name} must be 0 or more, got {getattr(cfg.train, name)}")
+    return cfg
 
 
 def load_config(name_or_path: str | Path) -> DatasetConfig:

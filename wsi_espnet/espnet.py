@@ -187,6 +187,8 @@ class ESPNet(nn.Module):
         super().__init__()
         if skip not in self.SKIP_WIDTH:
             raise ValueError(f"skip must be one of {sorted(self.SKIP_WIDTH)}, not {skip!r}")
+        if classes < len(DILATIONS):  # the decoder's ESP module gives each dilated branch classes // 5 maps
+            raise ValueError(f"ESPNet needs at least {len(DILATIONS)} classes, got {classes} (use ESPNetC)")
         self.classes, self.p, self.q, self.skip = classes, p, q, skip
         self.encoder = ESPNetC(classes, p, q)
         self.level3_C = Conv(128 + 3, classes, 1)
