@@ -109,6 +109,35 @@ def test_voc_layout_palette_png_is_read_as_indices(tmp_path):
 # ------------------------------------------------------------------------------------ BCSS
 
 
+def test_the_shipped_bcss_config_reads_a_bcss_download_as_it_is(tmp_path):
+    """configs/bcss.yaml with only data.root given: BCSS's codes grouped, 0 and 'exclude' ignored."""
+    root = tmp_path / "BCSS"
+    name = "TCGA-A2-A0CM-DX1_xmin18562_ymin56852_MPP-0.2500.png"
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, 32:64], mask[:, 64:96], mask[:, 96:] = 20, 9, 7  # dcis -> Tumor, fat -> Other, exclude
+    _png(root / "rgbs_colorNormalized" / name, np.full((128, 128, 3), 200, np.uint8))
+    _png(root / "masks" / name, mask)
+    (root / "train.txt").write_text(name[:-4] + "\n")
+    cfg = with_overrides(load_config("bcss"), [f"data.root={root}", "train.crop=[16,16]", "data.min_labelled=0.1"])
+    assert cfg.class_names == ["Tumor", "Stroma", "Inflammatory", "Necrosis", "Other"]
+    stores = build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
+    labels = np.asarray(zarr.open_group(str(stores[0]), mode="r")["labels"][...])
+    assert set(np.unique(labels)) == {0, 4, 255}  # Tumor, Other, ignored
+
+
+def test_bcss_split_folders_name_a_missing_mask_and_a_missing_split(tmp_path):
+    from wsi_espnet.datasets import find_bcss_tiles
+
+    cfg = load_config("bcss")
+    for name in ("a_MPP-0.2500.png", "b_MPP-0.2500.png"):
+        _png(tmp_path / "train" / "images" / name, np.full((32, 32, 3), 200, np.uint8))
+    _png(tmp_path / "train" / "masks" / "a_MPP-0.2500.png", np.ones((32, 32), np.uint8))
+    with pytest.raises(UserError, match="1 listed tile\\(s\\) lack an image or a mask, e.g. b_MPP"):
+        find_bcss_tiles(tmp_path, "train", cfg)  # b's image has no mask: never silently left out
+    with pytest.raises(UserError, match="no split 'test'"):
+        find_bcss_tiles(tmp_path, "test", cfg)
+
+
 def test_bcss_tiles_with_code_map_become_labelled_patch_stores(tmp_path):
     root = tmp_path / "bcss"
     name = "TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500.png"

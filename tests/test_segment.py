@@ -511,6 +511,38 @@ def test_a_mistake_leaves_no_folder_and_no_work_behind(tmp_path, tiny_svs, small
         assert sorted(p.name for p in tmp_path.iterdir()) == [], extra
 
 
+def test_a_model_without_background_class_gets_one_for_the_glass(tmp_path, demo_svs, empty_svs):
+    """A BCSS-style model (no Background: its code 0 was "outside the annotation") must not label
+    the glass as its first tissue class: the outputs prepend Background and shift its ids by one."""
+    from wsi_espnet.config import config_from_dict
+
+    cfg = config_from_dict({"name": "bcss-like", "classes": [{"name": n, "color": [40 * i, 0, 0]} for i, n in
+                                                             enumerate(["tumor", "stroma", "lymph", "necrosis", "other"])]})
+    torch.manual_seed(0)
+    model = wsi_espnet.save_checkpoint(tmp_path / "nb.pt", wsi_espnet.ESPNet(5, 2, 3), cfg)
+    opts = SegmentOptions(tile=256, overlap=32, progress=False, probs=tmp_path / "p.zarr", geojson=tmp_path / "g.geojson")
+    empty = segment_slide(empty_svs, tmp_path / "e.tif", model, SegmentOptions(tile=256, overlap=32, progress=False,
+                                                                              geojson=tmp_path / "e.geojson"))
+    assert not tifffile.imread(tmp_path / "e.tif").any() and empty.tiles == 0
+    assert json.loads((tmp_path / "e.geojson").read_text())["features"] == []  # no whole-slide "tumor"
+    assert set(empty.class_mm2) == {"Background", "tumor", "stroma", "lymph", "necrosis", "other"}
+    assert empty.class_mm2["tumor"] == 0 and empty.class_mm2["Background"] > 0
+
+    result = segment_slide(demo_svs, tmp_path / "m.tif", model, opts)
+    mask = tifffile.imread(tmp_path / "m.tif")
+    assert read_mask_info(tmp_path / "m.tif").class_names == ["Background", "tumor", "stroma", "lymph", "necrosis", "other"]
+    probs = np.asarray(zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[:]).astype(np.float32)
+    tissue = probs.sum(0) > 0.5  # the probabilities keep the model's own 5 classes
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = tissue & (top2[1] - top2[0] > 2e-3)
+    assert clear.mean() > 0.2 and (mask[clear] == probs.argmax(0)[clear] + 1).all()
+    assert (mask[~tissue] == 0).all()
+    names = {f["properties"]["name"] for f in json.loads((tmp_path / "g.geojson").read_text())["features"]}
+    assert "Background" not in names and names <= {"tumor", "stroma", "lymph", "necrosis", "other"}
+    px = (result.mpp / 1000) ** 2
+    assert result.class_mm2["Background"] == pytest.approx((mask == 0).sum() * px)
+
+
 def test_threads_sets_the_models_cpu_threads(tmp_path, tiny_svs, small_model):
     before = torch.get_num_threads()
     try:

@@ -144,6 +144,8 @@ def find_bcss_tiles(root: str | Path, split: str, cfg: DatasetConfig) -> list[La
     image_dir = next((base / d for d in ("images", "rgbs_colorNormalized", "rgbs") if (base / d).is_dir()), None)
     mask_dir = base / "masks"
     if image_dir is None or not mask_dir.is_dir():
+        if base == root and not (root / split).is_dir() and not (root / f"{split}.txt").is_file():
+            raise UserError(f"{root}: no split '{split}' (neither {root / split}/images|masks nor {root / split}.txt)")
         raise UserError(f"{base}: the bcss layout needs images/ (or rgbs_colorNormalized/) and masks/ folders")
     if base == root:
         listing = root / f"{split}.txt"
@@ -151,8 +153,8 @@ def find_bcss_tiles(root: str | Path, split: str, cfg: DatasetConfig) -> list[La
             raise UserError(f"BCSS has no official split: list the tile names of '{split}' in {listing} (one a line), or use {root}/{split}/images|masks")
         names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         names = [n if n.lower().endswith(".png") else n + ".png" for n in names]
-    else:
-        names = sorted(p.name for p in mask_dir.glob("*.png"))
+    else:  # every tile of the split folder: an image without its mask is an error, not skipped
+        names = sorted({p.name for p in mask_dir.glob("*.png")} | {p.name for p in image_dir.glob("*.png")})
     items, missing = [], []
     for name in names:
         img, mask = image_dir / name, mask_dir / name

@@ -58,10 +58,28 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 5  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 6  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
-#                   an older run's batches, and so its floating-point results, differ)
+#                   an older run's batches, and so its floating-point results, differ); 6: a model
+#                   without a Background class 0 gets one prepended (its ids shift by one)
+BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
+
+
+def output_classes(cfg) -> tuple[list[str], list[tuple[int, int, int]], int]:
+    """The outputs' class names and colours, and the shift from the model's class ids to theirs.
+
+    Why: outside the tissue tiles the label map holds 0 (never computed, so never written), which
+    must mean "no tissue".  The shipped and breast-biopsy models name their class 0 Background; a
+    model trained without one (BCSS's code 0 is "outside the annotation", ignored in training)
+    would have all glass labelled as its first tissue class.  Such a model's classes are shifted
+    by one and a Background class 0 is prepended: the mask's metadata names every id."""
+    names, colors = list(cfg.class_names), [tuple(c.color) for c in cfg.classes]
+    if names and names[0].casefold() == BACKGROUND[0].casefold():
+        return names, colors, 0
+    if len(names) > 254:
+        raise UserError(f"the model has {len(names)} classes and none is Background: at most 254 fit a mask")
+    return [BACKGROUND[0], *names], [BACKGROUND[1], *colors], 1
 
 
 @dataclass
@@ -458,9 +476,10 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         slide_name = str(slide.path)
 
     labels = LabelFile.open(work / LABELS, result.size[::-1])
-    counts = state["counts"][: cfg.num_classes]  # counted by LabelBand as rows were finished
+    names, colors, _ = output_classes(cfg)
+    counts = state["counts"][: len(names)]  # counted by LabelBand as rows were finished
     px_mm2 = (mpp / 1000.0) ** 2
-    class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(cfg.class_names)}
+    class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(names)}
     with labels:
         outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, provenance)
     shutil.rmtree(work, ignore_errors=True)
@@ -595,7 +614,9 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
         probs_out = ChunkAssembler(probs_arr, [(t.y, t.y + t.height, t.x, t.x + t.width) for t in grid.tiles],
                                    start_y=flushed_y)
     labeler = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="labeler")
-    stitcher = BlendStitcher(grid, engine.config.num_classes, band.write, probs_out.write if probs_out else None,
+    shift = output_classes(engine.config)[2]
+    on_labels = band.write if not shift else lambda y, x, block: band.write(y, x, block + np.uint8(shift))
+    stitcher = BlendStitcher(grid, engine.config.num_classes, on_labels, probs_out.write if probs_out else None,
                              labeler=labeler)
     bar = _progress(sum(len(b.tiles) for b in bands), slide.path.name, opts.progress)
 
@@ -690,21 +711,22 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
                    thumbnail, bounds, class_mm2: dict, provenance: dict[str, str]) -> dict[str, str]:
     """Optional outputs first, the mask last: the mask's presence means the run is complete."""
     written: dict[str, str] = {}
+    names, colors, _ = output_classes(cfg)
     footprint = grid.footprint(2048)  # outside the tissue tiles the label map is background: not read back
     scale = grid.mpp / grid.level0_mpp
     offset = (bounds[0], bounds[1]) if bounds else (0, 0)
     if opts.geojson:
         from .geojson import write_geojson
 
-        write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=cfg.class_names,
-                      colors=[c.color for c in cfg.classes], mpp=mpp, min_area=opts.geojson_min_area,
+        write_geojson(opts.geojson, labels, scale=scale, offset=offset, class_names=names,
+                      colors=colors, mpp=mpp, min_area=opts.geojson_min_area,
                       overwrite=True, occupied=footprint, extent=grid.level0_size)
         written["geojson"] = str(opts.geojson)
     if opts.overlay:
         from .overlay import downsample_labels, write_overlay
 
         small = downsample_labels(labels, max(thumbnail.shape[:2]), occupied=footprint)
-        write_overlay(opts.overlay, thumbnail, small, [c.color for c in cfg.classes], cfg.class_names,
+        write_overlay(opts.overlay, thumbnail, small, colors, names,
                       areas_mm2=class_mm2, overwrite=True)
         written["overlay"] = str(opts.overlay)
     if opts.probs:
@@ -721,7 +743,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         written["probs"] = str(dst)
     from .mask_tiff import write_mask_tiff
 
-    write_mask_tiff(out, labels, mpp, cfg.class_names, [c.color for c in cfg.classes], overwrite=True,
+    write_mask_tiff(out, labels, mpp, names, colors, overwrite=True,
                     scale=scale, offset=offset, occupied=footprint, provenance=provenance)
     written["mask"] = str(out)
     return written
