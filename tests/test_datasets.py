@@ -78,6 +78,28 @@ def test_cityscapes_layout_train_ids_and_label_ids(tmp_path):
 # ------------------------------------------------------------------------------------ PASCAL VOC
 
 
+def test_camvid_segnet_layout_trains_from_the_shipped_config(tmp_path):
+    """configs/camvid.yaml (the released CamVid model's) reads ROOT/{split} + ROOT/{split}annot."""
+    cfg = with_overrides(load_config("camvid"), [f"data.root={tmp_path}"])
+    lab = np.zeros((36, 48), np.uint8)
+    lab[:, 24:] = 3  # road
+    lab[0] = 11  # void: the config's ignore id
+    for name in ("0001TP_006690.png", "0001TP_006720.png"):
+        _png(tmp_path / "train" / name, np.full((36, 48, 3), 90, np.uint8))
+        _png(tmp_path / "trainannot" / name, lab)
+    ds = image_folder_dataset(cfg, "train")
+    assert len(ds) == 2
+    _, got = ds.raw(0)
+    assert set(np.unique(got).tolist()) <= {0, 3, 11} and (got == 11).any() and (got == 3).any()
+    bad = lab.copy()
+    bad[1, 1] = 40
+    _png(tmp_path / "trainannot" / "0001TP_006720.png", bad)
+    with pytest.raises(UserError, match="label value\\(s\\) \\[40\\] are not class ids"):
+        image_folder_dataset(cfg, "train").raw(1)
+    with pytest.raises(UserError, match="the CamVid layout is"):
+        image_folder_dataset(cfg, "val")
+
+
 def test_voc_layout_palette_png_is_read_as_indices(tmp_path):
     cfg = with_overrides(load_config("voc"), [f"data.root={tmp_path}"])
     ids = ["2007_000032", "2007_000039"]
@@ -136,6 +158,8 @@ def test_bcss_split_folders_name_a_missing_mask_and_a_missing_split(tmp_path):
         find_bcss_tiles(tmp_path, "train", cfg)  # b's image has no mask: never silently left out
     with pytest.raises(UserError, match="no split 'test'"):
         find_bcss_tiles(tmp_path, "test", cfg)
+    with pytest.raises(UserError, match="code 'x' is not a whole number"):
+        find_bcss_tiles(tmp_path, "train", with_overrides(cfg, ["data.class_map={x: Tumor}"]))
 
 
 def test_bcss_tiles_with_code_map_become_labelled_patch_stores(tmp_path):

@@ -157,6 +157,13 @@ def test_resume_continues_where_the_run_stopped(demo_root, store_cache, tmp_path
         train(cfg, tmp_path / "a", device="cpu", cache=store_cache, log=stop_after_first_epoch)
     with pytest.raises(UserError, match="--resume"):
         train(cfg, tmp_path / "a", device="cpu", cache=store_cache, log=lambda s: None)
+    # Resumed with another network or other label meanings: one line, the run untouched.
+    before = (tmp_path / "a" / "last.pt").read_bytes()
+    for override, change in (("model.q=5", "model ModelSettings"), ("slide.mpp=0.5", "slide.mpp 1.0 -> 0.5")):
+        with pytest.raises(UserError, match=f"--resume: the config is not the one .*{re.escape(change)}"):
+            train(with_overrides(cfg, [override]), tmp_path / "a", device="cpu", cache=store_cache, resume=True,
+                  log=lambda s: None)
+    assert (tmp_path / "a" / "last.pt").read_bytes() == before
     lines: list[str] = []
     train(cfg, tmp_path / "a", device="cpu", cache=store_cache, resume=True, log=lines.append)
     epochs = [" ".join(ln.split()[:2]) for ln in lines if re.match(r"(encoder|decoder) \d+/\d+ ", ln)]
@@ -176,6 +183,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = cli.main(["train", "demo_tissue", f"data.root={tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no folder" in err
+    assert not (tmp_path / "o").exists()  # a mistake found before training leaves no empty run folder
     rc = cli.main(["train", "demo_tissue", "train.nope=1"])
     assert rc == 2 and "nope" in capsys.readouterr().err
 

@@ -8,7 +8,7 @@ the same store ``wsi-espnet tile`` writes, plus a ``labels`` array (N, tile, til
 area are cut (the annotation coverage plays the tissue mask), so a 100k-pixel slide with three small
 annotations costs three small reads, and training never touches the slide file again.
 
-Street scenes (``cityscapes``, ``voc``) are read image by image from their public layouts:
+Street scenes (``cityscapes``, ``voc``, ``camvid``) are read image by image from their public layouts:
 
 =============  =================================================================================
 cityscapes     ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and
@@ -18,6 +18,8 @@ cityscapes     ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and
 voc            ``ImageSets/Segmentation/{split}.txt``, ``JPEGImages/{id}.jpg``,
                ``SegmentationClass/{id}.png`` (palette PNG: pixel value = class index, 255 =
                the ignored object border).
+camvid         ``{split}/NAME.png`` and ``{split}annot/NAME.png`` (SegNet's CamVid, which the
+               ESPNet authors used: class ids 0-10, 11 = void, the config's ignore id).
 slides         ``{root}/{split}/NAME.svs`` (any slide format) with ``NAME.geojson`` (QuPath
                export; also ``NAME.svs.geojson`` / ``.json``) or a label image aligned to the
                slide, ``NAME.labels.png`` / ``.labels.tif`` / ``NAME-labels.png``.
@@ -128,9 +130,13 @@ def bcss_code_table(cfg: DatasetConfig) -> tuple[tuple[int, int], ...]:
         if cid is None:
             unknown.append(str(name))
             continue
-        if not 0 < int(code) < 256:
+        try:
+            number = int(code)
+        except (TypeError, ValueError):
+            raise UserError(f"data.class_map: code {code!r} is not a whole number (a mask's pixel value)") from None
+        if not 0 < number < 256:
             raise UserError(f"data.class_map: code {code} must be 1-255 (0 is BCSS's 'outside the region')")
-        pairs.append((int(code), cid))
+        pairs.append((number, cid))
     if unknown:
         raise UserError(f"data.class_map names unknown class(es) {', '.join(map(repr, unknown))}; the config's classes are {', '.join(map(repr, cfg.class_names))}")
     return tuple(sorted(pairs))
@@ -634,6 +640,36 @@ def decode_voc(path: Path, palette: np.ndarray, ignore_index: int) -> np.ndarray
     return _remap_ignore(lab, 255, ignore_index)
 
 
+def camvid_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of a CamVid split in the SegNet layout the ESPNet authors trained from:
+    ``ROOT/{split}/NAME.png`` with ``ROOT/{split}annot/NAME.png`` (class ids 0-10, 11 void)."""
+    root = Path(root)
+    img_dir, lab_dir = root / split, root / f"{split}annot"
+    if not img_dir.is_dir() or not lab_dir.is_dir():
+        raise UserError(f"no folders {img_dir} and {lab_dir}: the CamVid layout is ROOT/{split}/*.png with "
+                        f"ROOT/{split}annot/*.png")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() == ".png")
+    missing = [p.name for p in images if not (lab_dir / p.name).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} CamVid image(s) without a label in {lab_dir}, e.g. {missing[0]}")
+    if not images:
+        raise UserError(f"empty dataset: no .png under {img_dir}")
+    return [(p, lab_dir / p.name) for p in images]
+
+
+def decode_index_png(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+    """A single-channel PNG of class ids; the config's ignore id (CamVid's void, 11) stays ignored."""
+    lab = _read_index_png(path)
+    if lab.ndim != 2:
+        raise UserError(f"{path}: a label file must be single-channel class ids")
+    lab = lab.astype(np.uint8)
+    bad = (lab != ignore_index) & (lab >= num_classes)
+    if bad.any():
+        raise UserError(f"{path}: label value(s) {sorted(np.unique(lab[bad]).tolist())[:5]} are not class ids "
+                        f"(0-{num_classes - 1})")
+    return lab
+
+
 def image_folder_dataset(cfg: DatasetConfig, split: str, augment: Callable | None = None, root: str | Path | None = None, seed: int = 0) -> ImageFolderDataset:
     root = Path(root or cfg.data.root)
     base = tuple(cfg.input_size) if (cfg.input_size and cfg.data.layout in ("cityscapes", "camvid")) else None
@@ -642,7 +678,10 @@ def image_folder_dataset(cfg: DatasetConfig, split: str, augment: Callable | Non
     if cfg.data.layout == "voc":
         palette = cfg.palette
         return ImageFolderDataset(voc_pairs(root, split), lambda p: decode_voc(p, palette, cfg.ignore_index), cfg, augment, None, seed)
-    raise UserError(f"unknown data.layout {cfg.data.layout!r}: use slides, bcss, cityscapes or voc")
+    if cfg.data.layout == "camvid":
+        n = cfg.num_classes
+        return ImageFolderDataset(camvid_pairs(root, split), lambda p: decode_index_png(p, n, cfg.ignore_index), cfg, augment, base, seed)  # type: ignore[arg-type]
+    raise UserError(f"unknown data.layout {cfg.data.layout!r}: use slides, bcss, cityscapes, voc or camvid")
 
 
 def training_dataset(cfg: DatasetConfig, cache: str | Path, split: str = "train", root: str | Path | None = None, workers: int | None = None) -> Dataset:

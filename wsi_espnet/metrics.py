@@ -159,7 +159,8 @@ def format_table(cm: np.ndarray, class_names: Sequence[str] | None = None, ignor
         value = "-" if math.isnan(iou[i]) else f"{iou[i]:.4f}"
         lines.append(f"{i:>3}  {name:<{width}}{value:>8}{int(cm[i].sum()):>14,}{int(cm[:, i].sum()):>14,}")
     miou, acc = mean_iou(cm, ignore_index), pixel_accuracy(cm)
-    lines.append(f"mIoU over {int((~np.isnan(iou)).sum())} classes present: " + ("-" if math.isnan(miou) else f"{miou:.4f}"))
+    lines.append(f"mIoU over the {int((~np.isnan(iou)).sum())} classes present in the truth or the prediction: "
+                 + ("-" if math.isnan(miou) else f"{miou:.4f}"))
     lines.append("pixel accuracy: " + ("-" if math.isnan(acc) else f"{acc:.4f}") + f" ({int(cm.sum()):,} pixels scored)")
     return "\n".join(lines)
 

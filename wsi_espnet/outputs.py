@@ -35,6 +35,16 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
         raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
 
 
+def remove_empty_folders(top: Path) -> None:
+    """``top`` and the folders under it, those left empty: what a run that failed before writing
+    anything had created (a resumable work folder is not empty and stays)."""
+    for dirpath, _, _ in os.walk(top, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
 def check_not_input(output: Path, source: Path, what: str = "the input slide") -> None:
     """Raise a one-line :class:`UserError` if ``output`` names ``source``: with ``--overwrite`` a slip
     of the tongue would replace the slide with the result."""

@@ -48,7 +48,7 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
-from .outputs import check_not_input, check_output, exclusive_output
+from .outputs import check_not_input, check_output, exclusive_output, remove_empty_folders
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import Band, BlendStitcher, feed_bands
@@ -148,15 +148,6 @@ def _make_folder(folder: Path) -> Path | None:
     except OSError as exc:
         raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
     return top
-
-
-def _remove_empty_folders(top: Path) -> None:
-    """``top`` and the folders under it, those left empty (a resumable work folder is not)."""
-    for dirpath, _, _ in os.walk(top, topdown=False):
-        try:
-            os.rmdir(dirpath)
-        except OSError:
-            pass
 
 
 def check_options(opts: SegmentOptions) -> None:
@@ -427,7 +418,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             result = _segment(slide_path, out, work, model, opts, engine)
     except BaseException:
         for folder in made:
-            _remove_empty_folders(folder)
+            remove_empty_folders(folder)
         raise
     result.seconds = time.perf_counter() - t_start
     return result

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from .checkpoint import FORMAT, _torch_load, save_checkpoint
 from .config import DatasetConfig, config_from_dict, load_config, with_overrides
 from .errors import UserError
+from .outputs import remove_empty_folders
 from .espnet import ESPNet, ESPNetC, Upsampled, build_model
 from .losses import enet_class_weights, weighted_cross_entropy
 from .metrics import ConfusionMatrix, write_json
@@ -225,16 +226,43 @@ def train(
 
     ``cache``: where the patch stores cut from slides go (default ``out/patches``); stores are
     reused whenever slide, labels and cutting recipe are unchanged, so runs can share one."""
-    from .datasets import training_dataset, write_class_counts
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     last_path = out / "last.pt"
     if last_path.exists() and not resume:
         raise UserError(f"{out} holds a previous run (last.pt): pass --resume to continue it, or choose another --out")
     if cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise UserError("train.batch_size must be >= 1 and train.lr > 0")
     device = _resolve_device(device)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, out, last_path, resume=resume, device=device, init=init, command=command,
+                      workers=workers, cache=cache, log=log)
+    except BaseException:
+        if created:  # a mistake found before anything was written leaves no empty run folder
+            remove_empty_folders(out)
+        raise
+
+
+#: What a resumed run must share with the run it continues (epochs, learning rate, batch size, the
+#: data's root may change): the network, its input, and what the labels mean.
+_RESUME_KEYS = ("model", "normalization", "ignore_index", "slide.mpp", "data.layout", "data.class_map")
+
+
+def _config_changes(saved: DatasetConfig, cfg: DatasetConfig) -> list[str]:
+    def get(c: DatasetConfig, key: str) -> Any:
+        value: Any = c
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    return [f"{key} {get(saved, key)!r} -> {get(cfg, key)!r}" for key in _RESUME_KEYS if get(saved, key) != get(cfg, key)]
+
+
+def _train(cfg: DatasetConfig, out: Path, last_path: Path, *, resume: bool, device: str, init, command,
+           workers, cache, log: Callable[[str], None]) -> TrainResult:
+    from .datasets import training_dataset, write_class_counts
+
     command = command or "wsi-espnet train (library call)"
 
     state: dict[str, Any] | None = None
@@ -243,6 +271,10 @@ def train(
         saved = config_from_dict(state["config"], where=f"{last_path} (config)")
         if saved.class_names != cfg.class_names:
             raise UserError(f"--resume: {last_path} was trained for classes {saved.class_names}, the config has {cfg.class_names}")
+        changes = _config_changes(saved, cfg)
+        if changes:
+            raise UserError(f"--resume: the config is not the one {last_path} was trained with ({'; '.join(changes)}); "
+                            "resume with the run's settings, or start a new run in another --out")
         log(f"resuming from {last_path}: stage {state['stage']}, epoch {state['epoch'] + 1} of {state['stage_epochs']} done")
     elif resume:
         log(f"note: --resume but no {last_path}: starting a new run")
