@@ -184,6 +184,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no folder" in err
     assert not (tmp_path / "o").exists()  # a mistake found before training leaves no empty run folder
+    from wsi_espnet.checkpoint import DEFAULT_MODEL
+
+    rc = cli.main(["evaluate", "demo_tissue", "--model", str(DEFAULT_MODEL), "--json",
+                   str(tmp_path / "no" / "m.json")])  # checked before the evaluation, never created
+    assert rc == 2 and "folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
     rc = cli.main(["train", "demo_tissue", "train.nope=1"])
     assert rc == 2 and "nope" in capsys.readouterr().err
 

@@ -23,6 +23,7 @@ from torch import nn
 from .config import DatasetConfig, Normalization, load_config, with_overrides
 from .errors import UserError
 from .metrics import ConfusionMatrix, write_json
+from .outputs import check_output
 
 
 def _affine(norm: Normalization, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     from .engine import _resolve_device
 
     cfg = with_overrides(load_config(args.config), list(args.overrides))
+    if args.json is not None:  # before the evaluation, not after it: a folder that is not there, say
+        check_output(args.json, overwrite=True)
     device = _resolve_device(args.device)
     model = load_model(args.model, device=device)
     if args.cache is not None:
