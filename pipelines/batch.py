@@ -501,6 +501,7 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             "options": {k: v for k, v in asdict(opts).items() if k not in ("report", "patterns")}}
     report = BatchReport(csv_path, [str(j.slide) for j in archive.jobs], meta=meta)
     previous = report.previous_rows()
+    report.keep_earlier(previous)
 
     todo: list[SlideJob] = []
     for job in archive.jobs:

@@ -2,7 +2,9 @@
 
 Both files are rewritten atomically after every slide, so a driver that dies mid-archive leaves an
 exact account of what was finished; slides not finished yet read ``pending``.  A re-run reads the
-previous JSON report, so slides it skips keep the numbers (tiles, areas) of the run that made them.
+previous JSON report, so slides it skips keep the numbers (tiles, areas) of the run that made them,
+and slides it was not given (one failed slide re-run on its own) stay listed, after its own, as the
+earlier run left them (``from_earlier_run`` in the JSON).
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ class BatchReport:
         self.meta = dict(meta or {})
         self.rows: dict[str, dict[str, Any]] = {s: {"slide": s, "status": "pending"} for s in slides}
         self.classes: list[str] = []
+        #: Rows an earlier report at this place had for slides outside this run, carried over as
+        #: they were (marked ``from_earlier_run``): re-running one slide must not lose the others.
+        self.earlier: dict[str, dict[str, Any]] = {}
+
+    def keep_earlier(self, previous: dict[str, dict[str, Any]]) -> None:
+        for slide, row in previous.items():
+            if slide not in self.rows:
+                self.earlier[slide] = {**row, "from_earlier_run": True}
+                self._note_classes(row)
 
     def previous_rows(self) -> dict[str, dict[str, Any]]:
         """Rows of the report an earlier run left at the same place (empty if none or unreadable)."""
@@ -85,11 +96,14 @@ class BatchReport:
 
     def set(self, row: dict[str, Any], write: bool = True) -> None:
         self.rows[row["slide"]] = row
+        self._note_classes(row)
+        if write:
+            self.write()
+
+    def _note_classes(self, row: dict[str, Any]) -> None:
         for name in row.get("class_mm2") or {}:
             if name not in self.classes:
                 self.classes.append(name)
-        if write:
-            self.write()
 
     def counts(self) -> Counter:
         return Counter(row["status"] for row in self.rows.values())
@@ -98,16 +112,16 @@ class BatchReport:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.csv_path, self._csv())
-        counts = self.counts()
+        counts = self.counts()  # this run's slides; the earlier ones are listed after them
         data = {**self.meta, "summary": {s: counts.get(s, 0) for s in STATUSES} | {"total": len(self.rows)},
-                "slides": list(self.rows.values())}
+                "earlier_slides": len(self.earlier), "slides": [*self.rows.values(), *self.earlier.values()]}
         _atomic_write(self.json_path, json.dumps(data, indent=1, default=str) + "\n")
 
     def _csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow([*COLUMNS, *(AREA_PREFIX + c for c in self.classes)])
-        for row in self.rows.values():
+        for row in [*self.rows.values(), *self.earlier.values()]:
             outputs = row.get("outputs") or {}
             areas = row.get("class_mm2") or {}
             cells = []

@@ -371,6 +371,15 @@ def test_rerun_skips_done_redoes_invalid_resumes_partial_and_runs_duplicates_onc
     assert len((out / "report.csv").read_text().splitlines()) == 4  # header + 3: the duplicates ran once
     assert _leftovers(out) == []
 
+    # One slide re-run on its own: the report still lists the others, as the earlier run left them.
+    alone = run_batch([root / "s1" / "a.svs"], out, _options(model_file, scheduler, batch=4))
+    assert (alone.total, alone.exit_code) == (1, 0)
+    data = json.loads((out / "report.json").read_text())
+    assert data["summary"]["total"] == 1 and data["earlier_slides"] == 2
+    kept = {Path(r["slide"]).name: r for r in data["slides"] if r.get("from_earlier_run")}
+    assert set(kept) == {"b.svs", "c.svs"} and kept["c.svs"]["tiles"] == rows["c.svs"]["tiles"]
+    assert len((out / "report.csv").read_text().splitlines()) == 4
+
 
 def _rows_of(summary) -> dict[str, dict]:
     return {Path(r["slide"]).name: r for r in summary.rows}
