@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu: where pip's own index would give the CUDA
+  # build (Linux x86-64 from PyPI), take the CPU one from PyTorch's index instead.
+  .venv/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install -q -e ".[onnx,test]"

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=prog or f"wsi-espnet {name}", description=COMMANDS[name][1])
+    about = COMMANDS[name][1] if prog is None else COMMANDS[name][1].split(" (same as")[0]
+    sub = argparse.ArgumentParser(prog=prog or f"wsi-espnet {name}", description=about)
     module.add_arguments(sub)
     # intermixed: `train CONFIG --out X train.lr=1e-3` puts options between positionals
     args = sub.parse_intermixed_args(argv[1:])

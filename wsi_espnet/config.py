@@ -15,7 +15,10 @@ import yaml
 
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# In a wheel the YAML files are inside the package (pyproject's package-dir); in a checkout (and an
+# editable install of it) they are in configs/ at its top.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass(frozen=True)
