@@ -26,7 +26,7 @@ from wsi_espnet.datasets import (
     image_folder_dataset,
     voc_pairs,
 )
-from wsi_espnet.errors import UserError
+from wsi_espnet.errors import InputWarning, UserError
 
 
 def _png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
@@ -137,12 +137,15 @@ def test_the_shipped_bcss_config_reads_a_bcss_download_as_it_is(tmp_path):
     name = "TCGA-A2-A0CM-DX1_xmin18562_ymin56852_MPP-0.2500.png"
     mask = np.zeros((128, 128), np.uint8)
     mask[:, 32:64], mask[:, 64:96], mask[:, 96:] = 20, 9, 7  # dcis -> Tumor, fat -> Other, exclude
+    mask[:4, 96:] = 30  # a code BCSS does not have: ignored, and said so
     _png(root / "rgbs_colorNormalized" / name, np.full((128, 128, 3), 200, np.uint8))
     _png(root / "masks" / name, mask)
     (root / "train.txt").write_text(name[:-4] + "\n")
     cfg = with_overrides(load_config("bcss"), [f"data.root={root}", "train.crop=[16,16]", "data.min_labelled=0.1"])
     assert cfg.class_names == ["Tumor", "Stroma", "Inflammatory", "Necrosis", "Other"]
-    stores = build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
+    with pytest.warns(InputWarning, match=r"mask code\(s\) 30 are not in data.class_map") as caught:
+        stores = build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
+    assert not any(" 7" in str(w.message) for w in caught)  # 'exclude' is listed as ignore: no word
     labels = np.asarray(zarr.open_group(str(stores[0]), mode="r")["labels"][...])
     assert set(np.unique(labels)) == {0, 4, 255}  # Tumor, Other, ignored
 
@@ -177,7 +180,8 @@ def test_bcss_tiles_with_code_map_become_labelled_patch_stores(tmp_path):
         "data.layout=bcss", f"data.root={root}", "data.class_map={1: Malignant epithelium, 2: Normal stroma}",
         "train.crop=[16,16]", "data.min_labelled=0.1",
     ])
-    stores = build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
+    with pytest.warns(InputWarning, match=r"mask code\(s\) 7 are not in data.class_map"):  # 'exclude'
+        stores = build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
     g = zarr.open_group(str(stores[0]), mode="r")
     # 0.25 µm/px tiles read at the config's 1 µm/px: 128 px -> 32 px, cut into 16 px patches, half overlap.
     assert g.attrs["grid"]["image_size"] == [32, 32]

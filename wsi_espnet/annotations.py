@@ -40,13 +40,13 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, shape
 
-from .errors import UserError
+from .errors import InputWarning, UserError
 
 #: QuPath's built-in class for regions to leave out of training.
 IGNORE_NAMES = ("ignore*", "ignore")
@@ -397,6 +397,7 @@ class LabelImage:
         ignore_index: int = 255,
         num_classes: int | None = None,
         lut: np.ndarray | None = None,
+        listed: Collection[int] | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -416,6 +417,8 @@ class LabelImage:
         self.lut = None if lut is None else np.asarray(lut, np.uint8)
         if self.lut is not None and self.lut.shape != (256,):
             raise ValueError("lut must map all 256 codes")
+        if listed is not None and isinstance(self._array, np.ndarray):
+            _warn_unlisted_codes(self._array, listed)
 
     def labels_at_downsample(
         self, x: int, y: int, width: int, height: int, downsample: float, background: int | None = None
@@ -446,6 +449,18 @@ class LabelImage:
 
     def coverage(self, x: int, y: int, width: int, height: int, downsample: float) -> np.ndarray:
         return self.labels_at_downsample(x, y, width, height, downsample) != self.background
+
+
+def _warn_unlisted_codes(array: np.ndarray, listed: Collection[int]) -> None:
+    """Say which codes of a mask the code table does not list (BCSS's 0, "outside the annotation",
+    needs no listing; ``7: ignore`` lists a code as ignored): their pixels are ignored in training,
+    and a recoded or unexpected mask would otherwise lose its labels without a word.  One line per
+    set of codes, not per mask (Python shows an identical warning from here once)."""
+    present = np.flatnonzero(np.bincount(array.ravel().astype(np.int64, copy=False)))
+    unmapped = [int(c) for c in present if c != 0 and c not in listed]
+    if unmapped:
+        warnings.warn(f"mask code(s) {', '.join(map(str, unmapped))} are not in data.class_map: their pixels "
+                      "are ignored (list them there to train on them)", InputWarning, stacklevel=3)
 
 
 def _open_label_array(path: Path):

@@ -26,7 +26,7 @@ slides         ``{root}/{split}/NAME.svs`` (any slide format) with ``NAME.geojso
 bcss           ``{root}/images/NAME.png`` (or ``rgbs_colorNormalized/``) with
                ``{root}/masks/NAME.png`` as the BCSS download has them; code 0 = outside the
                annotated region (ignored); ``data.class_map`` maps the other codes to class names
-               (unlisted codes are ignored); the split is ``{root}/{split}.txt`` (one name a
+               or ``ignore`` (unlisted codes are ignored too, with a warning); the split is ``{root}/{split}.txt`` (one name a
                line) or ``{root}/{split}/images|masks``; µm/px from the ``MPP-0.2500`` in BCSS
                file names, else ``data.mpp``.
 =============  =================================================================================
@@ -216,7 +216,8 @@ def open_labels(item: LabelledSlide, cfg: DatasetConfig, slide) -> AnnotationMap
         lut = np.full(256, cfg.ignore_index, np.uint8)
         for code, cid in item.codes:
             lut[code] = cid
-    return LabelImage(item.labels, size, cfg.ignore_index, cfg.num_classes, lut=lut)
+    return LabelImage(item.labels, size, cfg.ignore_index, cfg.num_classes, lut=lut,
+                      listed=None if item.codes is None else {code for code, _ in item.codes})
 
 
 def coverage_mask(labels: AnnotationMap | LabelImage, level0_size: tuple[int, int], mpp: float | None):
