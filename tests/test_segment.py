@@ -21,9 +21,10 @@ import zarr
 import wsi_espnet
 from wsi_espnet.cli import main
 from wsi_espnet.engine import TorchEngine
-from wsi_espnet.errors import UserError
+from wsi_espnet.errors import InputWarning, UserError
 from wsi_espnet.mask_tiff import read_mask_info
 from wsi_espnet.segment import SegmentOptions, segment_slide
+from wsi_espnet.slide import open_slide
 
 FAST = ["--tile", "256", "--overlap", "32", "--quiet", "--device", "cpu"]
 
@@ -319,11 +320,32 @@ def test_output_lock_is_exclusive_and_survives_only_its_holder(tmp_path):
     assert caught.value is boom and not (tmp_path / "m.tif.lock").exists()
 
 
-def test_slide_without_tissue_gives_an_empty_valid_mask(tmp_path, empty_svs, small_model):
+def test_slide_without_tissue_gives_an_empty_valid_mask_and_says_why(tmp_path, empty_svs, demo_svs, small_model,
+                                                                      capsys):
     out = tmp_path / "m.tif"
     assert main(["segment", str(empty_svs), "--out", str(out), "--model", str(small_model), *FAST]) == 0
     mask = tifffile.imread(out)
     assert mask.shape == (384, 512) and (mask == 0).all()
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warned == [f"warning: {empty_svs.name}: no tile has tissue (fraction >= 0.05); the mask is all "
+                      "Background (--tissue-threshold 0 segments every tile)"]
+    # A grey scan (here the demo slide's tissue, desaturated) has tissue, but no stain colour to find it by.
+    grey = tmp_path / "grey.tif"
+    with open_slide(demo_svs) as slide:
+        rgb = slide.read_at_mpp(0, 0, 1024, 768, 1.0)
+    tifffile.imwrite(grey, np.repeat(rgb.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2), tile=(256, 256),
+                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    assert main(["segment", str(grey), "--out", str(tmp_path / "g.tif"), "--model", str(small_model), *FAST]) == 0
+    assert "the slide has no colour, and tissue is found by its stain's colour" in capsys.readouterr().err
+
+
+def test_mpp_given_for_a_slide_that_records_another_is_said(tmp_path, demo_svs, small_model, capsys):
+    argv = ["segment", str(demo_svs), "--out", str(tmp_path / "m.tif"), "--model", str(small_model), *FAST]
+    assert main([*argv, "--mpp", "0.25"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --mpp 0.25 replaces the 0.5 µm/px that demo.svs records" in err
+    assert main([*argv, "--mpp", "0.52", "--overwrite"]) == 0  # within the scanner's own rounding: nothing to say
+    assert "replaces" not in capsys.readouterr().err
 
 
 def test_slide_smaller_than_one_tile(tmp_path, tiny_svs, small_model):
@@ -338,6 +360,9 @@ def test_slide_without_mpp_needs_the_option(tmp_path, slides_dir, small_model, c
     assert main(["segment", str(tcga), "--out", str(out), "--model", str(small_model), *FAST]) == 2
     assert "--mpp" in _one_line_error(capsys)
     assert not out.exists()
+    boxes = slides_dir / "openslide-python-fixtures" / "boxes.tiff"  # 72 dpi: a software default, and says so
+    assert main(["segment", str(boxes), "--out", str(out), "--model", str(small_model), *FAST]) == 2
+    assert "72 dpi, is a software default" in _one_line_error(capsys)
     assert main(["segment", str(tcga), "--out", str(out), "--model", str(small_model), "--mpp", "0.25", *FAST]) == 0
     assert tifffile.imread(out).shape == (892, 1111)  # 4443x3567 at 0.25 µm/px, read at 1 µm/px
 
@@ -347,8 +372,9 @@ def test_a_scan_much_coarser_than_the_model_warns_in_one_line(tmp_path, tiny_svs
     out = tmp_path / "m.tif"
     assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--mpp", "4", *FAST]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert [line for line in err if line.startswith("warning:")] == [err[0]] and "4x coarser" in err[0]
-    assert "upsampled to 800x600 px, the outputs are that large" in err[0]
+    coarse = [line for line in err if "coarser" in line]  # (and one for --mpp replacing the file's 0.5)
+    assert len(coarse) == 1 and coarse[0].startswith("warning:") and "4x coarser" in coarse[0]
+    assert "upsampled to 800x600 px, the outputs are that large" in coarse[0]
     assert tifffile.imread(out).shape == (600, 800)  # 200x150 px at 4 µm/px, at 1 µm/px
     assert main(["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), "--overwrite", *FAST]) == 0
     assert "warning" not in capsys.readouterr().err  # at the model's own resolution: nothing to say
@@ -521,8 +547,9 @@ def test_a_model_without_background_class_gets_one_for_the_glass(tmp_path, demo_
     torch.manual_seed(0)
     model = wsi_espnet.save_checkpoint(tmp_path / "nb.pt", wsi_espnet.ESPNet(5, 2, 3), cfg)
     opts = SegmentOptions(tile=256, overlap=32, progress=False, probs=tmp_path / "p.zarr", geojson=tmp_path / "g.geojson")
-    empty = segment_slide(empty_svs, tmp_path / "e.tif", model, SegmentOptions(tile=256, overlap=32, progress=False,
-                                                                              geojson=tmp_path / "e.geojson"))
+    with pytest.warns(InputWarning, match="no tile has tissue"):
+        empty = segment_slide(empty_svs, tmp_path / "e.tif", model,
+                              SegmentOptions(tile=256, overlap=32, progress=False, geojson=tmp_path / "e.geojson"))
     assert not tifffile.imread(tmp_path / "e.tif").any() and empty.tiles == 0
     assert json.loads((tmp_path / "e.geojson").read_text())["features"] == []  # no whole-slide "tumor"
     assert set(empty.class_mm2) == {"Background", "tumor", "stroma", "lymph", "necrosis", "other"}

@@ -429,12 +429,17 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
     """The run itself, holding the output's lock: tissue, tiles, outputs, then the work folder goes."""
     with open_slide(slide_path, mpp=opts.mpp) as slide:
         if slide.mpp is None:
-            raise NoMppError(f"{slide.path.name} records no pixel size (µm/px); give it with --mpp, e.g. --mpp 0.25")
+            raise NoMppError(f"{slide.path.name} records no pixel size (µm/px){slide.no_mpp_reason}; give it with "
+                             "--mpp, e.g. --mpp 0.25")
+        notes: list[str] = []  # warnings, also kept in the result (a batch report has no stderr)
+        if opts.mpp is not None and slide.file_mpp and not 2 / 3 < opts.mpp / slide.file_mpp < 3 / 2:
+            notes.append(f"--mpp {opts.mpp:g} replaces the {slide.file_mpp:.4g} µm/px that {slide.path.name} records "
+                         "(--mpp is for files that record none): areas and the model's view follow --mpp")
+            warnings.warn(notes[-1], InputWarning, stacklevel=3)
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         cfg = engine.config
         mpp = cfg.slide.mpp
-        notes: list[str] = []  # warnings, also kept in the result (a batch report has no stderr)
         if slide.mpp > COARSE_SCAN * mpp:
             up_w, up_h = slide.size_at_mpp(mpp)
             notes.append(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
@@ -460,6 +465,9 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         tissue = _tissue(slide, work)
         size = slide.size_at_mpp(mpp)
         grid = tile_grid(size, tile, overlap, mpp, slide.mpp, tissue, threshold, level0_size=slide.dimensions)
+        if not grid.tiles:
+            notes.append(_no_tissue_note(slide, threshold))
+            warnings.warn(notes[-1], InputWarning, stacklevel=3)
         result = _run_grid(slide, engine, grid, work, state, opts)
         result.tissue_mm2 = tissue.tissue_fraction * slide.dimensions[0] * slide.dimensions[1] * (slide.mpp / 1000) ** 2
         thumbnail = slide.get_thumbnail(1024) if opts.overlay else None
@@ -478,6 +486,17 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
     result.outputs = outputs
     result.warnings = notes
     return result
+
+
+def _no_tissue_note(slide: Slide, threshold: float) -> str:
+    """Why a mask is all Background: a blank slide, or one without colour (a grey scan, a
+    fluorescence channel), where tissue detection, which looks for the stain's colour, finds none."""
+    thumb = slide.get_thumbnail(256).astype(np.int16)
+    grey = int(np.abs(thumb - thumb.mean(axis=2, keepdims=True)).max()) <= 4
+    content = np.percentile(thumb.mean(axis=2), 5) < 200  # something darker than glass is there
+    why = ": the slide has no colour, and tissue is found by its stain's colour" if grey and content else ""
+    return (f"{slide.path.name}: no tile has tissue (fraction >= {threshold:g}){why}; the mask is all Background "
+            "(--tissue-threshold 0 segments every tile)")
 
 
 def _provenance(slide: Slide, engine: Engine, settings: dict) -> dict[str, str]:

@@ -63,7 +63,7 @@ DEFAULT_DPI = (72.0, 96.0)
 
 _UNIT_TO_UM = {
     "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4,
-    "m": 1e6, "Å": 1e-4, "pm": 1e-6,
+    "m": 1e6, "Å": 1e-4, "pm": 1e-6, "in": 25400.0,
 }
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a")
 
@@ -113,6 +113,12 @@ class Slide(ABC):
     @property
     def level_count(self) -> int:
         return len(self.level_dimensions)
+
+    @property
+    def no_mpp_reason(self) -> str:
+        """Why the file's pixel size is not used (" (its TIFF resolution, 72 dpi, is a software
+        default, ...)"), or "" when there is nothing more to say than that it records none."""
+        return self._mpp_note
 
     def _finish_init(self, file_mpp: float | None) -> None:
         self.file_mpp = file_mpp
