@@ -9,6 +9,7 @@ import imagecodecs
 import numpy as np
 import openslide
 import pytest
+import tifffile
 
 from wsi_espnet.errors import NoMppError, SlideError, UserError
 from wsi_espnet.slide import OpenSlideSlide, TiffSlide, open_slide
@@ -374,3 +375,15 @@ def test_direct_reads_fall_back_when_their_check_at_open_fails(slides_dir, monke
         assert s._handle is None
         ref = slide_mod._composite_on_white(np.asarray(s._osr.read_region((100, 200), 0, (64, 48))))
         np.testing.assert_array_equal(s.read_region((100, 200), 0, (64, 48)), ref)
+
+
+def test_a_tiff_openslide_opens_but_cannot_decode_goes_to_tifffile(tmp_path):
+    """32-bit float samples: OpenSlide opens the file as generic-tiff and fails on the first pixel
+    ("can not handle images with 32-bit samples"); tifffile reads it."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((512, 512, 3)) * 0.2 + 0.7).astype(np.float32)
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.backend == "tifffile" and slide.mpp == pytest.approx(0.5)
+        assert slide.read_at_mpp(0, 0, 64, 64, 0.5).shape == (64, 64, 3)

@@ -464,6 +464,14 @@ class OpenSlideSlide(Slide):
                 {"inch": 2, "centimeter": 3}.get(props.get("tiff.ResolutionUnit", "inch"), 1),
             )
         self._finish_init(file_mpp)
+        if self.vendor == "generic-tiff":
+            # OpenSlide opens any tiled TIFF but decodes only some sample formats (not 32-bit float,
+            # say): a pixel read now hands such a file to tifffile instead of failing mid-slide.
+            try:
+                self._osr.read_region((0, 0), len(self.level_dimensions) - 1, (1, 1))
+            except self._error_type as exc:
+                self._osr.close()
+                raise _NotThisBackend(f"opens it but cannot decode its pixels: {_one_line(exc)}") from None
         self._handle = self._raw_handle()
         self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels()
