@@ -35,6 +35,21 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
         raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
 
 
+def make_folder(folder: Path) -> Path | None:
+    """Create ``folder`` and its missing parents; the highest one created (None if it existed), so
+    that a run that fails before writing anything can take away what it made."""
+    if folder.exists():
+        return None
+    top = folder
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
+    return top
+
+
 def remove_empty_folders(top: Path) -> None:
     """``top`` and the folders under it, those left empty: what a run that failed before writing
     anything had created (a resumable work folder is not empty and stays)."""

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, OutputExistsError, SlideError, UserError
-from .outputs import check_not_input, exclusive_output
+from .outputs import check_not_input, exclusive_output, make_folder
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
@@ -278,10 +278,7 @@ def write_patch_store(
     out = Path(out)
     partial = _partial_path(out)
     check_not_input(out, Path(slide_path))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)  # as wsi-segment does
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out.parent}: {exc.strerror}") from None
+    make_folder(out.parent)  # as wsi-segment does
     with exclusive_output(out):  # one run per store, from before the checks: the .partial is not shared
         return _write_locked(slide_path, out, partial, mpp=mpp, tile=tile, overlap=overlap,
                              tissue_threshold=tissue_threshold, slide_mpp=slide_mpp, tissue_mask=tissue_mask,

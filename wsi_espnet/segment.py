@@ -37,7 +37,7 @@ import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,11 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
-from .outputs import check_not_input, check_output, exclusive_output, remove_empty_folders
+from .outputs import check_not_input, check_output, exclusive_output, make_folder, remove_empty_folders
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import Band, BlendStitcher, feed_bands
-from .tiling import Tile, TileGrid, tile_grid, validate_tiling
+from .tiling import Tile, TileGrid, tile_grid
 from .tissue import TissueMask, detect_tissue
 
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
@@ -135,21 +135,6 @@ class SegmentResult:
 # Outputs: check before any work, so a mistake costs nothing
 
 
-def _make_folder(folder: Path) -> Path | None:
-    """Create ``folder`` and its missing parents; the highest one created (None if it existed), so
-    that a run that fails before writing anything can take away what it made."""
-    if folder.exists():
-        return None
-    top = folder
-    while not top.parent.exists() and top.parent != top:
-        top = top.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    return top
-
-
 def check_options(opts: SegmentOptions) -> None:
     """Every option that can be checked without the slide or the model, before anything is made:
     a mistake costs nothing and leaves nothing (``wsi-batch`` runs it once for the whole archive)."""
@@ -206,13 +191,6 @@ def _check_distinct(targets: list[tuple[str, Path]]) -> None:
         other = seen.setdefault(os.path.normcase(os.path.abspath(p)), key)
         if other != key:
             raise UserError(f"{p} is named for two outputs ({other} and {key}); give each its own file")
-
-
-def _prepare_output(path: Path, overwrite: bool, resuming: bool = False, zarr_store: bool = False) -> None:
-    """Create the output's folder, then the writers' common check (a resumed run may replace the
-    outputs of its own earlier, unfinished attempt)."""
-    _make_folder(path.parent)
-    check_output(path, overwrite or resuming, zarr_store)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -409,12 +387,12 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             # Every output locked before anything is looked at: a second run on any of them stops here
             # (two runs on different masks would otherwise race to rename onto one --probs or --geojson).
             for _, p in targets:
-                made += filter(None, [_make_folder(p.parent)])
+                made += filter(None, [make_folder(p.parent)])
                 held.enter_context(exclusive_output(p))
             work = out.with_name(out.name + ".work")
             resuming = work.is_dir() and (work / "progress.json").is_file()
-            for key, p in targets:
-                _prepare_output(p, opts.overwrite, resuming, zarr_store=key == "probs")
+            for key, p in targets:  # a resumed run may replace its own earlier attempt's outputs
+                check_output(p, opts.overwrite or resuming, zarr_store=key == "probs")
             result = _segment(slide_path, out, work, model, opts, engine)
     except BaseException:
         for folder in made:
@@ -449,12 +427,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         tile = cfg.slide.tile if opts.tile is None else opts.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold
-        validate_tiling(tile, overlap)
-        if tile % 8:
-            raise UserError(f"--tile {tile}: ESPNet needs a tile size divisible by 8")
-        if 2 * overlap > tile:
-            raise UserError(f"--overlap {overlap}: the blending window ramps over the overlap at both borders "
-                            f"of a tile, so it can be at most half the tile ({tile // 2})")
+        check_options(replace(opts, tile=tile, overlap=overlap))  # the model's own, too
         settings = {"mpp": mpp, "tile": tile, "overlap": overlap, "threshold": threshold, "slide_mpp": slide.mpp,
                     "probs": bool(opts.probs), "backend": opts.backend}
         fp = _fingerprint(slide, getattr(engine, "model_id", cfg.name + str(cfg.num_classes)), settings)
