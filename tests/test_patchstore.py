@@ -218,6 +218,9 @@ def test_missing_path_directory_and_text_file(tmp_path, capsys):
     rc, _, err = run_cli(capsys, fake, "--out", out)
     assert_one_line_error(rc, err, "fake.svs")
     assert not list(tmp_path.glob("o.zarr*"))
+    rc, _, err = run_cli(capsys, fake, "--out", tmp_path / "new" / "deeper" / "o.zarr")
+    assert_one_line_error(rc, err, "fake.svs")
+    assert not (tmp_path / "new").exists()  # the folders it made for the store are gone again
 
 
 def test_truncated_and_unreadable_slides_fail_cleanly(tmp_path, capsys):

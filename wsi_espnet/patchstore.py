@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NoMppError, OutputExistsError, SlideError, UserError
-from .outputs import check_not_input, exclusive_output, make_folder
+from .outputs import check_not_input, exclusive_output, make_folder, remove_empty_folders
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
@@ -278,12 +278,17 @@ def write_patch_store(
     out = Path(out)
     partial = _partial_path(out)
     check_not_input(out, Path(slide_path))
-    make_folder(out.parent)  # as wsi-segment does
-    with exclusive_output(out):  # one run per store, from before the checks: the .partial is not shared
-        return _write_locked(slide_path, out, partial, mpp=mpp, tile=tile, overlap=overlap,
-                             tissue_threshold=tissue_threshold, slide_mpp=slide_mpp, tissue_mask=tissue_mask,
-                             save_tissue_mask=save_tissue_mask, tissue_mpp=tissue_mpp, workers=workers,
-                             overwrite=overwrite, progress=progress, backend=backend)
+    made = make_folder(out.parent)  # as wsi-segment does, and taken away again if the run fails empty-handed
+    try:
+        with exclusive_output(out):  # one run per store, from before the checks: the .partial is not shared
+            return _write_locked(slide_path, out, partial, mpp=mpp, tile=tile, overlap=overlap,
+                                 tissue_threshold=tissue_threshold, slide_mpp=slide_mpp, tissue_mask=tissue_mask,
+                                 save_tissue_mask=save_tissue_mask, tissue_mpp=tissue_mpp, workers=workers,
+                                 overwrite=overwrite, progress=progress, backend=backend)
+    except BaseException:
+        if made is not None:
+            remove_empty_folders(made)
+        raise
 
 
 def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mpp: float, tile: int, overlap: int,
