@@ -6,6 +6,7 @@ the benchmark itself never holds a full map.
 
     python benchmarks/bench_writers.py                 # 4096 and 8192 squared
     python benchmarks/bench_writers.py --sizes 4096 16384
+    python benchmarks/bench_writers.py --writers geojson --blob 3 --sizes 4096 8192   # fragmented
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ NAMES = ["Background", "Tumor", "Stroma", "Necrosis"]
 COLORS = [(255, 255, 255), (200, 0, 0), (0, 150, 0), (90, 60, 20)]
 
 
-def make_labels(store: Path, n: int, block: int = 2048, seed: int = 0):
+def make_labels(store: Path, n: int, block: int = 2048, seed: int = 0, cell: int = 48):
+    """``cell``: blob scale in label pixels (48: tissue-like regions; 2-4: a map in ~10^5-10^6
+    specks, the worst case for the GeoJSON writer)."""
     import zarr
     from scipy.ndimage import gaussian_filter, map_coordinates
 
-    cell = 48  # blob scale in label pixels
     coarse = gaussian_filter(np.random.default_rng(seed).random((n // cell + 3, n // cell + 3)), 1.5)
     cuts = np.quantile(coarse, [0.45, 0.7, 0.9])
     z = zarr.create_array(store=str(store), shape=(n, n), chunks=(512, 512), dtype="uint8")
@@ -72,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--writers", nargs="+", default=["mask_tiff", "geojson", "overlay"])
+    parser.add_argument("--blob", type=int, default=48,
+                        help="blob scale in label pixels (default 48; 3 makes a map of specks)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -82,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             store = Path(tmp) / f"labels{n}.zarr"
-            make_labels(store, n)
+            make_labels(store, n, cell=args.blob)
             for writer in args.writers:
                 suffix = {"mask_tiff": ".tif", "geojson": ".geojson", "overlay": ".png"}[writer]
                 out = Path(tmp) / f"out{n}{suffix}"

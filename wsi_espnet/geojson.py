@@ -4,7 +4,7 @@ Polygons follow pixel edges exactly (no marching-squares corner cutting), so a c
 equals its pixel count times ``scale**2``, and a pixel at label ``(x, y)`` is the level-0 square
 ``[x*scale, (x+1)*scale) x [y*scale, (y+1)*scale)`` shifted by ``-offset``.
 
-How (bounded memory, no full-slide raster):
+How (bounded memory: no full-slide raster, and no full set of outlines either):
 
 1. The label array is read in ``block`` x ``block`` pieces. In each piece, the boundary between
    pixels of different labels is cut into straight segments at every lattice point where edges meet;
@@ -13,12 +13,18 @@ How (bounded memory, no full-slide raster):
    straight on, else left: tracing that permutation's cycles (pointer jumping in NumPy, no Python
    loop per vertex) gives every ring of every 4-connected region. Shells run one way round and holes
    the other, and a connected-component labelling says which holes belong to which shell.
-2. Along the block's own border every ring keeps a vertex at every pixel corner, so the pieces of a
+2. A region that does not reach a border shared with another block is complete: it is finished
+   (step 4) and written to a temporary file per class straight away.  So are the holes of every
+   region (a hole lies inside its block).  Only the outer rings of regions cut by a block border stay
+   in memory: on a map in ~10^6 specks, ~10 % of its vertices (the writer held them all, 2.4 GB for
+   an 8192² map of specks, before it streamed: ``benchmarks/bench_writers.py --blob 3``).
+3. Along the block's own border every ring keeps a vertex at every pixel corner, so the pieces of a
    region cut by a block border share their edges vertex for vertex; ``shapely.coverage_union_all``
-   (edge cancellation, fast and exact for such a coverage) then merges all pieces of a class into
-   one geometry without seams, and ``simplify(0)`` drops the collinear vertices left behind.
-3. Coordinates are scaled to level-0 pixels, the offset subtracted, and snapped to QuPath 0.6's
-   0.01-pixel grid; the result is checked valid after that snap (``make_valid`` if ever not).
+   (edge cancellation, fast and exact for such a coverage) merges them without seams, and each
+   merged part takes back the holes of the pieces it was made of.
+4. Vertices on straight edges are dropped, coordinates scaled to level-0 pixels, the offset
+   subtracted, snapped to QuPath 0.6's 0.01-pixel grid, and the label map's far edges pulled in to
+   the slide's ``extent``; every part is checked valid after that (``make_valid`` if ever not).
 
 Classes: one Feature per class present, except those named in ``exclude`` (default
 ``("Background",)``, compared case-insensitively; pass ``exclude=()`` to keep it). ``255`` in the
@@ -32,10 +38,9 @@ parts on the real slides in ``../shared``, 16–27 % of the vertices), each a se
 annotation that QuPath draws and stores.  A speck inside a filled hole is always dropped too (it is
 smaller than the hole), so the classes never overlap.
 
-``simplify`` (level-0 px, default 0: exact) is a topology-preserving Douglas-Peucker.  Below one
-label pixel (``scale``) it only straightens staircases; from one label pixel up it also eats small
-regions: on CMU-1-Small-Region (a label pixel = 2 level-0 px) ``simplify=2`` moved class areas by
-−2.7 % to −27 %, while a 240-px disk keeps its area within 1 %.
+There is no outline simplification: a topology-preserving one needs a class's outlines all at
+once (what step 2 avoids), and on CMU-1-Small-Region (a label pixel = 2 level-0 px) Douglas-Peucker
+at one label pixel moved class areas by −2.7 % to −27 %; ``min_area`` is the size control.
 
 The ``Area um^2`` measurement is the written outline's area (what QuPath itself would measure);
 ``Label pixels`` is the class's pixel count in the label map.  A name ending in ``.gz`` is written
@@ -49,11 +54,13 @@ import io
 import json
 import math
 import os
+import tempfile
 import unicodedata
 import uuid
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import shapely
@@ -79,7 +86,6 @@ def write_geojson(
     colors: Sequence[Sequence[int]],
     mpp: float | None = None,
     exclude: Sequence[str] = ("Background",),
-    simplify: float = 0.0,
     min_area: float = 0.0,
     block: int = 2048,
     overwrite: bool = False,
@@ -126,77 +132,86 @@ def write_geojson(
         raise ValueError(f"block must be at least 16, got {block}")
     check_output(path, overwrite)
 
-    counts = np.zeros(256, np.int64)
-    # Regions the footprint rules out are class 0: skipped unread, unless class 0 is drawn too.
-    skip_empty = occupied is not None and not keep[0]
     if occupied is not None:
         occupied.check_shape((height, width))
-    # Per kept class: pieces inside their block, and pieces touching its border (to be merged).
-    inner: dict[int, list[np.ndarray]] = {int(c): [] for c in np.flatnonzero(keep)}
-    edge: dict[int, list[np.ndarray]] = {int(c): [] for c in np.flatnonzero(keep)}
-    for y0 in range(0, height, block):
-        for x0 in range(0, width, block):
-            y1, x1 = min(y0 + block, height), min(x0 + block, width)
-            if skip_empty and not occupied.may_have(y0, y1, x0, x1):
-                counts[0] += (y1 - y0) * (x1 - x0)
-                continue
-            raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
-            block_counts = np.bincount(raw.ravel(), minlength=256)
-            counts += block_counts
-            unnamed = np.flatnonzero(counts[len(class_names):NOT_COMPUTED])
-            if unnamed.size:
-                raise ValueError(f"label value {unnamed[0] + len(class_names)} found, "
-                                 f"but only {len(class_names)} classes are named")
-            if not block_counts[keep].any():
-                continue  # no class to draw here (all background, say): nothing to trace
-            traced = np.where(keep[raw], raw.astype(np.int16), np.int16(-1))
-            polygons, classes = trace_regions(traced, origin=(x0, y0))
-            b = shapely.bounds(polygons)
-            touches = (b[:, 0] == x0) | (b[:, 1] == y0) | (b[:, 2] == x1) | (b[:, 3] == y1)
-            for c in np.unique(classes):
-                inner[int(c)].append(polygons[(classes == c) & ~touches])
-                edge[int(c)].append(polygons[(classes == c) & touches])
-
-    summary: dict[str, Any] = {"features": 0, "classes": {}}
-    for c, name in enumerate(class_names):
-        summary["classes"][name] = {
-            "pixels": int(counts[c]),
-            "area_um2": float(counts[c]) * float(mpp) ** 2 if mpp is not None else None,
-            "written_name": written_names[c],
-            "polygons": 0, "holes": 0, "vertices": 0,
-        }
-
-    partial = path.with_name(path.name + ".partial")
+    # Regions the footprint rules out are class 0: skipped unread, unless class 0 is drawn too.
+    skip = occupied if occupied is not None and not keep[0] else None
+    place = _Placement.make(scale, (ox, oy), (width, height), extent)
     level0_um2 = (float(mpp) / scale) ** 2 if mpp is not None else None
+    partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as raw, _text_stream(raw, path) as fh:
-            fh.write('{"type": "FeatureCollection", "features": [')
-            first = True
-            for c in inner:
-                if not any(p.size for p in inner[c] + edge[c]):
-                    continue
-                geometry = _class_geometry([p for p in inner[c] if p.size], [p for p in edge[c] if p.size],
-                                           scale, (ox, oy), simplify, min_area_px)
-                if extent is not None:
-                    geometry = _clip(geometry, (-ox, -oy, extent[0] - ox, extent[1] - oy))
-                if geometry.is_empty:
-                    continue
-                info = summary["classes"][class_names[c]]
-                info["polygons"] = int(shapely.get_num_geometries(geometry))
-                info["holes"] = int(sum(shapely.get_num_interior_rings(shapely.get_parts(geometry))))
-                info["vertices"] = int(shapely.get_num_coordinates(geometry))
-                fh.write("" if first else ",")
-                area = geometry.area * level0_um2 if level0_um2 is not None else None
-                fh.write("\n" + _feature(geometry, written_names[c], rgb[c], area, info["pixels"]))
-                first = False
-                summary["features"] += 1
-            fh.write("\n]}\n")
+        with ExitStack() as stack:
+            hole_spool = stack.enter_context(tempfile.TemporaryFile(dir=path.parent))
+            outlines = {int(c): stack.enter_context(_ClassOutlines(path.parent, hole_spool))
+                        for c in np.flatnonzero(keep)}
+            counts = _trace_blocks(labels, block, len(class_names), outlines, place, min_area_px, skip)
+            summary: dict[str, Any] = {"features": 0, "classes": {}}
+            for c, name in enumerate(class_names):
+                summary["classes"][name] = {
+                    "pixels": int(counts[c]),
+                    "area_um2": float(counts[c]) * float(mpp) ** 2 if mpp is not None else None,
+                    "written_name": written_names[c],
+                    "polygons": 0, "holes": 0, "vertices": 0,
+                }
+            with open(partial, "wb") as raw, _text_stream(raw, path) as fh:
+                fh.write('{"type": "FeatureCollection", "features": [')
+                for c, spool in outlines.items():
+                    if spool.polygons == 0:
+                        continue
+                    info = summary["classes"][class_names[c]]
+                    info.update(polygons=spool.polygons, holes=spool.holes, vertices=spool.vertices)
+                    area = spool.area * level0_um2 if level0_um2 is not None else None
+                    fh.write(",\n" if summary["features"] else "\n")
+                    fh.write(f'{{"type": "Feature", "id": "{uuid.uuid4()}", '
+                             '"geometry": {"type": "MultiPolygon", "coordinates": [')
+                    spool.write_polygons(fh)
+                    fh.write("]}, " + _properties(written_names[c], rgb[c], area, info["pixels"]) + "}")
+                    summary["features"] += 1
+                fh.write("\n]}\n")
         _fsync(partial)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return summary
+
+
+def _trace_blocks(labels: Any, block: int, named: int, outlines: dict[int, _ClassOutlines],
+                  place: _Placement, min_area: float, skip: Occupancy | None) -> np.ndarray:
+    """Read ``labels`` block by block into ``outlines`` (one per drawn class); returns the count of
+    every label value.  ``skip``: blocks it rules out are counted as class 0 unread."""
+    height, width = labels.shape
+    keep = np.zeros(256, bool)
+    keep[list(outlines)] = True
+    counts = np.zeros(256, np.int64)
+    for y0 in range(0, height, block):
+        for x0 in range(0, width, block):
+            y1, x1 = min(y0 + block, height), min(x0 + block, width)
+            if skip is not None and not skip.may_have(y0, y1, x0, x1):
+                counts[0] += (y1 - y0) * (x1 - x0)
+                continue
+            raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
+            block_counts = np.bincount(raw.ravel(), minlength=256)
+            counts += block_counts
+            unnamed = np.flatnonzero(counts[named:NOT_COMPUTED])
+            if unnamed.size:
+                raise ValueError(f"label value {unnamed[0] + named} found, but only {named} classes are named")
+            if not block_counts[keep].any():
+                continue  # no class to draw here (all background, say): nothing to trace
+            traced = np.where(keep[raw], raw.astype(np.int16), np.int16(-1))
+            polygons, classes = trace_regions(traced, origin=(x0, y0))
+            # Only a piece reaching a border shared with another block may continue there.
+            b = shapely.bounds(polygons)
+            cut = (((b[:, 0] == x0) & (x0 > 0)) | ((b[:, 1] == y0) & (y0 > 0))
+                   | ((b[:, 2] == x1) & (x1 < width)) | ((b[:, 3] == y1) & (y1 < height)))
+            for c in np.unique(classes):
+                mine = classes == c
+                outlines[int(c)].add_whole(polygons[mine & ~cut], place, min_area)
+                outlines[int(c)].add_cut(polygons[mine & cut], place, min_area)
+        bottom = min(y0 + block, height)
+        for spool in outlines.values():
+            spool.end_row(bottom if bottom < height else None, place, min_area)
+    return counts
 
 
 def _text_stream(raw: io.BufferedWriter, path: Path) -> io.TextIOWrapper:
@@ -398,78 +413,271 @@ def _cycles(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------------------------------- geometry
 
 
-def _class_geometry(inner: list[np.ndarray], edge: list[np.ndarray], scale: float,
-                    offset: tuple[float, float], simplify: float, min_area: float = 0.0) -> shapely.MultiPolygon:
-    """All block pieces of one class merged, in level-0 pixels on QuPath's 0.01 grid, valid.
+class _Placement:
+    """Where label-pixel outlines land in the file: level-0 pixels, the offset subtracted, on QuPath's
+    0.01 grid, and the label map's far edges pulled in to the slide's ``extent``.
 
-    Only pieces that touch their block's border can continue in a neighbour block, so only those go
-    through the coverage union. Rounding to 0.01 px is a strictly increasing map on each axis for
-    any ``scale`` > 0.01, so it cannot change the topology of axis-parallel polygons: what QuPath
-    0.6 snaps on import is already snapped, and validity is kept (checked once at the end anyway).
+    Why pull edges in rather than clip: the map's last row and column, rounded up from the slide's
+    size, may reach up to one label pixel past the slide.  Every other vertex lies inside, so moving
+    just the far edge is a strictly increasing map of each axis: it cuts exactly what an intersection
+    with the slide's box would, without changing any polygon's topology (a part can never split, so
+    the holes kept on disk still belong to the part they were read with).
     """
-    parts = list(np.concatenate(inner)) if inner else []
-    if edge:
-        parts.extend(shapely.get_parts(shapely.coverage_union_all(np.concatenate(edge))))
-    merged = _drop_collinear(np.asarray(parts, dtype=object))
-    shift = np.array(offset, dtype=np.float64)
-    merged = shapely.transform(merged, lambda xy: np.round(xy * scale - shift, 2))
-    if simplify > 0:
-        merged = shapely.set_precision(shapely.simplify(merged, simplify, preserve_topology=True), QUPATH_GRID)
+
+    def __init__(self, scale: float, offset: tuple[float, float], limit: tuple[float, float]):
+        self.scale, self.shift, self.limit = scale, np.asarray(offset, np.float64), np.asarray(limit)
+
+    @classmethod
+    def make(cls, scale: float, offset: tuple[float, float], size: tuple[int, int],
+             extent: tuple[float, float] | None) -> _Placement:
+        if extent is None:
+            return cls(scale, offset, (math.inf, math.inf))
+        limit = []
+        for n, off, edge in zip(size, offset, extent):
+            if not (math.isfinite(float(edge)) and float(edge) > (n - 1) * scale):
+                raise ValueError(f"extent {tuple(extent)} cuts whole label pixels off a {size[0]}x{size[1]} "
+                                 f"label map at scale {scale}: it must fall within the last pixel or beyond")
+            last_inside = round((n - 1) * scale - off, 2)  # the far pixel's near edge, as placed
+            limit.append(max(round(float(edge) - off, 2), round(last_inside + QUPATH_GRID, 2)))
+        return cls(scale, offset, tuple(limit))
+
+    def __call__(self, xy: np.ndarray) -> np.ndarray:
+        return np.minimum(np.round(xy * self.scale - self.shift, 2), self.limit)
+
+
+class _ClassOutlines:
+    """One class's outlines while the label map is read, in memory that does not grow with the map.
+
+    A piece traced in one block that does not reach a border shared with another block is a whole
+    part: it is finished and spooled to a temporary file as GeoJSON text at once.  A piece *cut* by
+    such a border must be merged with its neighbours: its outer ring is kept until its row of blocks
+    has been read, while its holes, which lie inside the block (a hole reaching the block's edge would
+    not be enclosed), are final and go to the shared hole file at once.  At the end of each row of
+    blocks the row's pieces are merged with the parts still open from the rows above; a merged part
+    that does not reach the row's bottom is complete and spooled with the holes of all its pieces.
+    So only the parts that cross the current row's bottom are held.
+    """
+
+    def __init__(self, folder: Path, hole_spool: IO[bytes]):
+        self.spool: IO[bytes] = tempfile.TemporaryFile(dir=folder)
+        self.hole_spool = hole_spool
+        self.polygons = self.holes = self.vertices = 0
+        self.area = 0.0  # level-0 px² of the written outlines
+        self.row_shells: list[np.ndarray] = []  # this row's cut pieces: outer rings as polygons, label px
+        self.row_refs: list[np.ndarray] = []  # and where each one's holes are in ``hole_spool``
+        self.open_parts = np.empty(0, dtype=object)  # merged parts reaching the last row's bottom
+        self.open_refs: list[np.ndarray] = []  # the holes of each one's pieces
+
+    def __enter__(self) -> _ClassOutlines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.spool.close()
+
+    def add_whole(self, polygons: np.ndarray, place: _Placement, min_area: float) -> None:
+        if polygons.size == 0:
+            return
+        parts = _finish(polygons, place, min_area)
+        bad = ~shapely.is_valid(parts)
+        self._spool_finished(np.concatenate([parts[~bad], _repair(parts[bad])]) if bad.any() else parts, min_area)
+
+    def add_cut(self, polygons: np.ndarray, place: _Placement, min_area: float) -> None:
+        if polygons.size:
+            shells, refs = self._shells_and_spooled_holes(polygons, place, min_area)
+            self.row_shells.append(shells)
+            self.row_refs.append(refs)
+
+    def _shells_and_spooled_holes(self, polygons: np.ndarray, place: _Placement,
+                                  min_area: float) -> tuple[np.ndarray, np.ndarray]:
+        """``polygons`` (label px) without their holes, which are finished and written to the hole
+        file, under ``min_area`` filled; and one record a polygon saying where its holes went."""
+        refs = np.zeros(polygons.size, _HOLE_REF)
+        if polygons.size == 0:
+            return polygons, refs
+        rings, owner = shapely.get_rings(polygons, return_index=True)  # each polygon's shell comes first
+        shell = np.append(True, owner[1:] != owner[:-1])
+        if shell.all():
+            return polygons, refs
+        holes, owner = _finish(shapely.polygons(rings[~shell]), place, 0.0, hole=True), owner[~shell]
+        area = shapely.area(holes)
+        kept = _at_least(area, min_area)  # smaller holes are filled
+        holes, owner, area = holes[kept], owner[kept], area[kept]
+        if holes.size:
+            texts = _coordinates(shapely.get_exterior_ring(holes))
+            vertices = shapely.get_num_coordinates(holes)
+            self.hole_spool.seek(0, os.SEEK_END)
+            for i in np.unique(owner):
+                mine = np.flatnonzero(owner == i)
+                data = ("," + ",".join(texts[j] for j in mine)).encode("ascii")
+                refs[i] = (self.hole_spool.tell(), len(data), mine.size, vertices[mine].sum(), area[mine].sum())
+                self.hole_spool.write(data)
+        return shapely.polygons(rings[shell]), refs
+
+    def end_row(self, bottom: int | None, place: _Placement, min_area: float) -> None:
+        """Merge this row's cut pieces with the open parts (edge cancellation: they share their
+        border edges vertex for vertex); spool every part that does not reach ``bottom`` (None: the
+        map's last row, where every part is complete)."""
+        if not self.row_shells and not self.open_parts.size:
+            return
+        pieces = np.concatenate([self.open_parts, *self.row_shells])
+        refs = self.open_refs + [r[i: i + 1] for r in self.row_refs for i in range(r.size)]
+        self.row_shells, self.row_refs = [], []
+        merged = shapely.get_parts(shapely.coverage_union_all(pieces))
+        # Which part each piece became: a point inside the piece lies inside exactly that part.
+        piece, part = shapely.STRtree(merged).query(shapely.point_on_surface(pieces), predicate="within")
+        if piece.size != pieces.size:  # would lose or double a piece's holes: a bug here
+            raise AssertionError("merged outlines do not account for every piece exactly once")
+        order = np.argsort(part, kind="stable")
+        piece, part = piece[order], part[order]
+        cuts = np.searchsorted(part, np.arange(merged.size + 1))
+        merged_refs = [np.concatenate([refs[i] for i in piece[cuts[k]: cuts[k + 1]]] or [refs[0][:0]])
+                       for k in range(merged.size)]
+        still_open = (shapely.bounds(merged)[:, 3] == bottom) if bottom is not None else np.zeros(merged.size, bool)
+        # An open part's holes are complete (a ring reaching the row's bottom is not a hole): only
+        # its outer ring stays in memory.
+        self.open_parts, refs = self._shells_and_spooled_holes(merged[still_open], place, min_area)
+        self.open_refs = [np.append(merged_refs[k], refs[i: i + 1]) if refs[i]["length"] else merged_refs[k]
+                          for i, k in enumerate(np.flatnonzero(still_open))]
+        done = np.flatnonzero(~still_open)
+        if done.size:
+            self.hole_spool.flush()
+            self._spool_parts(merged[done], [merged_refs[k] for k in done], place, min_area)
+
+    def write_polygons(self, fh: io.TextIOWrapper) -> None:
+        """The class's polygons, as the body of a MultiPolygon's coordinate array."""
+        self.spool.seek(0)
+        while chunk := self.spool.read(1 << 20):
+            fh.write(chunk.decode("ascii"))
+
+    def _spool_parts(self, parts: np.ndarray, refs: list[np.ndarray], place: _Placement, min_area: float) -> None:
+        """Finish merged parts (label px) and spool each with its pieces' holes (``refs``)."""
+        parts = _finish(parts, place, min_area)
+        bad = ~shapely.is_valid(parts)
+        if bad.any():  # not expected (see ``_finish``): repair the whole outline, holes and all
+            whole = [self._with_holes(parts[k], refs[k]) for k in np.flatnonzero(bad)]
+            self._spool_finished(_repair(np.asarray(whole, dtype=object)), min_area)
+            keep = np.flatnonzero(~bad)
+            parts, refs = parts[keep], [refs[k] for k in keep]
+        hole_area = np.array([r["area"].sum() for r in refs])
+        if min_area > 0 and parts.size:
+            keep = np.flatnonzero(_at_least(shapely.area(parts) - hole_area, min_area))
+            parts, refs, hole_area = parts[keep], [refs[k] for k in keep], hole_area[keep]
+        if not parts.size:
+            return
+        for text, held in zip(_coordinates(parts), refs):
+            held = held[held["length"] > 0]
+            if not held.size:
+                self._append(text)
+                continue
+            self._append(text[:-1])  # the polygon's ring list stays open for its pieces' holes
+            for ref in held:  # copied file to file: a part's holes may be most of the class
+                self._copy_holes(ref)
+            self.spool.write(b"]")
+            self.holes += int(held["holes"].sum())
+            self.vertices += int(held["vertices"].sum())
+        self._count(parts)
+        self.area -= float(hole_area.sum())
+
+    def _spool_finished(self, parts: np.ndarray, min_area: float) -> None:
+        """Finished parts without holes elsewhere: those over ``min_area`` spooled."""
+        if min_area > 0:
+            parts = parts[_at_least(shapely.area(parts), min_area)]
+        if parts.size:
+            self._count(parts)
+            self._append(",".join(_coordinates(parts)))
+
+    def _read_holes(self, ref: np.void) -> str:
+        return os.pread(self.hole_spool.fileno(), int(ref["length"]), int(ref["offset"])).decode("ascii")
+
+    def _copy_holes(self, ref: np.void) -> None:
+        offset, end = int(ref["offset"]), int(ref["offset"] + ref["length"])
+        while offset < end:
+            chunk = os.pread(self.hole_spool.fileno(), min(end - offset, 1 << 20), offset)
+            self.spool.write(chunk)
+            offset += len(chunk)
+
+    def _with_holes(self, part: shapely.Polygon, refs: np.ndarray) -> shapely.Polygon:
+        """``part`` with its pieces' spooled holes put back in, as one polygon."""
+        rings = [shapely.from_geojson(f'{{"type": "LineString", "coordinates": {text}}}')
+                 for ref in refs if ref["length"] for text in _split_rings(self._read_holes(ref))]
+        return shapely.Polygon(part.exterior, [*part.interiors, *rings])
+
+    def _append(self, text: str) -> None:
+        self.spool.write(((", " if self.spool.tell() else "") + text).encode("ascii"))
+
+    def _count(self, parts: np.ndarray) -> None:
+        self.polygons += int(parts.size)
+        self.holes += int(shapely.get_num_interior_rings(parts).sum())
+        self.vertices += int(shapely.get_num_coordinates(parts).sum())
+        self.area += float(shapely.area(parts).sum())
+
+
+_HOLE_REF = np.dtype([("offset", np.int64), ("length", np.int64), ("holes", np.int64),
+                      ("vertices", np.int64), ("area", np.float64)])
+
+
+def _split_rings(text: str) -> list[str]:
+    """``,[[x,y],...],[[x,y],...]`` (a piece's spooled holes) as one text per ring."""
+    return ["[[" + t.strip(",[]") + "]]" for t in text.split("]],") if t.strip(",[]")]
+
+
+def _finish(polygons: np.ndarray, place: _Placement, min_area: float, *, hole: bool = False) -> np.ndarray:
+    """Label-pixel polygons as written, one for one: without the vertices on straight edges
+    (block-border vertices the merge needed), placed, their holes under ``min_area`` filled, wound
+    as RFC 7946 wants (shells counter-clockwise with y up; ``hole=True``: a hole's ring the other way).
+
+    Placement cannot change the topology of axis-parallel polygons (rounding to 0.01 px is strictly
+    increasing on each axis for any scale > 0.01, and so is :class:`_Placement`'s edge), so the
+    callers' validity checks are a promise kept to QuPath, not a repair expected to run."""
+    parts = shapely.transform(_drop_collinear(polygons), place)
     if min_area > 0:
-        merged = drop_small(merged, min_area)
-    # Not expected (see above); keep the promise to QuPath regardless.  Part by part: the parts come
-    # from a coverage union, so they cannot overlap, and checking that across the whole collection
-    # (``merged.is_valid``) took minutes and gigabytes on a slide cut into ~10^5 pieces.
-    if not shapely.is_valid(shapely.get_parts(merged)).all():
-        merged = shapely.make_valid(merged)
-    polygons = [p for p in shapely.get_parts(merged) if isinstance(p, shapely.Polygon) and not p.is_empty]
-    if not polygons:
-        polygons = [p for g in shapely.get_parts(merged) for p in shapely.get_parts(g)
-                    if isinstance(p, shapely.Polygon) and not p.is_empty]
-    merged = shapely.MultiPolygon(polygons)
-    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1: RFC 7946 winding (shells CCW, y up)
-        merged = shapely.orient_polygons(merged, exterior_cw=False)
-    return merged
+        parts = fill_small_holes(parts, min_area)
+    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1
+        parts = shapely.orient_polygons(parts, exterior_cw=hole)
+    return parts
 
 
-def _clip(geometry: shapely.MultiPolygon, box: tuple[float, float, float, float]) -> shapely.MultiPolygon:
-    """``geometry`` inside ``box`` (x0, y0, x1, y1), untouched when already inside; still valid on
-    QuPath's grid (the box's edges are snapped to it first)."""
-    x0, y0, x1, y1 = (round(v, 2) for v in box)
-    bx0, by0, bx1, by1 = geometry.bounds
-    if geometry.is_empty or (bx0 >= x0 and by0 >= y0 and bx1 <= x1 and by1 <= y1):
-        return geometry
-    clipped = shapely.intersection(geometry, shapely.box(x0, y0, x1, y1), grid_size=QUPATH_GRID)
-    polygons = [p for p in shapely.get_parts(clipped) if isinstance(p, shapely.Polygon) and not p.is_empty]
-    merged = shapely.MultiPolygon(polygons)
+def _repair(parts: np.ndarray) -> np.ndarray:
+    """The polygons of ``make_valid(parts)``, wound as :func:`_finish` winds them."""
+    pieces = shapely.get_parts(shapely.get_parts(shapely.make_valid(parts)))  # collections one level down
+    pieces = pieces[(shapely.get_type_id(pieces) == 3) & ~shapely.is_empty(pieces)]
     if hasattr(shapely, "orient_polygons"):
-        merged = shapely.orient_polygons(merged, exterior_cw=False)
-    return merged
+        pieces = shapely.orient_polygons(pieces, exterior_cw=False)
+    return pieces
 
 
-def drop_small(geometry: shapely.MultiPolygon, min_area: float) -> shapely.MultiPolygon:
-    """``geometry`` without its holes smaller than ``min_area`` (filled) and then without its parts
-    smaller than ``min_area`` (their area with those holes filled).  A part lying in a filled hole
-    is smaller than the hole, so it goes too and no two parts overlap.  Vectorised over rings."""
-    parts = shapely.get_parts(geometry)
+def _coordinates(geometries: np.ndarray) -> list[str]:
+    """Each geometry's GeoJSON ``coordinates`` array as text."""
+    return [t[t.index('"coordinates":') + 14: -1] for t in shapely.to_geojson(geometries).tolist()]
+
+
+def fill_small_holes(parts: np.ndarray, min_area: float) -> np.ndarray:
+    """``parts`` (polygons) with their holes smaller than ``min_area`` filled.  Vectorised over rings.
+
+    Dropping the parts then smaller than ``min_area`` is the caller's (a part's own holes may not be
+    all it has: see :class:`_ClassOutlines`).  A part lying in a filled hole is smaller than the
+    hole, so it goes too and no two parts of a class overlap."""
     if parts.size == 0:
-        return geometry
+        return parts
     rings, part_of = shapely.get_rings(parts, return_index=True)  # each part's shell comes first
     shell = np.append(True, part_of[1:] != part_of[:-1])
-    ring_area = shapely.area(shapely.polygons(rings))
-    keep_ring = shell | (ring_area >= min_area)
-    kept_holes = np.bincount(part_of[~shell & keep_ring], weights=ring_area[~shell & keep_ring], minlength=parts.size)
-    big = ring_area[shell] - kept_holes >= min_area
-    keep_ring &= big[part_of]
-    if not keep_ring.any():
-        return shapely.MultiPolygon()
-    _, new_index = np.unique(part_of[keep_ring], return_inverse=True)
-    return shapely.MultiPolygon(list(shapely.polygons(rings[keep_ring], indices=new_index)))
+    keep_ring = shell | _at_least(shapely.area(shapely.polygons(rings)), min_area)
+    if keep_ring.all():
+        return parts
+    return shapely.polygons(rings[keep_ring], indices=part_of[keep_ring])
 
 
-def _drop_collinear(polygons: np.ndarray) -> shapely.MultiPolygon:
-    """MultiPolygon of ``polygons`` without the vertices that lie on a straight edge (the block-border
-    vertices the coverage union needed). Vectorised: no per-polygon Python."""
+def _at_least(area: np.ndarray, min_area: float) -> np.ndarray:
+    """``area >= min_area``, blind to the last bits of rounding: the same outline's area summed from
+    another starting vertex (a merged part, a clipped one) must not fall on the other side."""
+    return area >= min_area * (1 - 1e-9)
+
+
+def _drop_collinear(polygons: np.ndarray) -> np.ndarray:
+    """``polygons`` without the vertices that lie on a straight edge.  Vectorised: no per-polygon
+    Python."""
+    if polygons.size == 0:
+        return polygons
     rings, part_of_ring = shapely.get_rings(polygons, return_index=True)
     xy, ring_of = shapely.get_coordinates(rings, return_index=True)
     last = np.append(ring_of[1:] != ring_of[:-1], True)  # closing repeat of each ring's first point
@@ -483,11 +691,10 @@ def _drop_collinear(polygons: np.ndarray) -> shapely.MultiPolygon:
     straight = ((prev[:, 0] == xy[:, 0]) & (xy[:, 0] == nxt[:, 0])) | ((prev[:, 1] == xy[:, 1]) & (xy[:, 1] == nxt[:, 1]))
     keep = ~straight
     new_rings = shapely.linearrings(xy[keep], indices=ring_of[keep])
-    return shapely.MultiPolygon(list(shapely.polygons(new_rings, indices=part_of_ring)))
+    return shapely.polygons(new_rings, indices=part_of_ring)
 
 
-def _feature(geometry: shapely.MultiPolygon, name: str, color: tuple[int, int, int],
-             area_um2: float | None, pixels: int) -> str:
+def _properties(name: str, color: tuple[int, int, int], area_um2: float | None, pixels: int) -> str:
     measurements: dict[str, float] = {"Label pixels": float(pixels)}
     if area_um2 is not None:
         measurements["Area um^2"] = round(area_um2, 3)
@@ -498,8 +705,7 @@ def _feature(geometry: shapely.MultiPolygon, name: str, color: tuple[int, int, i
         "isLocked": False,
         "measurements": measurements,
     }
-    return (f'{{"type": "Feature", "id": "{uuid.uuid4()}", "geometry": {shapely.to_geojson(geometry)}, '
-            f'"properties": {json.dumps(properties)}}}')
+    return f'"properties": {json.dumps(properties)}'
 
 
 # ------------------------------------------------------------------------------------------ checks
