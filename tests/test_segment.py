@@ -747,3 +747,14 @@ def test_feed_batches_cut_across_bands_from_the_start_of_the_slide():
     assert again == batches[1:] and lead == 1
     assert feed_batches(bands, 3, first_band=2) == (batches[1:], 0)
     assert feed_batches(bands, 3, first_band=4) == ([], 0)  # nothing left
+
+
+def test_non_square_pixels_are_said(tmp_path, small_model, capsys):
+    aniso = tmp_path / "aniso.tif"
+    rgb = np.full((512, 512, 3), 230, np.uint8)
+    rgb[100:400, 100:400] = (180, 80, 160)
+    tifffile.imwrite(aniso, rgb, tile=(256, 256), photometric="rgb", resolution=(20000, 10000),
+                     resolutionunit="CENTIMETER")
+    assert main(["segment", str(aniso), "--out", str(tmp_path / "m.tif"), "--model", str(small_model), *FAST]) == 0
+    assert ("warning: aniso.tif records pixels of 0.5 x 1 µm, not square: they are read as squares of 0.75 µm"
+            in capsys.readouterr().err)

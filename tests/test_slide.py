@@ -387,3 +387,29 @@ def test_a_tiff_openslide_opens_but_cannot_decode_goes_to_tifffile(tmp_path):
     with open_slide(path) as slide:
         assert slide.backend == "tifffile" and slide.mpp == pytest.approx(0.5)
         assert slide.read_at_mpp(0, 0, 64, 64, 0.5).shape == (64, 64, 3)
+
+
+def test_non_square_pixels_are_said_and_read_at_their_mean(tmp_path):
+    """A TIFF recording 0.25 µm across and 0.5 µm down (resolution tags, and OME's PhysicalSizeX/Y):
+    read as squares of 0.375 µm, with a sentence saying so; 0.5 % apart is square; --mpp silences it."""
+    rgb = np.full((256, 256, 3), 200, np.uint8)
+    plain = tmp_path / "aniso.tif"
+    tifffile.imwrite(plain, rgb, tile=(128, 128), photometric="rgb",
+                     resolution=(40000, 20000), resolutionunit="CENTIMETER")
+    ome = tmp_path / "aniso.ome.tif"
+    tifffile.imwrite(ome, rgb, tile=(128, 128), photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
+    for path, backends in ((plain, ("openslide", "tifffile")), (ome, ("tifffile",))):
+        for backend in backends:
+            with open_slide(path, backend=backend) as s:
+                assert s.mpp == pytest.approx(0.375)
+                assert s.file_mpp_xy == pytest.approx((0.25, 0.5))
+                assert "0.25 x 0.5 µm, not square" in s.non_square_pixels
+                assert "by a factor of 2 between the two axes" in s.non_square_pixels
+            with open_slide(path, backend=backend, mpp=0.3) as s:
+                assert s.non_square_pixels == ""
+    near = tmp_path / "near.tif"
+    tifffile.imwrite(near, rgb, tile=(128, 128), photometric="rgb",
+                     resolution=(40000, 39800), resolutionunit="CENTIMETER")
+    with open_slide(near) as s:
+        assert s.non_square_pixels == "" and s.mpp == pytest.approx((0.25 + 1e4 / 39800) / 2)

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NoMppError, OutputExistsError, SlideError, UserError
+from .errors import InputWarning, NoMppError, OutputExistsError, SlideError, UserError
 from .outputs import check_not_input, exclusive_output, make_folder, remove_empty_folders
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
@@ -306,6 +306,8 @@ def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mp
             raise NoMppError(
                 f"{slide.path}: the slide has no physical pixel size; pass --mpp (µm per pixel at full resolution)"
             )
+        if slide.non_square_pixels:
+            warnings.warn(slide.non_square_pixels, InputWarning, stacklevel=3)
         if isinstance(tissue_mask, TissueMask):
             if tissue_mask.level0_size is not None and tuple(tissue_mask.level0_size) != tuple(slide.dimensions):
                 raise UserError(f"the tissue mask was made for a {tissue_mask.level0_size} slide, not {slide.dimensions}")

@@ -414,6 +414,9 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
             notes.append(f"--mpp {opts.mpp:g} replaces the {slide.file_mpp:.4g} µm/px that {slide.path.name} records "
                          "(--mpp is for files that record none): areas and the model's view follow --mpp")
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
+        if slide.non_square_pixels:
+            notes.append(slide.non_square_pixels)
+            warnings.warn(notes[-1], InputWarning, stacklevel=3)
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         cfg = engine.config

@@ -43,6 +43,8 @@ import numpy as np
 from .errors import NoMppError, SlideError, UserError
 from .tiff_tiles import TiledPageReader, TileFile, checked_readers, tile_decode_enabled
 
+#: Pixels whose recorded width and height differ by more than this (relative) are said to be non-square.
+NON_SQUARE = 0.01
 #: A pyramid level is used for a target resolution when it is at most this much coarser (relative).
 #: Slightly coarser levels are common: an Aperio AT2 scan at 0.2527 µm/px has its 4x level at
 #: 1.0108 µm/px, 1.08 % coarser than a 1 µm/px model's resolution.  Passed over, the next finer level
@@ -89,7 +91,8 @@ class Slide(ABC):
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float | None
-    file_mpp: float | None
+    file_mpp: float | None  # what the file records (the mean of across and down), whatever the override
+    file_mpp_xy: tuple[float, float] | None
     objective_power: float | None
     vendor: str | None
     bounds: tuple[int, int, int, int] | None
@@ -104,6 +107,7 @@ class Slide(ABC):
         self.vendor = None
         self.properties = {}
         self.file_mpp = None
+        self.file_mpp_xy = None
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -120,7 +124,24 @@ class Slide(ABC):
         default, ...)"), or "" when there is nothing more to say than that it records none."""
         return self._mpp_note
 
-    def _finish_init(self, file_mpp: float | None) -> None:
+    @property
+    def non_square_pixels(self) -> str:
+        """A sentence when the file records pixels more than 1 % taller than wide (or the reverse),
+        which are read as squares of their mean size; "" otherwise (and under an mpp override)."""
+        if self.file_mpp_xy is None or self._mpp_override is not None:
+            return ""
+        mx, my = self.file_mpp_xy
+        if max(mx, my) / min(mx, my) - 1 <= NON_SQUARE:
+            return ""
+        return (f"{self.path.name} records pixels of {mx:.4g} x {my:.4g} µm, not square: they are read as squares of "
+                f"{self.file_mpp:.4g} µm, which distorts shapes by a factor of {max(mx, my) / min(mx, my):.3g} "
+                "between the two axes")
+
+    def _finish_init(self, file_mpp_xy: tuple[float, float] | None) -> None:
+        """``file_mpp_xy``: the µm/px the file records across and down; the slide is read as square
+        pixels of their mean (scanners' pixels are square, up to rounding in the file)."""
+        self.file_mpp_xy = file_mpp_xy
+        file_mpp = (file_mpp_xy[0] + file_mpp_xy[1]) / 2 if file_mpp_xy else None
         self.file_mpp = file_mpp
         self.mpp = self._mpp_override if self._mpp_override is not None else file_mpp
         self._level_scales = [_level_scale(self.dimensions, d) for d in self.level_dimensions]
@@ -400,8 +421,8 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _mpp_from_resolution(xres: Any, yres: Any, unit: int | None) -> tuple[float | None, str]:
-    """µm/px from TIFF resolution tags; (None, why) for no unit or a software-default dpi."""
+def _mpp_from_resolution(xres: Any, yres: Any, unit: int | None) -> tuple[tuple[float, float] | None, str]:
+    """µm/px across and down from TIFF resolution tags; (None, why) for no unit or a software-default dpi."""
     def per_unit(r: Any) -> float | None:
         if r is None:
             return None
@@ -423,7 +444,7 @@ def _mpp_from_resolution(xres: Any, yres: Any, unit: int | None) -> tuple[float 
         return None, " (its TIFF resolution has no unit)"
     if any(abs(dpi - d) < d * 1e-3 for d in DEFAULT_DPI):
         return None, f" (its TIFF resolution, {dpi:.0f} dpi, is a software default, not a scan resolution)"
-    return (um_per_unit / px + um_per_unit / py) / 2, ""
+    return (um_per_unit / px, um_per_unit / py), ""
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -455,7 +476,7 @@ class OpenSlideSlide(Slide):
         if all(f"openslide.bounds-{k}" in props for k in ("x", "y", "width", "height")):
             self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height"))
         mx, my = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
-        file_mpp = (mx + (my or mx)) / 2 if mx else None
+        file_mpp = (mx, my if my and my > 0 else mx) if mx and mx > 0 else None
         if self.vendor == "generic-tiff" and file_mpp is not None:
             # OpenSlide takes generic TIFF mpp from the resolution tags; apply the same rule as tifffile.
             file_mpp, self._mpp_note = _mpp_from_resolution(
@@ -670,7 +691,8 @@ class TiffSlide(Slide):
             self.vendor = "aperio"
             aperio = _aperio_properties(desc)
             props.update({f"aperio.{k}": v for k, v in aperio.items()})
-            file_mpp = _float_or_none(aperio.get("MPP"))
+            aperio_mpp = _float_or_none(aperio.get("MPP"))
+            file_mpp = (aperio_mpp, aperio_mpp) if aperio_mpp and aperio_mpp > 0 else None
             self.objective_power = _float_or_none(aperio.get("AppMag"))
         elif tif.is_ndpi:
             self.vendor = "hamamatsu"
@@ -783,8 +805,9 @@ def _aperio_properties(desc: str) -> dict[str, str]:
     return out
 
 
-def _ome_metadata(xml: str) -> tuple[float | None, float | None, dict[str, str]]:
-    """mpp (PhysicalSizeX/Y with their units) and objective magnification of the first OME image."""
+def _ome_metadata(xml: str) -> tuple[tuple[float, float] | None, float | None, dict[str, str]]:
+    """µm/px across and down (PhysicalSizeX/Y with their units) and objective magnification of the
+    first OME image."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
@@ -804,7 +827,7 @@ def _ome_metadata(xml: str) -> tuple[float | None, float | None, dict[str, str]]
                 factor = _UNIT_TO_UM.get(unit)
                 if factor is not None:
                     sizes.append(value * factor)
-    mpp = sum(sizes) / len(sizes) if sizes else None
+    mpp = (sizes[0], sizes[-1]) if sizes else None
     magnification = None
     for objective in root.iter(f"{{{ns['ome']}}}Objective" if ns else "Objective"):
         magnification = _float_or_none(objective.get("NominalMagnification"))
