@@ -196,13 +196,8 @@ def process_slide(spec: dict) -> dict:
     seg = spec["segment"]
     try:
         engine = _engine(spec.get("model"), seg["backend"], seg["device"])
-        options = SegmentOptions(
-            mpp=seg["mpp"], tile=seg["tile"], overlap=seg["overlap"], batch=seg["batch"],
-            tissue_threshold=seg["tissue_threshold"], device=seg["device"], backend=seg["backend"],
-            workers=seg["reader_threads"], probs=outputs.get("probs"), geojson=outputs.get("geojson"),
-            geojson_min_area=seg.get("geojson_min_area", 0.0), overlay=outputs.get("overlay"), overwrite=True,
-            progress=False,
-        )
+        options = SegmentOptions(**seg, probs=outputs.get("probs"), geojson=outputs.get("geojson"),
+                                 overlay=outputs.get("overlay"), overwrite=True, progress=False)
         # Someone else's worker is tuned for the task only (Dask starts workers with settings that
         # halve the model's speed); a worker of our own LocalCluster was tuned for good above.
         with contextlib.nullcontext() if spec.get("tune_process") else retained_memory():
@@ -299,6 +294,12 @@ def _dashboard_line(link: str) -> str:
     return f"Dask dashboard: {link}" if link else "Dask dashboard: not available"
 
 
+# Run in each worker process of our LocalCluster as it starts (a Dask preload given as source): Ctrl-C
+# at a terminal reaches every process of the job, and a worker would die printing a traceback while
+# this process is already stopping them in order (and saying so in one line).
+_IGNORE_CTRL_C = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+
+
 @contextlib.contextmanager
 def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -> Iterator[tuple[Any, dict]]:
     """A connected Client and the task settings that depend on the cluster (resources, threads)."""
@@ -350,6 +351,7 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
     with dask.config.set(QUIET_CLUSTER):  # the nannies hand this config to the worker processes
         cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
                                resources={"GPU": 1} if gpus else None, dashboard_address=dashboard,
+                               preload=[_IGNORE_CTRL_C],
                                scheduler_kwargs={"allowed_failures": opts.retries}, silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         if gpus:
@@ -359,8 +361,14 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
         log(_dashboard_line(client.dashboard_link))
         device = ("cuda" if opts.device in ("auto", "cuda") else opts.device) if gpus else (
             "cpu" if opts.device == "auto" else opts.device)
-        yield client, {"device": device, "resources": {"GPU": 1} if gpus else None,
-                       "torch_threads": plan.torch_threads, "workers_per_host": {}, "tune_process": True}
+        try:
+            yield client, {"device": device, "resources": {"GPU": 1} if gpus else None,
+                           "torch_threads": plan.torch_threads, "workers_per_host": {}, "tune_process": True}
+        except BaseException:
+            # Interrupted (or failed): the workers are stopped mid-task, and the nannies log that as
+            # errors with tracebacks the user need not read; what happened is said in one line.
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,12 +402,18 @@ def _validate(opts: BatchOptions, jobs: Sequence[SlideJob] = ()) -> None:
             raise UserError(f"{job.source}: {job.slide.name}: {exc}" if job else str(exc)) from None
 
 
-def _segment_options(opts: BatchOptions, overrides: dict | None = None):
-    """The options of ``wsi-segment`` that a slide of this batch gets (its manifest row's first)."""
+#: The fields of ``SegmentOptions`` a task carries (its outputs travel apart, as paths of the job).
+_TASK_FIELDS = ("mpp", "tile", "overlap", "batch", "tissue_threshold", "device", "backend", "workers",
+                "geojson_min_area")
+
+
+def _segment_options(opts: BatchOptions, overrides: dict | None = None, device: str | None = None):
+    """The options of ``wsi-segment`` that a slide of this batch gets (its manifest row's first;
+    ``device``: the one the cluster chose, where it chose)."""
     from wsi_espnet.segment import SegmentOptions
 
     seg = SegmentOptions(mpp=opts.mpp, tile=opts.tile, overlap=opts.overlap, batch=opts.batch,
-                         tissue_threshold=opts.tissue_threshold, device=opts.device, backend=opts.backend,
+                         tissue_threshold=opts.tissue_threshold, device=device or opts.device, backend=opts.backend,
                          workers=opts.reader_threads, geojson_min_area=opts.geojson_min_area)
     for key, value in (overrides or {}).items():
         setattr(seg, key, value)
@@ -419,10 +433,8 @@ def _model_tile(model: str | os.PathLike | None, backend: str) -> int | None:
 
 
 def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:
-    seg = {"mpp": opts.mpp, "tile": opts.tile, "overlap": opts.overlap, "batch": opts.batch,
-           "tissue_threshold": opts.tissue_threshold, "device": cluster["device"], "backend": opts.backend,
-           "reader_threads": opts.reader_threads, "geojson_min_area": opts.geojson_min_area}
-    seg.update(job.options)
+    options = _segment_options(opts, job.options, device=cluster["device"])
+    seg = {name: getattr(options, name) for name in _TASK_FIELDS}
     return {"slide": str(job.slide), "outputs": {k: str(v) for k, v in job.outputs(opts.extras).items()},
             "model": str(opts.model) if opts.model else None, "segment": seg,
             "torch_threads": cluster["torch_threads"], "workers_per_host": cluster["workers_per_host"],
@@ -659,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from wsi_espnet.cli import interrupted, terminate_as_interrupt
 
+    # Worker processes stopped by Ctrl-C leave semaphores that multiprocessing's resource tracker (a
+    # process of its own, started with this environment) cleans up, printing a warning meant for
+    # developers; this process is ours, so the filter is set here, not in the library.
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
     try:
         with terminate_as_interrupt():
             return run(args)

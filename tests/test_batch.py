@@ -223,7 +223,7 @@ def test_unreadable_slide_is_a_failed_row_not_an_exception(tmp_path, model_file)
     mask = tmp_path / "out" / "unreadable.mask.tif"
     spec = {"slide": str(FIXTURES / "unreadable.svs"), "outputs": {"mask": str(mask)}, "model": str(model_file),
             "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 8, "tissue_threshold": None,
-                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+                        "device": "cpu", "backend": "torch", "workers": 2}}
     row = process_slide(spec)
     assert row["status"] == "failed" and row["error_type"] == "SlideError"
     assert "Bogus marker length" in row["error"] and "\n" not in row["error"]
@@ -242,7 +242,7 @@ def test_a_slide_whose_output_a_live_run_is_making_is_left_to_it(tmp_path, model
     (live_work / "progress.json").write_text("{}")
     spec = {"slide": str(slide), "outputs": {"mask": str(mask)}, "model": str(model_file),
             "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
-                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+                        "device": "cpu", "backend": "torch", "workers": 2}}
     with exclusive_output(mask):  # the live first attempt
         row = process_slide(spec)
     assert row["status"] == "failed" and row["error_type"] == "OutputBusyError"
@@ -257,7 +257,7 @@ def test_a_warning_reaches_the_report_row(tmp_path, model_file):
     spec = {"slide": str(slide), "outputs": {"mask": str(tmp_path / "out" / "thumb.mask.tif")},
             "model": str(model_file),
             "segment": {"mpp": 4.0, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
-                        "device": "cpu", "backend": "torch", "reader_threads": 2}}
+                        "device": "cpu", "backend": "torch", "workers": 2}}
     with pytest.warns(InputWarning, match="4x coarser"):
         row = process_slide(spec)
     assert row["status"] == "done" and "4x coarser" in row["warning"]
@@ -448,3 +448,33 @@ def test_a_model_that_cannot_load_stops_the_batch_as_a_user_error(tmp_path, sche
     with pytest.raises(UserError, match="not a PyTorch model file"):
         run_batch([tmp_path / "in"], tmp_path / "out", _options(bad_model, scheduler, report=tmp_path / "r.json"))
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "out").exists()  # stopped before any slide
+
+
+def test_ctrl_c_stops_wsi_batch_with_one_line_and_the_rerun_resumes(tmp_path, model_file):
+    """Ctrl-C at a terminal reaches every process of the group, the local cluster's workers too: one
+    line, exit 130, no nanny tracebacks or resource-tracker warnings; the same command then finishes."""
+    import subprocess
+    import sys
+
+    archive = tmp_path / "in"
+    archive.mkdir()
+    for seed in (1, 2):
+        write_demo_slide(archive / f"s{seed}.svs", 3072, 2304, mpp=1.0, seed=seed)
+    out = tmp_path / "out"
+    entry = "import sys; from pipelines.batch import main; sys.exit(main())"  # what the wsi-batch script runs
+    argv = [sys.executable, "-c", entry, str(archive), "--out", str(out), "--model", str(model_file),
+            "--tile", "256", "--overlap", "32", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*.work/labels*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted: re-run the same command to resume"
+    assert "Traceback" not in err and "leaked semaphore" not in err and "ERROR" not in err
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "s1.mask.tif", "s2.mask.tif"]

@@ -413,3 +413,20 @@ def test_non_square_pixels_are_said_and_read_at_their_mean(tmp_path):
                      resolution=(40000, 39800), resolutionunit="CENTIMETER")
     with open_slide(near) as s:
         assert s.non_square_pixels == "" and s.mpp == pytest.approx((0.25 + 1e4 / 39800) / 2)
+
+
+@pytest.mark.parametrize("planar", ["separate", "contig"])
+def test_several_grey_channels_read_alike_whatever_their_layout(tmp_path, planar):
+    """Four grey channels (a fluorescence TIFF): OpenSlide would show the first as grey (contiguous)
+    or garble them (separate planes); they go to tifffile, which shows the first three as RGB, and
+    are not taken for RGBA."""
+    planes = np.stack([(np.arange(256)[None, :] // (c + 1)).repeat(256, 0) for c in range(4)]).astype(np.uint8)
+    path = tmp_path / "grey4.tif"
+    data = planes if planar == "separate" else np.moveaxis(planes, 0, -1)
+    tifffile.imwrite(path, data, tile=(128, 128), photometric="minisblack", planarconfig=planar,
+                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert s.backend == "tifffile"
+        assert np.array_equal(s.read_region((0, 0), 0, (256, 256)), np.moveaxis(planes[:3], 0, -1))
+    with pytest.raises(SlideError, match="4 grey channels"):
+        open_slide(path, backend="openslide")

@@ -383,7 +383,8 @@ def _to_rgb_uint8(a: np.ndarray, photometric: int | None = None, colormap: np.nd
 
     Integers wider than 8 bits are scaled by their full range and floats are taken as 0..1: a
     fluorescence image with 12 significant bits then looks dark, which is honest rather than
-    auto-contrasted differently tile by tile.  More than four channels: the first three are shown.
+    auto-contrasted differently tile by tile.  More than four channels, or three or more grey ones
+    (a fluorescence image's): the first three are shown as red, green and blue.
     """
     if colormap is not None and a.ndim == 2:
         cmap = np.asarray(colormap)
@@ -406,9 +407,25 @@ def _to_rgb_uint8(a: np.ndarray, photometric: int | None = None, colormap: np.nd
     c = a.shape[2]
     if c in (1, 2):
         return np.repeat(a[:, :, :1], 3, axis=2)
-    if c == 4:
+    if c == 4 and photometric not in (0, 1):  # RGBA; four grey channels have no alpha
         return _composite_on_white(a)
     return np.ascontiguousarray(a[:, :, :3])
+
+
+def _grey_channels(path: Path) -> int:
+    """How many channels a TIFF's first page stores as greyscale (MINISBLACK/MINISWHITE samples
+    that are not alpha); 0 for colour images and for what tifffile cannot parse."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if int(page.photometric) not in (0, 1):
+                return 0
+            alpha = sum(1 for e in (page.extrasamples or ()) if int(e) in (1, 2))
+            return int(page.samplesperpixel) - alpha
+    except Exception:  # not ours to judge: OpenSlide opened it
+        return 0
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -493,6 +510,12 @@ class OpenSlideSlide(Slide):
             except self._error_type as exc:
                 self._osr.close()
                 raise _NotThisBackend(f"opens it but cannot decode its pixels: {_one_line(exc)}") from None
+            channels = _grey_channels(path)
+            if channels > 1:
+                # libtiff's RGBA reading, which OpenSlide uses for generic TIFFs, shows the first of
+                # several contiguous grey channels and garbles separate planes of them.
+                self._osr.close()
+                raise _NotThisBackend(f"it stores {channels} grey channels, which OpenSlide reads as one")
         self._handle = self._raw_handle()
         self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels()
