@@ -165,6 +165,17 @@ def test_bcss_split_folders_name_a_missing_mask_and_a_missing_split(tmp_path):
         find_bcss_tiles(tmp_path, "train", with_overrides(cfg, ["data.class_map={x: Tumor}"]))
 
 
+def test_a_bcss_mask_of_another_size_than_its_tile_is_refused(tmp_path):
+    """A half-size mask (a resized export, or the wrong file) would be resampled onto the tile and
+    shifted against it: refused, naming both sizes."""
+    name = "a_MPP-0.2500.png"
+    _png(tmp_path / "train" / "images" / name, np.full((64, 64, 3), 200, np.uint8))
+    _png(tmp_path / "train" / "masks" / name, np.ones((32, 32), np.uint8))
+    cfg = with_overrides(load_config("bcss"), [f"data.root={tmp_path}", "train.crop=[16,16]"])
+    with pytest.raises(UserError, match="must be its tile's size, 64x64, got 32x32"):
+        build_split_stores(cfg, "train", tmp_path / "cache", purpose="train", workers=1)
+
+
 def test_bcss_tiles_with_code_map_become_labelled_patch_stores(tmp_path):
     root = tmp_path / "bcss"
     name = "TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500.png"

@@ -344,7 +344,7 @@ def test_direct_openslide_reads_match_openslide_python(slides_dir, name):
     """Tiles are read by OpenSlide straight into numpy (no PIL); the pixels must be those of the public
     ``OpenSlide.read_region`` composited on white: the same bytes where opaque, and where OpenSlide's
     premultiplied alpha is partial (level edges), within one grey level."""
-    from wsi_espnet.slide import _RAW_READ, _composite_on_white
+    from wsi_espnet.slide import _RAW_READ, _rgba_on_white
 
     assert _RAW_READ is not None  # the fast path is live on this openslide-python
     with open_slide(slides_dir / name) as s:
@@ -353,7 +353,7 @@ def test_direct_openslide_reads_match_openslide_python(slides_dir, name):
         for level in range(s.level_count):
             for loc in [(0, 0), (-37, -50), (w - 150, h - 90), (w // 3, h // 3)]:
                 ours = s.read_region(loc, level, (200, 120))
-                ref = _composite_on_white(np.asarray(s._osr.read_region(loc, level, (200, 120))))
+                ref = _rgba_on_white(np.asarray(s._osr.read_region(loc, level, (200, 120))))
                 alpha = np.asarray(s._osr.read_region(loc, level, (200, 120)))[..., 3]
                 np.testing.assert_array_equal(ours[alpha == 255], ref[alpha == 255])
                 assert np.abs(ours.astype(int) - ref).max() <= 1
@@ -373,7 +373,7 @@ def test_direct_reads_fall_back_when_their_check_at_open_fails(slides_dir, monke
     monkeypatch.setattr(slide_mod, "_RAW_READ", broken)
     with open_slide(slides_dir / "real/CMU-1-Small-Region.svs") as s:
         assert s._handle is None
-        ref = slide_mod._composite_on_white(np.asarray(s._osr.read_region((100, 200), 0, (64, 48))))
+        ref = slide_mod._rgba_on_white(np.asarray(s._osr.read_region((100, 200), 0, (64, 48))))
         np.testing.assert_array_equal(s.read_region((100, 200), 0, (64, 48)), ref)
 
 
@@ -430,3 +430,27 @@ def test_several_grey_channels_read_alike_whatever_their_layout(tmp_path, planar
         assert np.array_equal(s.read_region((0, 0), 0, (256, 256)), np.moveaxis(planes[:3], 0, -1))
     with pytest.raises(SlideError, match="4 grey channels"):
         open_slide(path, backend="openslide")
+
+
+@pytest.mark.parametrize("samples, photometric, extrasamples, expected", [
+    ([60, 120, 180, 0], "minisblack", ["unspecified", "unspecified", "unassalpha"], [255, 255, 255]),
+    ([60, 120, 128], "minisblack", ["unspecified", "unassalpha"], [157, 157, 157]),  # first grey, half on white
+    ([40, 20, 60, 128], "rgb", ["assocalpha"], [167, 147, 187]),  # premultiplied: white's share added
+    ([40, 20, 60, 128], "rgb", ["unassalpha"], [147, 137, 157]),
+    ([79, 31, 108, 100], "rgb", ["unspecified"], [79, 31, 108]),  # not alpha: ignored, OpenSlide would blend
+])
+def test_alpha_is_read_as_the_tiff_says(tmp_path, samples, photometric, extrasamples, expected):
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.tile(np.array(samples, np.uint8), (64, 64, 1)), photometric=photometric,
+                     extrasamples=extrasamples, tile=(32, 32))
+    with open_slide(path) as s:
+        assert s.read_region((0, 0), 0, (1, 1))[0, 0].tolist() == expected
+        assert s.backend == ("openslide" if photometric == "rgb" and extrasamples != ["unspecified"] else "tifffile")
+
+
+def test_an_ome_tiff_not_named_so_is_still_read_with_its_ome_metadata(tmp_path):
+    path = tmp_path / "plain-name.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), tile=(32, 32), photometric="rgb", ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with open_slide(path) as s:
+        assert (s.backend, s.vendor, s.mpp) == ("tifffile", "ome", 0.5)

@@ -406,6 +406,7 @@ class LabelImage:
         if self._array.ndim != 2:
             raise UserError(f"{self.path}: a label image must be single-channel (one class id per pixel), got shape {self._array.shape}")
         h, w = self._array.shape
+        self.size = (w, h)
         self.scale_x = slide_size[0] / w  # level-0 pixels per label pixel
         self.scale_y = slide_size[1] / h
         if abs(h - slide_size[1] / self.scale_x) > 1 + 0.01 * h:  # same aspect, up to rounding

@@ -216,8 +216,14 @@ def open_labels(item: LabelledSlide, cfg: DatasetConfig, slide) -> AnnotationMap
         lut = np.full(256, cfg.ignore_index, np.uint8)
         for code, cid in item.codes:
             lut[code] = cid
-    return LabelImage(item.labels, size, cfg.ignore_index, cfg.num_classes, lut=lut,
-                      listed=None if item.codes is None else {code for code, _ in item.codes})
+    labels = LabelImage(item.labels, size, cfg.ignore_index, cfg.num_classes, lut=lut,
+                        listed=None if item.codes is None else {code for code, _ in item.codes})
+    if item.codes is not None and labels.size != size:
+        # A BCSS mask is its tile's pixel for pixel; another size is a wrong pairing or a resized
+        # export, which resampling would silently shift against the image.
+        raise UserError(f"{item.labels}: a BCSS mask must be its tile's size, {size[0]}x{size[1]}, "
+                        f"got {labels.size[0]}x{labels.size[1]}")
+    return labels
 
 
 def coverage_mask(labels: AnnotationMap | LabelImage, level0_size: tuple[int, int], mpp: float | None):

@@ -33,7 +33,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -378,13 +378,18 @@ def _openslide_downsample(base: tuple[int, int], dims: tuple[int, int]) -> float
     return ((base[1] / dims[1]) + (base[0] / dims[0])) / 2.0
 
 
-def _to_rgb_uint8(a: np.ndarray, photometric: int | None = None, colormap: np.ndarray | None = None) -> np.ndarray:
+def _to_rgb_uint8(a: np.ndarray, photometric: int | None = None, colormap: np.ndarray | None = None,
+                  extrasamples: Sequence[int] | None = None) -> np.ndarray:
     """(h, w[, c]) of any sample type to uint8 RGB; alpha composited on white.
 
     Integers wider than 8 bits are scaled by their full range and floats are taken as 0..1: a
     fluorescence image with 12 significant bits then looks dark, which is honest rather than
-    auto-contrasted differently tile by tile.  More than four channels, or three or more grey ones
-    (a fluorescence image's): the first three are shown as red, green and blue.
+    auto-contrasted differently tile by tile.  One or two grey channels: the first, as grey; three or
+    more colour channels (RGB, or a fluorescence image's grey ones): the first three as RGB.
+
+    ``extrasamples``: a TIFF's ExtraSamples (the last samples of a pixel: 0 unspecified, 1 alpha
+    premultiplied into the colour, 2 plain alpha); the first alpha among them is composited and
+    unspecified ones count as channels.  None (other formats): the last of 2 or 4 samples is alpha.
     """
     if colormap is not None and a.ndim == 2:
         cmap = np.asarray(colormap)
@@ -402,39 +407,55 @@ def _to_rgb_uint8(a: np.ndarray, photometric: int | None = None, colormap: np.nd
             a = (np.clip(np.nan_to_num(a.astype(np.float64)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if a.ndim == 2:
         a = a[:, :, None]
-    if photometric == 0:  # MINISWHITE
-        a = 255 - a
     c = a.shape[2]
-    if c in (1, 2):
-        return np.repeat(a[:, :, :1], 3, axis=2)
-    if c == 4 and photometric not in (0, 1):  # RGBA; four grey channels have no alpha
-        return _composite_on_white(a)
-    return np.ascontiguousarray(a[:, :, :3])
+    alpha_at, premultiplied = (c - 1 if c in (2, 4) else None), False
+    if extrasamples is not None:
+        first = c - len(extrasamples)
+        alpha_at = next((first + i for i, e in enumerate(extrasamples) if int(e) in (1, 2)), None)
+        premultiplied = alpha_at is not None and int(extrasamples[alpha_at - first]) == 1
+    colour = a[:, :, :alpha_at] if alpha_at is not None else a
+    if photometric == 0:  # MINISWHITE
+        colour = 255 - colour
+    rgb = np.repeat(colour[:, :, :1], 3, axis=2) if colour.shape[2] < 3 else np.ascontiguousarray(colour[:, :, :3])
+    if alpha_at is None:
+        return rgb
+    return _composite_on_white(rgb, a[:, :, alpha_at], premultiplied)
 
 
-def _grey_channels(path: Path) -> int:
-    """How many channels a TIFF's first page stores as greyscale (MINISBLACK/MINISWHITE samples
-    that are not alpha); 0 for colour images and for what tifffile cannot parse."""
+def _openslide_misreads(path: Path) -> str:
+    """Why OpenSlide's generic-TIFF reading (libtiff's RGBA interface) would show a TIFF wrongly, or
+    "" (also for what tifffile cannot parse: OpenSlide opened it, so it is OpenSlide's)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if tif.is_ome:
+                return "it is an OME-TIFF, whose pixel size and channels only tifffile reads"
             page = tif.pages[0]
-            if int(page.photometric) not in (0, 1):
-                return 0
-            alpha = sum(1 for e in (page.extrasamples or ()) if int(e) in (1, 2))
-            return int(page.samplesperpixel) - alpha
-    except Exception:  # not ours to judge: OpenSlide opened it
-        return 0
+            extras = [int(e) for e in (page.extrasamples or ())]
+            if int(page.photometric) in (0, 1):
+                channels = int(page.samplesperpixel) - sum(1 for e in extras if e in (1, 2))
+                if channels > 1:  # libtiff shows the first of contiguous ones, garbles planes of them
+                    return f"it stores {channels} grey channels, which OpenSlide reads as one"
+            elif 0 in extras:  # libtiff takes an unspecified extra sample for alpha
+                return "it has an extra sample that is not alpha, which OpenSlide takes for alpha"
+    except Exception:
+        return ""
+    return ""
 
 
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    alpha = rgba[:, :, 3:4]
+def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """PIL's RGBA (plain alpha, as openslide-python hands it over) over white."""
+    return _composite_on_white(np.ascontiguousarray(rgba[:, :, :3]), rgba[:, :, 3])
+
+
+def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[:, :, :3])
-    rgb = rgba[:, :, :3].astype(np.uint16)
-    a = alpha.astype(np.uint16)
-    out = (rgb * a + 255 * (255 - a) + 127) // 255
+        return rgb
+    a = alpha[:, :, None].astype(np.uint16)
+    if premultiplied:  # the colour is already scaled by alpha: only white's share is added
+        return np.minimum(rgb.astype(np.uint16) + (255 - a), 255).astype(np.uint8)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
 
 
@@ -510,12 +531,10 @@ class OpenSlideSlide(Slide):
             except self._error_type as exc:
                 self._osr.close()
                 raise _NotThisBackend(f"opens it but cannot decode its pixels: {_one_line(exc)}") from None
-            channels = _grey_channels(path)
-            if channels > 1:
-                # libtiff's RGBA reading, which OpenSlide uses for generic TIFFs, shows the first of
-                # several contiguous grey channels and garbles separate planes of them.
+            misread = _openslide_misreads(path)
+            if misread:
                 self._osr.close()
-                raise _NotThisBackend(f"it stores {channels} grey channels, which OpenSlide reads as one")
+                raise _NotThisBackend(misread)
         self._handle = self._raw_handle()
         self._file: TileFile | None = None
         self._tile_readers = self._tile_reader_levels()
@@ -561,7 +580,7 @@ class OpenSlideSlide(Slide):
         w, h = (min(16, v) for v in self.level_dimensions[level])
         try:
             raw = _raw_openslide_read(handle, (0, 0), level, w, h)
-            ref = _composite_on_white(np.asarray(self._osr.read_region((0, 0), level, (w, h))))
+            ref = _rgba_on_white(np.asarray(self._osr.read_region((0, 0), level, (w, h))))
         except Exception:
             return None
         return handle if raw.shape == ref.shape and np.abs(raw.astype(np.int16) - ref).max() <= 1 else None
@@ -598,7 +617,7 @@ class OpenSlideSlide(Slide):
             img = self._osr.read_region(loc, level, (w, h))
         except self._error_type as exc:
             raise self._read_failed(exc, level, loc[0], loc[1], w, h) from None
-        return _composite_on_white(np.asarray(img))
+        return _rgba_on_white(np.asarray(img))
 
     def close(self) -> None:
         self._release_tile_readers()
@@ -701,6 +720,7 @@ class TiffSlide(Slide):
         page = series.keyframe if hasattr(series, "keyframe") else tif.pages[0]
         self._photometric = int(page.photometric)
         self._colormap = page.colormap if self._photometric == 3 else None
+        self._extrasamples = tuple(int(e) for e in (page.extrasamples or ()))
         desc = page.description or ""
         props: dict[str, str] = {}
         if desc:
@@ -781,7 +801,7 @@ class TiffSlide(Slide):
             a = np.moveaxis(a, kept.index("C"), -1)
         elif "S" in kept and kept.index("S") < kept.index("Y"):
             a = np.moveaxis(a, kept.index("S"), -1)
-        return _to_rgb_uint8(a, self._photometric, self._colormap)
+        return _to_rgb_uint8(a, self._photometric, self._colormap, self._extrasamples)
 
     def close(self) -> None:
         self._release_tile_readers()
