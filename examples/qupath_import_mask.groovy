@@ -149,9 +149,17 @@ try {
     def hierarchy = imageData.getHierarchy()
     def annotations = []
     def plane = ImagePlane.getDefaultPlane()
+    // Distinct names, as wsi-espnet writes them (QuPath would merge two classes of one name)
+    def writtenNames = [:]
+    for (def key : classNames.keySet().sort { it as int }) {
+        String n = qupathName(classNames[key])
+        while (writtenNames.containsValue(n))
+            n = n + " (" + key + ")"
+        writtenNames[key] = n
+    }
     for (def key : classNames.keySet().sort { it as int }) {
         int id = key as int
-        String name = qupathName(classNames[key])
+        String name = writtenNames[key]
         if (SKIP_BACKGROUND && name.equalsIgnoreCase("Background"))
             continue
         Integer rgb = null

@@ -324,3 +324,14 @@ def test_a_part_invalid_after_placement_is_repaired_with_its_spooled_holes(tmp_p
     whole = shapely.Polygon(part.exterior, [crossing, spooled])
     assert geom.area == pytest.approx(shapely.make_valid(whole).area)  # what make_valid makes of it all
     assert not geom.contains(shapely.Point(3, 3))
+
+
+def test_class_names_that_become_alike_stay_distinct(tmp_path):
+    """QuPath merges classes of one name: names alike once made ASCII get their class id."""
+    names = ["Background", "Tumör: grade 2", "Tumor- grade 2", "\u816b\u760d", "\u9593\u8cea"]
+    assert qupath_class_names(names) == ["Background", "Tumor- grade 2", "Tumor- grade 2 (2)", "Unnamed",
+                                         "Unnamed (4)"]
+    lab = np.arange(5, dtype=np.uint8).repeat(4)[None, :].repeat(3, 0)
+    _, feats = _write(tmp_path, lab, class_names=names, colors=[(0, 0, 0)] * 5)
+    assert {n: shape(f["geometry"]).area for n, f in feats.items()} == {
+        "Tumor- grade 2": 12, "Tumor- grade 2 (2)": 12, "Unnamed": 12, "Unnamed (4)": 12}

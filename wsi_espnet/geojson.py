@@ -99,8 +99,9 @@ def write_geojson(
     the ``Area um^2`` measurement and the summary (left out when None).  ``occupied``: where
     ``labels`` may be non-zero; blocks it rules out are counted as class 0 without being read
     (when class 0 is not excluded, they are read and drawn as any other).  ``extent``: the slide's
-    level-0 ``(width, height)``; outlines are clipped to it (the label map's last row and column,
-    rounded up from the slide's size, may reach up to one label pixel past the slide's edge).
+    level-0 ``(width, height)``; outlines are cut at it (the label map's size is the slide's at its
+    resolution, rounded: its last row and column may reach up to half a label pixel past the
+    slide's edge, or stop as much short of it, which then stays unoutlined).
 
     Returns a summary: ``{"features": n, "classes": {name: {"pixels", "area_um2", "polygons",
     "holes", "vertices", "written_name"}}}`` with pixel counts for *every* class, written or not.
@@ -231,12 +232,15 @@ def _fsync(path: Path) -> None:
 
 
 def qupath_class_names(names: Sequence[str]) -> list[str]:
-    """Names QuPath 0.4-0.6 read back unchanged: ASCII, no ``:``, no surrounding blanks."""
-    out = []
-    for name in names:
+    """Names QuPath 0.4-0.6 read back unchanged: ASCII, no ``:``, no surrounding blanks, and
+    distinct (QuPath would merge two classes of one name): a name already taken gets `` (id)``."""
+    out: list[str] = []
+    for class_id, name in enumerate(names):
         ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode("ascii")
         ascii_name = "".join(ch if ch.isprintable() else " " for ch in ascii_name)
         ascii_name = ascii_name.replace(":", "-").strip() or "Unnamed"
+        while ascii_name in out:
+            ascii_name = f"{ascii_name} ({class_id})"
         out.append(ascii_name)
     return out
 
@@ -417,8 +421,8 @@ class _Placement:
     """Where label-pixel outlines land in the file: level-0 pixels, the offset subtracted, on QuPath's
     0.01 grid, and the label map's far edges pulled in to the slide's ``extent``.
 
-    Why pull edges in rather than clip: the map's last row and column, rounded up from the slide's
-    size, may reach up to one label pixel past the slide.  Every other vertex lies inside, so moving
+    Why pull edges in rather than clip: the map's last row and column may reach past the slide (by
+    up to half a label pixel as ``wsi-segment`` rounds; the writer allows up to one).  Every other vertex lies inside, so moving
     just the far edge is a strictly increasing map of each axis: it cuts exactly what an intersection
     with the slide's box would, without changing any polygon's topology (a part can never split, so
     the holes kept on disk still belong to the part they were read with).
@@ -634,18 +638,14 @@ def _finish(polygons: np.ndarray, place: _Placement, min_area: float, *, hole: b
     parts = shapely.transform(_drop_collinear(polygons), place)
     if min_area > 0:
         parts = fill_small_holes(parts, min_area)
-    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1
-        parts = shapely.orient_polygons(parts, exterior_cw=hole)
-    return parts
+    return shapely.orient_polygons(parts, exterior_cw=hole)
 
 
 def _repair(parts: np.ndarray) -> np.ndarray:
     """The polygons of ``make_valid(parts)``, wound as :func:`_finish` winds them."""
     pieces = shapely.get_parts(shapely.get_parts(shapely.make_valid(parts)))  # collections one level down
     pieces = pieces[(shapely.get_type_id(pieces) == 3) & ~shapely.is_empty(pieces)]
-    if hasattr(shapely, "orient_polygons"):
-        pieces = shapely.orient_polygons(pieces, exterior_cw=False)
-    return pieces
+    return shapely.orient_polygons(pieces, exterior_cw=False)
 
 
 def _coordinates(geometries: np.ndarray) -> list[str]:
