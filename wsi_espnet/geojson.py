@@ -498,8 +498,7 @@ class _ClassOutlines:
         refs = np.zeros(polygons.size, _HOLE_REF)
         if polygons.size == 0:
             return polygons, refs
-        rings, owner = shapely.get_rings(polygons, return_index=True)  # each polygon's shell comes first
-        shell = np.append(True, owner[1:] != owner[:-1])
+        rings, owner, shell = _rings(polygons)
         if shell.all():
             return polygons, refs
         holes, owner = _finish(shapely.polygons(rings[~shell]), place, 0.0, hole=True), owner[~shell]
@@ -661,12 +660,18 @@ def fill_small_holes(parts: np.ndarray, min_area: float) -> np.ndarray:
     hole, so it goes too and no two parts of a class overlap."""
     if parts.size == 0:
         return parts
-    rings, part_of = shapely.get_rings(parts, return_index=True)  # each part's shell comes first
-    shell = np.append(True, part_of[1:] != part_of[:-1])
+    rings, part_of, shell = _rings(parts)
     keep_ring = shell | _at_least(shapely.area(shapely.polygons(rings)), min_area)
     if keep_ring.all():
         return parts
     return shapely.polygons(rings[keep_ring], indices=part_of[keep_ring])
+
+
+def _rings(polygons: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ring of ``polygons``, the polygon each belongs to, and which are shells (shapely lists
+    each polygon's shell first, then its holes)."""
+    rings, owner = shapely.get_rings(polygons, return_index=True)
+    return rings, owner, np.r_[owner[:1] >= 0, owner[1:] != owner[:-1]]
 
 
 def _at_least(area: np.ndarray, min_area: float) -> np.ndarray:
