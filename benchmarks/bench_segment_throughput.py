@@ -68,6 +68,7 @@ import wsi_espnet.segment as seg  # noqa: E402
 from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.demo import write_demo_slide  # noqa: E402
 from wsi_espnet.engine import TorchEngine  # noqa: E402
+from wsi_espnet.errors import UserError  # noqa: E402
 from wsi_espnet.segment import SegmentOptions, feed_batches, segment_slide  # noqa: E402
 from wsi_espnet.slide import open_slide  # noqa: E402
 from wsi_espnet.stitch import feed_bands  # noqa: E402
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=int, help="tile overlap (default: the model's)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
                    "fewer leaves cores to reading and blending")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the model alone includes "
+                   "the copies to and from the device, as segment_slide's calls do")
     args = p.parse_args(argv)
     if args.tile is not None and (args.tile < 8 or args.tile % 8):
         p.error(f"--tile {args.tile}: ESPNet needs a positive tile size divisible by 8")
@@ -241,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
         torch.set_num_threads(args.torch_threads)
 
-    engine = TorchEngine(load_model(args.model), device="cpu")
+    try:
+        engine = TorchEngine(load_model(args.model), device=args.device)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
     tile = args.tile or engine.config.slide.tile
     overlap = engine.config.slide.overlap if args.overlap is None else args.overlap
     if not 0 <= overlap <= tile // 2:
         p.error(f"--overlap {overlap}: between 0 and half the tile ({tile // 2})")
-    print(f"model {args.model.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}", flush=True)
+    on = torch.cuda.get_device_name(engine.device) if engine.device.startswith("cuda") else "CPU"
+    print(f"model {args.model.name} on {on} ({engine.device}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"torch threads, {os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.predict_proba(pixels[:2])  # warm-up
         rows = []
         for batch in (int(v) for v in args.batches.split(",")):
+            if engine.device != "cpu":  # kernels are chosen per input shape on first use
+                engine.predict_proba(pixels[:batch])
             for workers in (int(v) for v in args.workers.split(",")):
                 for _ in range(args.repeats):
                     for schedule in args.schedules.split(","):
