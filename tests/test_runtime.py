@@ -75,9 +75,43 @@ print(tune_for_inference(), os.environ.get("GOMP_SPINCOUNT"))
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_tune_for_inference_sets_what_it_can_and_leaves_a_users_choice():
     fresh = _child(TUNE.format(pre=""))
-    assert fresh == "{'gomp_spincount': True, 'retain_freed_memory': True} 30000"
+    assert fresh == "{'gomp_spincount': True, 'retain_freed_memory': True, 'one_malloc_arena': True} 30000"
     late = _child(TUNE.format(pre="import torch"))  # libgomp already read its settings
-    assert late.startswith("{'gomp_spincount': False, 'retain_freed_memory': True}")
+    assert late.startswith("{'gomp_spincount': False, 'retain_freed_memory': True, 'one_malloc_arena': True}")
+    users = _child(TUNE.format(pre="os.environ['MALLOC_ARENA_MAX'] = '4'"))  # the user's own choice wins
+    assert users.startswith("{'gomp_spincount': True, 'retain_freed_memory': True, 'one_malloc_arena': False}")
+
+
+ARENAS = """
+import threading
+import numpy as np
+from wsi_espnet.runtime import one_malloc_arena, retain_freed_memory
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+
+{tune}
+assert retain_freed_memory()
+def work():  # 200 MB in blocks of 4 MB (each far below a thread heap's 64 MB), then freed
+    blocks = [np.ones(4_000_000, np.uint8) for _ in range(50)]
+    del blocks
+
+work()  # on the main thread: its heap keeps the memory
+before = rss()
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_one_malloc_arena_lets_threads_reuse_what_the_main_thread_freed():
+    shared = int(_child(ARENAS.format(tune="assert one_malloc_arena()")))
+    apart = int(_child(ARENAS.format(tune="")))
+    assert shared < 20  # served from the main heap's kept memory
+    assert apart > 80  # what it guards against: a second heap beside it (123 MB measured)
     users = _child(TUNE.format(pre="os.environ['GOMP_SPINCOUNT'] = '5'"))
     assert users.endswith(" 5") and "'gomp_spincount': False" in users
 

@@ -57,7 +57,9 @@ import os
 import tempfile
 import unicodedata
 import uuid
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -66,6 +68,7 @@ import numpy as np
 import shapely
 from skimage.measure import label as connected_components
 
+from .engine import available_cores
 from .outputs import check_output
 from .tiling import Occupancy
 
@@ -180,38 +183,59 @@ def write_geojson(
 def _trace_blocks(labels: Any, block: int, named: int, outlines: dict[int, _ClassOutlines],
                   place: _Placement, min_area: float, skip: Occupancy | None) -> np.ndarray:
     """Read ``labels`` block by block into ``outlines`` (one per drawn class); returns the count of
-    every label value.  ``skip``: blocks it rules out are counted as class 0 unread."""
+    every label value.  ``skip``: blocks it rules out are counted as class 0 unread.
+
+    Why threads: reading and tracing a block (numpy, most of it without the GIL) needs nothing but
+    the block, so the next few blocks are traced while this thread merges the outlines of the
+    current one; the merges still happen in raster order, so the output is the same.  A few blocks
+    ahead, not a row: a block of specks is many polygons, and memory must not grow with the map."""
     height, width = labels.shape
     keep = np.zeros(256, bool)
     keep[list(outlines)] = True
     counts = np.zeros(256, np.int64)
-    for y0 in range(0, height, block):
-        for x0 in range(0, width, block):
-            y1, x1 = min(y0 + block, height), min(x0 + block, width)
-            if skip is not None and not skip.may_have(y0, y1, x0, x1):
+    blocks = [(y0, x0, min(y0 + block, height), min(x0 + block, width))
+              for y0 in range(0, height, block) for x0 in range(0, width, block)]
+    ahead = min(4, available_cores())
+
+    def trace(y0: int, x0: int, y1: int, x1: int):
+        if skip is not None and not skip.may_have(y0, y1, x0, x1):
+            return None
+        raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
+        block_counts = np.bincount(raw.ravel(), minlength=256)
+        if not block_counts[keep].any():
+            return block_counts, None  # no class to draw here (all background, say): nothing to trace
+        traced = np.where(keep[raw], raw.astype(np.int16), np.int16(-1))
+        return block_counts, trace_regions(traced, origin=(x0, y0))
+
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="geojson-trace") as pool:
+        pending: deque[Future] = deque()
+        for i, (y0, x0, y1, x1) in enumerate(blocks):
+            while len(pending) <= ahead and i + len(pending) < len(blocks):
+                pending.append(pool.submit(trace, *blocks[i + len(pending)]))
+            done = pending.popleft().result()
+            if done is None:
                 counts[0] += (y1 - y0) * (x1 - x0)
-                continue
-            raw = np.asarray(labels[y0:y1, x0:x1], dtype=np.uint8)
-            block_counts = np.bincount(raw.ravel(), minlength=256)
-            counts += block_counts
-            unnamed = np.flatnonzero(counts[named:NOT_COMPUTED])
-            if unnamed.size:
-                raise ValueError(f"label value {unnamed[0] + named} found, but only {named} classes are named")
-            if not block_counts[keep].any():
-                continue  # no class to draw here (all background, say): nothing to trace
-            traced = np.where(keep[raw], raw.astype(np.int16), np.int16(-1))
-            polygons, classes = trace_regions(traced, origin=(x0, y0))
-            # Only a piece reaching a border shared with another block may continue there.
-            b = shapely.bounds(polygons)
-            cut = (((b[:, 0] == x0) & (x0 > 0)) | ((b[:, 1] == y0) & (y0 > 0))
-                   | ((b[:, 2] == x1) & (x1 < width)) | ((b[:, 3] == y1) & (y1 < height)))
-            for c in np.unique(classes):
-                mine = classes == c
-                outlines[int(c)].add_whole(polygons[mine & ~cut], place, min_area)
-                outlines[int(c)].add_cut(polygons[mine & cut], place, min_area)
-        bottom = min(y0 + block, height)
-        for spool in outlines.values():
-            spool.end_row(bottom if bottom < height else None, place, min_area)
+            else:
+                block_counts, traced = done
+                counts += block_counts
+                unnamed = np.flatnonzero(counts[named:NOT_COMPUTED])
+                if unnamed.size:
+                    for f in pending:
+                        f.cancel()
+                    raise ValueError(f"label value {unnamed[0] + named} found, but only {named} classes are named")
+                if traced is not None:
+                    polygons, classes = traced
+                    # Only a piece reaching a border shared with another block may continue there.
+                    b = shapely.bounds(polygons)
+                    cut = (((b[:, 0] == x0) & (x0 > 0)) | ((b[:, 1] == y0) & (y0 > 0))
+                           | ((b[:, 2] == x1) & (x1 < width)) | ((b[:, 3] == y1) & (y1 < height)))
+                    for c in np.unique(classes):
+                        mine = classes == c
+                        outlines[int(c)].add_whole(polygons[mine & ~cut], place, min_area)
+                        outlines[int(c)].add_cut(polygons[mine & cut], place, min_area)
+            if x1 == width:  # the last block of its row
+                for spool in outlines.values():
+                    spool.end_row(y1 if y1 < height else None, place, min_area)
     return counts
 
 
@@ -276,18 +300,25 @@ def trace_regions(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple
     vbreak[:, [0, -1]] = True
     hy, hx0, hx1 = _runs(hor, hbreak)
     vx, vy0, vy1 = _runs(ver.T, vbreak.T)
+    del hor, ver, hbreak, vbreak
+    # (The arrays below hold one entry per half-edge, millions on a block of specks: they are
+    # int32 or narrower, and each is dropped once used, so that tracing a block stays far below
+    # the size of the block's labels times ten.)
 
     # Half-edges: start node, direction, owned pixel (padded coordinates) on the right-hand side.
     sx = np.concatenate([hx0, hx1, vx, vx])
     sy = np.concatenate([hy, hy, vy0, vy1])
     ex = np.concatenate([hx1, hx0, vx, vx])
     ey = np.concatenate([hy, hy, vy1, vy0])
-    d = np.concatenate([np.full(hx0.size, _E), np.full(hx0.size, _W), np.full(vx.size, _S), np.full(vx.size, _N)])
+    d = np.concatenate([np.full(hx0.size, _E, np.int8), np.full(hx0.size, _W, np.int8),
+                        np.full(vx.size, _S, np.int8), np.full(vx.size, _N, np.int8)])
     own_r = np.concatenate([hy + 1, hy, vy0 + 1, vy0 + 1])
     own_c = np.concatenate([hx0 + 1, hx0 + 1, vx, vx + 1])
+    del hy, hx0, hx1, vx, vy0, vy1
     owner = padded[own_r, own_c]
     real = owner >= 0
     sx, sy, ex, ey, d, own_r, own_c, owner = (a[real] for a in (sx, sy, ex, ey, d, own_r, own_c, owner))
+    del real
     n = sx.size
     if n == 0:
         return np.empty(0, dtype=object), np.empty(0, np.int16)
@@ -295,31 +326,47 @@ def trace_regions(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple
     # Successor: at the end node, turn right if an edge goes that way, else straight on, else left.
     right, left = (d + 1) % 4, (d + 3) % 4
     next_dir = np.where(out[right, ey, ex], right, np.where(out[d, ey, ex], d, left))
+    del out, right, left
     stride = w + 1
     keys = (sy.astype(np.int64) * stride + sx) * 4 + d
-    order = np.argsort(keys)
+    del d
+    order = np.argsort(keys).astype(np.int32)
+    keys = keys[order]
     wanted = (ey.astype(np.int64) * stride + ex) * 4 + next_dir
-    succ = order[np.minimum(np.searchsorted(keys[order], wanted), n - 1)]
-    if not np.array_equal(keys[succ], wanted):  # would mean a broken boundary graph: a bug here
+    del ex, ey, next_dir
+    at = np.minimum(np.searchsorted(keys, wanted), n - 1)
+    if not np.array_equal(keys[at], wanted):  # would mean a broken boundary graph: a bug here
         raise AssertionError("ring tracing found a dangling boundary edge")
+    del keys, wanted
+    succ = order[at]
+    del order, at
 
     ring, rank = _cycles(succ)
-    seq = np.lexsort((-rank, ring))  # half-edges in ring order; each contributes its start vertex
-    xs, ys = sx[seq].astype(np.int64), sy[seq].astype(np.int64)
-    ring_of = _split_pinched_rings(ring[seq], ys * stride + xs)
+    del succ
+    seq = np.lexsort((-rank, ring)).astype(np.int32)  # half-edges in ring order; each contributes its start vertex
+    ring = ring[seq]
+    del rank
+    xs, ys = sx[seq], sy[seq]
+    del sx, sy
+    ring_of = _split_pinched_rings(ring, ys.astype(np.int64) * stride + xs)
+    del ring
     regroup = np.argsort(ring_of, kind="stable")  # split-off loops keep their vertex order
     seq, xs, ys, ring_of = seq[regroup], xs[regroup], ys[regroup], ring_of[regroup]
+    del regroup
     ring_ids, ring_start = np.unique(ring_of, return_index=True)
-    # Shoelace sign with y down: shells > 0, holes < 0.
+    # Shoelace sign with y down: shells > 0, holes < 0 (each term is within int32: coordinates
+    # are at most a block's side; the sums are taken in int64).
     ring_end = np.append(ring_start[1:], n) - 1
     nx, ny = np.roll(xs, -1), np.roll(ys, -1)
     nx[ring_end], ny[ring_end] = xs[ring_start], ys[ring_start]
-    is_hole = np.add.reduceat(xs * ny - nx * ys, ring_start) < 0
+    is_hole = np.add.reduceat(xs * ny - nx * ys, ring_start, dtype=np.int64) < 0
+    del nx, ny, ring_end
 
     # Which region each ring bounds: the 4-connected component of the pixel its first edge owns.
     components = connected_components(labels, background=-1, connectivity=1)
     first = seq[ring_start]
     ring_component = components[own_r[first] - 1, own_c[first] - 1]
+    del components, own_r, own_c, seq
     ring_label = owner[first]
     ring_order = np.lexsort((is_hole, ring_component))  # shell first within each component
     shells = ~is_hole[ring_order]
@@ -331,7 +378,7 @@ def trace_regions(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple
     ring_rank[ring_order] = np.arange(ring_order.size)
     vertex_ring = ring_rank[np.searchsorted(ring_ids, ring_of)]
     vertex_order = np.argsort(vertex_ring, kind="stable")
-    coords = np.column_stack([xs + origin[0], ys + origin[1]]).astype(np.float64)
+    coords = np.column_stack([xs + np.float64(origin[0]), ys + np.float64(origin[1])])
     rings = shapely.linearrings(coords[vertex_order], indices=vertex_ring[vertex_order])
     polygons = shapely.polygons(rings, indices=poly_index)
     return polygons, ring_label[ring_order][shells]
@@ -380,8 +427,8 @@ def _runs(edges: np.ndarray, breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     after[:, :-1] = edges[:, 1:]
     starts = edges & (~before | breaks[:, :-1])
     ends = edges & (~after | breaks[:, 1:])
-    rows, x0 = np.nonzero(starts)
-    _, x1 = np.nonzero(ends)
+    rows, x0 = (a.astype(np.int32) for a in np.nonzero(starts))
+    x1 = np.nonzero(ends)[1].astype(np.int32)
     return rows, x0, x1 + 1
 
 
@@ -392,7 +439,7 @@ def _cycles(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``rank`` counts steps to the end of the cycle, so sorting by ``-rank`` gives cycle order.
     """
     n = succ.size
-    ring = np.arange(n)
+    ring = np.arange(n, dtype=succ.dtype)
     jump = succ.copy()
     while True:
         new = np.minimum(ring, ring[jump])
@@ -404,7 +451,7 @@ def _cycles(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nxt = succ.copy()
     tails = succ == ring
     nxt[tails] = np.flatnonzero(tails)
-    rank = (~tails).astype(np.int64)
+    rank = (~tails).astype(succ.dtype)
     while True:
         rank = rank + rank[nxt]
         newnxt = nxt[nxt]
