@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import zarr
@@ -20,9 +22,19 @@ def _cells(rects, rng):
     return cells
 
 
+@pytest.fixture(params=["inline", "writer thread"])
+def writer(request):
+    """None (chunks written by the caller) or a writer thread, as ``wsi-segment --probs`` uses."""
+    if request.param == "inline":
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("chunk", [(100, 100), (64, 96)])
-def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, chunk, recorded):
+def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, chunk, recorded, writer):
     rng = np.random.default_rng(seed)
     H, W, C = 330, 410, 3
     rects = []
@@ -33,7 +45,7 @@ def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, c
     truth = padded[:, :H, :W]
     arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(C, H, W), chunks=(C, *chunk), dtype="float16", fill_value=0)
     rec = recorded(arr)
-    asm = ChunkAssembler(rec, rects)
+    asm = ChunkAssembler(rec, rects, writer=writer)
     for a, b, c, d in _cells(rects, rng):
         asm.write(a, c, padded[:, a:b, c:d])
     assert asm.held_chunks == 0  # every chunk was complete and written before close
@@ -49,21 +61,40 @@ def test_every_pixel_lands_and_aligned_chunks_are_written_once(tmp_path, seed, c
     assert all(y1 - y0 <= chunk[0] and x1 - x0 <= chunk[1] for y0, y1, x0, x1 in regions)
 
 
-def test_flush_above_puts_rows_on_disk_and_a_resumed_start_is_kept(tmp_path):
+def test_flush_above_puts_rows_on_disk_and_a_resumed_start_is_kept(tmp_path, writer):
     """Rows above a resume point are on disk once flush_above returns, even of a chunk still
-    waiting; a run that starts below them (``start_y``) neither expects nor overwrites them."""
+    waiting (and with a writer thread, once it has written them); a run that starts below them
+    (``start_y``) neither expects nor overwrites them."""
     C, H, W = 2, 200, 150
     arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(C, H, W), chunks=(C, 128, 128), dtype="float16", fill_value=0)
-    asm = ChunkAssembler(arr, [(0, H, 0, W)])
+    asm = ChunkAssembler(arr, [(0, H, 0, W)], writer=writer)
     asm.write(0, 0, np.full((C, 100, W), 0.25, np.float32))
     asm.flush_above(100)
     assert asm.held_chunks == 2  # chunks (0, 0), (0, 1) still wait for rows 100..128
     assert (arr[:, :100] == 0.25).all() and (arr[:, 100:] == 0).all()
     # a "resumed" run from row 100: rows above stay as they are
-    resumed = ChunkAssembler(arr, [(0, H, 0, W)], start_y=100)
+    resumed = ChunkAssembler(arr, [(0, H, 0, W)], start_y=100, writer=writer)
     resumed.write(60, 0, np.full((C, H - 60, W), 0.75, np.float32))  # rows 60..100 are dropped
     assert resumed.held_chunks == 0
+    resumed.close()
     assert (arr[:, :100] == 0.25).all() and (arr[:, 100:] == 0.75).all()
+
+
+class _FullDisk:
+    """A (C, H, W) array whose every write fails as a full disk does."""
+
+    shape, chunks, dtype = (1, 64, 64), (1, 32, 32), np.dtype("float16")
+
+    def __setitem__(self, key, value):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_on_the_writer_thread_is_raised_to_the_caller():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asm = ChunkAssembler(_FullDisk(), [(0, 64, 0, 64)], writer=pool)
+        asm.write(0, 0, np.zeros((1, 32, 64), np.float32))  # two chunks complete, handed to the thread
+        with pytest.raises(OSError, match="No space left"):
+            asm.flush_above(32)
 
 
 @pytest.mark.parametrize("seed", range(4))

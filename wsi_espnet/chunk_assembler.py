@@ -16,7 +16,8 @@ below the current tile row, never a chunk row across the slide.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,10 +39,19 @@ class _Chunk:
 class ChunkAssembler:
     """Collects ``write(y, x, block)`` calls for ``array`` (a Zarr array, (C, H, W)) and writes each
     chunk when the ``rects`` that cover it have all been delivered.  Rows above ``start_y`` are
-    already on disk (a resumed run) and are neither expected nor written."""
+    already on disk (a resumed run) and are neither expected nor written.
 
-    def __init__(self, array, rects: list[Rect], start_y: int = 0) -> None:
+    ``writer``: a thread for the chunk writes (compression and the file), at most ``MAX_PENDING``
+    chunks behind; :meth:`flush_above` and :meth:`close` return only once everything handed to it
+    is on disk.  Why: a chunk write costs ~8 ms, and the caller is the thread that blends between the
+    model's batches, whose every millisecond the model waits for."""
+
+    MAX_PENDING = 4
+
+    def __init__(self, array, rects: list[Rect], start_y: int = 0, writer: Executor | None = None) -> None:
         self.array = array
+        self.writer = writer
+        self._pending: deque[Future] = deque()
         _, self.height, self.width = array.shape
         self.ch, self.cw = array.chunks[1], array.chunks[2]
         self.start_y = start_y
@@ -79,12 +89,19 @@ class ChunkAssembler:
         for chunk in self._open.values():
             if chunk.top < bottom:
                 self._store(chunk, min(bottom, chunk.y + chunk.rows))
+        self._wait(0)
 
     def close(self) -> None:
-        """Write what is still held (nothing, when every expected pixel arrived)."""
+        """Write what is still held (nothing, when every expected pixel arrived), and wait for it."""
         for chunk in self._open.values():
             self._store(chunk, chunk.y + chunk.rows)
         self._open.clear()
+        self._wait(0)
+
+    def _wait(self, pending: int) -> None:
+        """Wait until at most ``pending`` writes are left in flight (their errors raised here)."""
+        while len(self._pending) > pending:
+            self._pending.popleft().result()
 
     @property
     def held_chunks(self) -> int:
@@ -119,5 +136,10 @@ class ChunkAssembler:
             if py + piece.shape[1] > end:  # rows below ``end`` stay (copied out if cut, so the rest is freed)
                 kept.append((py, px, piece) if py >= end else (end, px, piece[:, end - py :].copy()))
         chunk.pieces = kept
-        self.array[:, chunk.top : end, chunk.x : chunk.x + chunk.cols] = buf
+        region = (slice(None), slice(chunk.top, end), slice(chunk.x, chunk.x + chunk.cols))
         chunk.top = end
+        if self.writer is None:
+            self.array[region] = buf
+            return
+        self._wait(self.MAX_PENDING - 1)
+        self._pending.append(self.writer.submit(self.array.__setitem__, region, buf))
