@@ -224,19 +224,26 @@ def _trace_blocks(labels: Any, block: int, named: int, outlines: dict[int, _Clas
                         f.cancel()
                     raise ValueError(f"label value {unnamed[0] + named} found, but only {named} classes are named")
                 if traced is not None:
-                    polygons, classes = traced
-                    # Only a piece reaching a border shared with another block may continue there.
-                    b = shapely.bounds(polygons)
-                    cut = (((b[:, 0] == x0) & (x0 > 0)) | ((b[:, 1] == y0) & (y0 > 0))
-                           | ((b[:, 2] == x1) & (x1 < width)) | ((b[:, 3] == y1) & (y1 < height)))
-                    for c in np.unique(classes):
-                        mine = classes == c
-                        outlines[int(c)].add_whole(polygons[mine & ~cut], place, min_area)
-                        outlines[int(c)].add_cut(polygons[mine & cut], place, min_area)
+                    _add_pieces(outlines, *traced, (x0, y0, x1, y1), (width, height), place, min_area)
             if x1 == width:  # the last block of its row
                 for spool in outlines.values():
                     spool.end_row(y1 if y1 < height else None, place, min_area)
     return counts
+
+
+def _add_pieces(outlines: dict[int, _ClassOutlines], polygons: np.ndarray, classes: np.ndarray,
+                box: tuple[int, int, int, int], size: tuple[int, int], place: _Placement, min_area: float) -> None:
+    """One block's traced regions (``box``: its x0, y0, x1, y1) to their classes' outlines: whole,
+    or cut where a region reaches a border shared with another block (it may continue there)."""
+    x0, y0, x1, y1 = box
+    width, height = size
+    b = shapely.bounds(polygons)
+    cut = (((b[:, 0] == x0) & (x0 > 0)) | ((b[:, 1] == y0) & (y0 > 0))
+           | ((b[:, 2] == x1) & (x1 < width)) | ((b[:, 3] == y1) & (y1 < height)))
+    for c in np.unique(classes):
+        mine = classes == c
+        outlines[int(c)].add_whole(polygons[mine & ~cut], place, min_area)
+        outlines[int(c)].add_cut(polygons[mine & cut], place, min_area)
 
 
 def _text_stream(raw: io.BufferedWriter, path: Path) -> io.TextIOWrapper:
@@ -301,9 +308,9 @@ def trace_regions(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple
     hy, hx0, hx1 = _runs(hor, hbreak)
     vx, vy0, vy1 = _runs(ver.T, vbreak.T)
     del hor, ver, hbreak, vbreak
-    # (The arrays below hold one entry per half-edge, millions on a block of specks: they are
-    # int32 or narrower, and each is dropped once used, so that tracing a block stays far below
-    # the size of the block's labels times ten.)
+    # The arrays below hold one entry per half-edge, millions on a block of specks: they are int32
+    # or narrower, and each is dropped once used (a 2048² block of specks: 362 MB of them at once
+    # when they were int64 and all kept to the end, 109 MB now).
 
     # Half-edges: start node, direction, owned pixel (padded coordinates) on the right-hand side.
     sx = np.concatenate([hx0, hx1, vx, vx])
