@@ -170,14 +170,16 @@ def warm_cluster(workers: int, threads: int, warm_slide: Path, model: Path, tile
     import dask
     from distributed import Client, LocalCluster
 
-    from pipelines.batch import QUIET_CLUSTER, process_slide
+    from pipelines.batch import _TASK_FIELDS, QUIET_CLUSTER, process_slide
+    from wsi_espnet.segment import SegmentOptions
 
     with dask.config.set(QUIET_CLUSTER if quiet else {}):  # as wsi-batch starts its LocalCluster
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
+    # A task as wsi-batch makes one (the same fields), to warm each worker up (imports, model load).
+    options = SegmentOptions(tile=tile, batch=8, device="cpu")
     spec = {"slide": str(warm_slide), "model": str(model), "torch_threads": threads,
-            "segment": {"mpp": None, "tile": tile, "overlap": None, "batch": 8, "tissue_threshold": None,
-                        "device": "cpu", "backend": "torch", "reader_threads": 4}}
+            "segment": {name: getattr(options, name) for name in _TASK_FIELDS}}
     with Client(cluster) as client:
         if tune:  # as wsi-batch tunes the workers of its own LocalCluster, before torch is imported there
             from wsi_espnet.runtime import tune_for_inference
