@@ -12,6 +12,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVE
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d .whl \
     openslide-python==1.4.7 openslide-bin==4.0.1.2 imagecodecs==2026.3.6 \
-    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+    zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 \
+    tifffile==2026.3.3  # the image has a tifffile, maybe older than the mask writer was tested with
 ls -1 .whl
 du -sh .whl
