@@ -412,6 +412,26 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_svs, small_model, capsys
     assert tifffile.imread(out).shape == (75, 100)
 
 
+def test_the_probabilities_leave_the_work_folder_as_links_and_their_metadata_as_a_copy(tmp_path):
+    """The probability store's chunks become the output's by hard links (no second copy on disk);
+    ``zarr.json`` is copied, so that setting the output's attributes leaves the work copy as it was."""
+    from wsi_espnet.outputs import link_or_copy_tree
+
+    src = tmp_path / "work" / "probs.zarr"
+    arr = zarr.create_array(str(src), shape=(2, 64, 64), chunks=(2, 32, 32), dtype="float16", fill_value=0)
+    arr[:] = np.random.default_rng(0).random((2, 64, 64)).astype(np.float16)
+    dst = tmp_path / "probs.zarr.partial"
+    link_or_copy_tree(src, dst)
+    chunks = [p for p in src.rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(chunks) == 4
+    for chunk in chunks:
+        assert os.path.samefile(chunk, dst / chunk.relative_to(src))
+    assert not os.path.samefile(src / "zarr.json", dst / "zarr.json")
+    zarr.open_array(str(dst), mode="r+").attrs["provenance"] = {"model": "x"}
+    assert "provenance" not in zarr.open_array(str(src)).attrs
+    np.testing.assert_array_equal(zarr.open_array(str(dst))[:], arr[:])
+
+
 def test_probs_store_is_replaced_with_overwrite_but_no_other_folder(tmp_path, tiny_svs, small_model, capsys):
     """--probs writes a Zarr store (a folder): a re-run needs --overwrite to replace it, and even
     then a folder that is not a Zarr store is refused rather than deleted."""

@@ -6,6 +6,7 @@ never make the same mask or patch store at once."""
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,27 @@ def remove_empty_folders(top: Path) -> None:
             os.rmdir(dirpath)
         except OSError:
             pass
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """``dst``: the folder ``src`` again, its files hard links where both folders lie on one file
+    system, copies elsewhere; ``zarr.json`` files are always copied (Zarr rewrites metadata in place,
+    which would change both).
+
+    Why: a large slide's probabilities are GBs in the run's work folder, and they are final once its
+    tiles are done.  A copy doubled them on disk for a while and cost a second write of every byte;
+    a link costs neither, and the work copy stays whole until the run has finished (a run stopped
+    after this step links or copies again)."""
+    def link(source: str, target: str) -> str:
+        if os.path.basename(source) != "zarr.json":
+            try:
+                os.link(source, target)
+                return target
+            except OSError:  # another file system, or one without hard links
+                pass
+        return shutil.copy2(source, target)
+
+    shutil.copytree(src, dst, copy_function=link)
 
 
 def check_not_input(output: Path, source: Path, what: str = "the input slide") -> None:

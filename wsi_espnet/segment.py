@@ -48,7 +48,8 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
-from .outputs import check_not_input, check_output, exclusive_output, make_folder, remove_empty_folders
+from .outputs import (check_not_input, check_output, exclusive_output, link_or_copy_tree, make_folder,
+                      remove_empty_folders)
 from .runtime import lazy_zeros, tune_for_inference
 from .slide import Slide, open_slide
 from .stitch import Band, BlendStitcher, feed_bands
@@ -731,7 +732,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         dst = Path(opts.probs)
         tmp = dst.with_name(dst.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(work / "probs.zarr", tmp)
+        link_or_copy_tree(work / "probs.zarr", tmp)
         import zarr
 
         zarr.open_array(str(tmp), mode="r+").attrs["provenance"] = provenance
