@@ -361,12 +361,12 @@ def trace_regions(labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple
     seq, xs, ys, ring_of = seq[regroup], xs[regroup], ys[regroup], ring_of[regroup]
     del regroup
     ring_ids, ring_start = np.unique(ring_of, return_index=True)
-    # Shoelace sign with y down: shells > 0, holes < 0 (each term is within int32: coordinates
-    # are at most a block's side; the sums are taken in int64).
+    # Shoelace sign with y down: shells > 0, holes < 0 (in int64: x * y overflows int32 on a block
+    # wider than 46,340 px, which write_geojson's ``block`` allows).
     ring_end = np.append(ring_start[1:], n) - 1
     nx, ny = np.roll(xs, -1), np.roll(ys, -1)
     nx[ring_end], ny[ring_end] = xs[ring_start], ys[ring_start]
-    is_hole = np.add.reduceat(xs * ny - nx * ys, ring_start, dtype=np.int64) < 0
+    is_hole = np.add.reduceat(xs.astype(np.int64) * ny - nx.astype(np.int64) * ys, ring_start) < 0
     del nx, ny, ring_end
 
     # Which region each ring bounds: the 4-connected component of the pixel its first edge owns.
