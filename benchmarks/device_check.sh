@@ -13,7 +13,7 @@
 #   3. how far AMP moves the labels: one demo slide segmented on the GPU and on the CPU, the share of
 #      mask pixels that agree.
 # DEVICE=cpu runs the same steps on a CPU (to check the script itself without a GPU); SIZE,
-# BATCHES, WORKERS and REPEATS shrink step 2, WHEELS names another wheel folder.
+# BATCHES, WORKERS and REPEATS shrink step 2, WHEELS names another wheel folder (none: install nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
@@ -21,13 +21,21 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || {
+        echo "error: the wheels in $WHEELS do not install here (device_wheels.sh fetches them for the device's" \
+             "Python, PYVER=3.12); WHEELS=none runs without them" >&2
+        exit 1
+    }
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
+case "$DEVICE" in
+    cpu | cuda | cuda:[0-9]*) ;;
+    *) echo "error: DEVICE=$DEVICE: use cuda, cuda:N or cpu" >&2; exit 2 ;;
+esac
 WORK=$(mktemp -d)
 
 {
@@ -46,9 +54,8 @@ WORK=$(mktemp -d)
 
     echo; echo "== 3. labels on $DEVICE vs cpu, one 8192² demo slide"
     $PY -m wsi_espnet.cli demo-slide "$WORK/agree.svs" --size 8192 --seed 3 >/dev/null
-    for dev in "$DEVICE" cpu; do
-        $PY -m wsi_espnet.cli segment "$WORK/agree.svs" --out "$WORK/agree_$dev.tif" --device "$dev" --overwrite --quiet
-    done
+    $PY -m wsi_espnet.cli segment "$WORK/agree.svs" --out "$WORK/agree_$DEVICE.tif" --device "$DEVICE" --overwrite --quiet &&
+    $PY -m wsi_espnet.cli segment "$WORK/agree.svs" --out "$WORK/agree_cpu.tif" --device cpu --overwrite --quiet &&
     $PY - "$WORK/agree_$DEVICE.tif" "$WORK/agree_cpu.tif" <<'EOF'
 import sys
 
