@@ -123,7 +123,7 @@ def model_alone_in_this_process(slides_root: Path, model: Path, tile: int | None
     import torch
 
     from wsi_espnet.engine import make_engine
-    from wsi_espnet.segment import SegmentOptions
+    from wsi_espnet.segment import default_batch
 
     torch.set_num_threads(threads)
     engine = make_engine(model, "torch", "cpu")
@@ -133,7 +133,8 @@ def model_alone_in_this_process(slides_root: Path, model: Path, tile: int | None
         _, pixels = the_tiles(s, engine, tile or cfg.tile, cfg.overlap)
         if i == 0:
             engine.predict_proba(pixels[:2])  # warm-up
-        wall, cpu = model_alone(engine, pixels, SegmentOptions().batch)
+        alone = model_alone(engine, pixels, default_batch("beside"))  # the workers' batches (one thread each)
+        wall, cpu = alone["alone"], alone["alone_cpu"]
         timing = {"wall": timing["wall"] + wall, "cpu": timing["cpu"] + cpu, "tiles": timing["tiles"] + len(pixels)}
     return timing
 

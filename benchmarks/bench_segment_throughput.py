@@ -9,7 +9,10 @@ cost under 10 % on top of the network.
   0.5 µm/px (default 8192, a 4 x 4 mm biopsy at 20x), segmented at the model's 1 µm/px.
 * Model alone: the very tiles ``segment_slide`` runs (same tissue mask, grid, feed order and batch
   composition: ``--batch`` tiles at a time in feed order), read into memory beforehand, then only
-  ``engine.predict_proba`` timed over all batches.
+  ``engine.predict_proba`` timed over all batches, two ways: one call at a time on all the model's
+  threads, and (CPU) two calls side by side on half the threads each, as the ``streams`` schedule
+  runs it.  The faster of the two (``model alone s``: both given) is the reference for every ratio:
+  the model's own best rate on this machine, whichever way the pipeline runs it.
 * End to end: ``segment_slide`` with the same engine object (the model is loaded once, outside the
   timing, as a batch run over many slides does).  Its wall time is split by timing three of its
   functions (``_tissue``: tissue detection; ``_run_grid``: reading, model, blending and label-file
@@ -20,15 +23,17 @@ cost under 10 % on top of the network.
   ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
   both measured in the same run, so it shows how much of the run the model is kept busy whatever
   the machine's load (it does not show the model being slowed by the reader threads' CPU use).
-  Under the ``between`` schedule it is below 1 by design: the rest is the time between batches.
+  Under the ``between`` schedule it is below 1 by design: the rest is the time between batches;
+  under ``streams`` it adds up both streams, so up to 2.
 * ``--profile``: one more end-to-end run (the CLI's default batch, readers and schedule) with
   timers around each stage inside ``_run_grid``: on the main thread, the model and the time it
   waits for decoded tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush``
   (label-file writes, class counts); and the reader threads' own busy time (``_read_tile``: read + JPEG
   decode + resample).  On 2 cores they compete with each other, and under ``beside`` with the model.
 * ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
-  thread per core that is ``between``), ``beside`` (reads and blending while the model runs, as on
-  a GPU) or ``between`` (between the model's batches).
+  thread per core that is ``streams``), ``streams`` (two model calls side by side, blending on the
+  main thread while they run), ``beside`` (reads and blending while the model runs, as on a GPU)
+  or ``between`` (between the model's batches).
 
 Runs are interleaved (model alone, then end to end, per configuration) so that a change in the
 machine's load hits both sides of a ratio alike.  On a shared machine wall times still swing by tens
@@ -46,12 +51,15 @@ figure that the wall ratio approaches on an idle machine where the model keeps e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,13 +107,33 @@ def the_tiles(slide_path: Path, engine, tile: int, overlap: int) -> tuple[int, n
         return len(bands), np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in order])
 
 
-def model_alone(engine, pixels: np.ndarray, batch: int) -> tuple[float, float]:
+def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
     """Wall and CPU seconds of ``predict_proba`` over the batches segment_slide forms (``feed_batches``:
-    ``batch`` tiles at a time in feed order, across bands)."""
+    ``batch`` tiles at a time in feed order, across bands), run both ways the model can run alone:
+    one call at a time on all its threads (``one``), and on CPU also as segment_slide's
+    ``streams`` schedule does (``streams``: MODEL_STREAMS calls side by side, each on its share of
+    the threads).  ``alone``/``alone_cpu``: the faster of the two, the reference for every ratio."""
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(pixels), batch):
         engine.predict_proba(pixels[i : i + batch])
-    return time.perf_counter() - t0, time.process_time() - c0
+    out = {"one": time.perf_counter() - t0, "one_cpu": time.process_time() - c0}
+    out["streams"] = out["streams_cpu"] = math.nan
+    threads = getattr(engine, "cpu_threads", None) or 1
+    if engine.device == "cpu" and threads >= seg.MODEL_STREAMS:
+        with engine.threads_per_call(threads // seg.MODEL_STREAMS), \
+                ThreadPoolExecutor(seg.MODEL_STREAMS) as pool:
+            running: deque = deque()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(0, len(pixels), batch):  # at most MODEL_STREAMS calls at once, as segment_slide
+                if len(running) == seg.MODEL_STREAMS:
+                    running.popleft().result()
+                running.append(pool.submit(engine.predict_proba, pixels[i : i + batch]))
+            for f in running:
+                f.result()
+            out["streams"], out["streams_cpu"] = time.perf_counter() - t0, time.process_time() - c0
+    way = "streams" if out["streams"] < out["one"] else "one"
+    out["alone"], out["alone_cpu"] = out[way], out[way + "_cpu"]
+    return out
 
 
 @contextmanager
@@ -139,6 +167,8 @@ class _TimedEngine:
         self.config, self.device = engine.config, engine.device
         self.model_id = getattr(engine, "model_id", "bench")
         self.cpu_threads = getattr(engine, "cpu_threads", None)  # segment's schedule reads it
+        if hasattr(engine, "threads_per_call"):
+            self.threads_per_call = engine.threads_per_call
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -232,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tile is not None and (args.tile < 8 or args.tile % 8):
         p.error(f"--tile {args.tile}: ESPNet needs a positive tile size divisible by 8")
-    bad = [v for v in args.schedules.split(",") if v not in ("auto", "beside", "between")]
+    bad = [v for v in args.schedules.split(",") if v not in ("auto", "beside", "between", "streams")]
     if bad:
         p.error(f"--schedules: {', '.join(bad)} is not one of auto, beside, between")
     if not args.model.is_file():
@@ -273,19 +303,20 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     for schedule in args.schedules.split(","):
                         load = os.getloadavg()[0]
-                        alone, alone_cpu = model_alone(engine, pixels, batch)
+                        alone = model_alone(engine, pixels, batch)
                         e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, schedule=schedule,
                                          tile=tile, overlap=overlap)
                         assert e2e["tiles"] == n, (e2e["tiles"], n)
-                        row = {"batch": batch, "workers": workers, "schedule": schedule, "alone": alone,
-                               "alone_cpu": alone_cpu, "load": load, **e2e}
+                        row = {"batch": batch, "workers": workers, "schedule": schedule, **alone,
+                               "load": load, **e2e}
                         rows.append(row)
                         print(_fmt(row, mpx), flush=True)
         prof = None
         if args.profile:
-            batch, workers = SegmentOptions().batch, SegmentOptions().workers  # the CLI's defaults
+            schedule = seg.choose_schedule(engine)  # the CLI's defaults
+            batch, workers = seg.default_batch(schedule), SegmentOptions().workers
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
-            alone, _ = model_alone(engine, pixels, batch)
+            alone = model_alone(engine, pixels, batch)["alone"]
             with stage_timers(prof):
                 e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, prof, tile=tile, overlap=overlap)
             prof.update(alone=alone, **e2e)
@@ -314,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-HEADER = ("| batch | readers | schedule | tiles | model alone s | e2e s | tissue s | tiles s | writers s | "
+HEADER = ("| batch | readers | schedule | tiles | model alone s (one call / streams) | e2e s | tissue s | tiles s | writers s | "
           "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | "
           "model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -322,7 +353,7 @@ HEADER = ("| batch | readers | schedule | tiles | model alone s | e2e s | tissue
 
 def _fmt(r: dict, mpx: float) -> str:
     nw = r["wall"] - r["writers"]
-    return (f"| {r['batch']} | {r['workers']} | {r['schedule']} | {r['tiles']} | {r['alone']:.1f} | {r['wall']:.1f} | "
+    return (f"| {r['batch']} | {r['workers']} | {r['schedule']} | {r['tiles']} | {r['one']:.2f} / {r['streams']:.2f} | {r['wall']:.1f} | "
             f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
             f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
             f"{r['alone'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "

@@ -86,7 +86,7 @@ class BatchOptions:
     mpp: float | None = None
     tile: int | None = None
     overlap: int | None = None
-    batch: int = 4
+    batch: int | None = None  # None: wsi_espnet.segment.default_batch
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"
@@ -631,7 +631,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="level-0 µm/px for slides that do not record it")
     p.add_argument("--tile", type=int, help="tile side at the model's resolution (default: model config)")
     p.add_argument("--overlap", type=int, help="overlap between tiles (default: model config)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per model call (default 4)")
+    p.add_argument("--batch", type=int, help="tiles per model call (default 4; 2 where a worker's model has "
+                   "every core, as wsi-segment)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])

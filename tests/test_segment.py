@@ -84,22 +84,29 @@ def test_segment_writes_every_output(tmp_path, demo_svs, small_model, capsys):
 
 
 class _Interrupting:
-    """A real engine that stops the run (as Ctrl-C would) after ``n`` batches, and counts them."""
+    """A real engine that stops the run (as Ctrl-C would) after ``n`` batches, and counts them.  It
+    has the engine's threads, so the "auto" schedule is the engine's own."""
 
     def __init__(self, engine, n=-1):
+        import threading
+
         self.engine, self.n, self.calls = engine, n, 0
         self.config = engine.config
         self.device = engine.device
         self.model_id = "same-model"
+        self.cpu_threads = engine.cpu_threads
+        self.threads_per_call = engine.threads_per_call
+        self._lock = threading.Lock()  # calls come from two threads under "streams"
 
     def predict_proba(self, batch):
-        if self.calls == self.n:
-            raise KeyboardInterrupt
-        self.calls += 1
+        with self._lock:
+            if self.calls == self.n:
+                raise KeyboardInterrupt
+            self.calls += 1
         return self.engine.predict_proba(batch)
 
 
-@pytest.mark.parametrize("batch,schedule", [(2, "auto"), (3, "auto"), (3, "beside")])
+@pytest.mark.parametrize("batch,schedule", [(2, "auto"), (3, "auto"), (3, "beside"), (3, "between"), (2, "streams")])
 def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, small_model, batch, schedule,
                                                           monkeypatch):
     """Batches run across bands; the resumed run starts mid-batch, runs the tiles of the band before
@@ -649,25 +656,83 @@ def test_schedules_give_the_same_bytes_and_between_never_reads_beside_the_model(
 
 def test_auto_schedule_reads_beside_the_model_only_where_cores_are_free(small_model):
     from wsi_espnet.engine import available_cores
-    from wsi_espnet.segment import cores_free_beside
+    from wsi_espnet.segment import choose_schedule, cores_free_beside, default_batch
 
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(available_cores())
         assert engine.cpu_threads == available_cores() and not cores_free_beside(engine)
+        assert choose_schedule(engine) == ("streams" if available_cores() >= 2 else "between")
         if available_cores() > 1:
             torch.set_num_threads(1)
-            assert cores_free_beside(engine)
+            assert cores_free_beside(engine) and choose_schedule(engine) == "beside"
     finally:
         torch.set_num_threads(before)
+    assert choose_schedule(engine, "between") == "between"  # what is asked for, whatever the machine
 
-    class Unknown:  # an engine that does not say how many threads it takes
+    class Unknown:  # an engine that does not say how many threads it takes, nor can split them
         device = "cpu"
 
-    assert not cores_free_beside(Unknown())
+    assert not cores_free_beside(Unknown()) and choose_schedule(Unknown()) == "between"
+    Unknown.cpu_threads = 8
+    assert choose_schedule(Unknown()) == "between"  # has threads, but cannot give each call half
     Unknown.device = "cuda:0"
-    assert cores_free_beside(Unknown())
+    assert cores_free_beside(Unknown()) and choose_schedule(Unknown()) == "beside"
+    assert default_batch("streams") == 2 and default_batch("between") == default_batch("beside") == 4
+
+
+def test_streams_run_two_model_calls_at_once_and_give_the_bytes_of_one_call_at_a_time(tmp_path, demo_svs,
+                                                                                      small_model):
+    """"streams" runs two model calls side by side on half the threads each, blending on the main
+    thread meanwhile: the same bytes as running those calls one after another on as many threads."""
+    import threading
+
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    state = {"now": 0, "most": 0, "threads": set()}
+    lock = threading.Lock()
+
+    class Counting:  # the real engine, noting how many calls run at once and on how many threads
+        config, device, model_id = engine.config, engine.device, "m"
+        cpu_threads = 2
+        threads_per_call = engine.threads_per_call
+
+        def predict_proba(self, batch):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+                state["threads"].add(torch.get_num_threads())
+            try:
+                return engine.predict_proba(batch)
+            finally:
+                with lock:
+                    state["now"] -= 1
+
+    before = torch.get_num_threads()
+    try:
+        for schedule, threads in (("streams", 2), ("between", 1)):
+            torch.set_num_threads(threads)
+            state.update(most=0, threads=set())
+            opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, schedule=schedule,
+                                  probs=tmp_path / schedule / "p.zarr")
+            segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Counting())
+            assert torch.get_num_threads() == threads  # the run gave the setting back
+            assert state["threads"] == {1}  # each call on one thread: half of 2, or the 1 given
+            assert state["most"] == (2 if schedule == "streams" else 1)
+    finally:
+        torch.set_num_threads(before)
+    assert (tmp_path / "streams" / "mask.tif").read_bytes() == (tmp_path / "between" / "mask.tif").read_bytes()
+    np.testing.assert_array_equal(*(zarr.open_array(str(tmp_path / s / "p.zarr"), mode="r")[:]
+                                    for s in ("streams", "between")))
+
+    class Fixed:  # an engine that cannot split its threads cannot run streams
+        config, device, model_id = engine.config, engine.device, "m"
+        predict_proba = engine.predict_proba
+
+    with pytest.raises(UserError, match="streams"):
+        segment_slide(demo_svs, tmp_path / "x.tif", engine=Fixed(),
+                      options=SegmentOptions(tile=256, overlap=32, progress=False, schedule="streams"))
+    assert not (tmp_path / "x.tif").exists() and not (tmp_path / "x.tif.work").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ was trained with.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -83,6 +85,21 @@ class TorchEngine:
         import torch
 
         return torch.get_num_threads()
+
+    @contextlib.contextmanager
+    def threads_per_call(self, threads: int) -> Iterator[None]:
+        """Run each call on ``threads`` intra-op threads while inside, for calls made side by side
+        from several threads (``schedule="streams"``).  PyTorch's setting is process-wide: it is
+        restored on exit.  A thread takes the setting at its first parallel operation, so the calling
+        threads must start inside the block."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def logits(self, batch: np.ndarray):
         import torch

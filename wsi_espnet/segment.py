@@ -10,10 +10,13 @@ writers (mask TIFF, GeoJSON, overlay) read that map block by block, and only whe
 ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
 never with its area.
 
-Scheduling (:func:`cores_free_beside`): with an accelerator, or CPU cores the model leaves free,
-reading runs ahead and blending one batch behind (on a thread of its own) while the model works;
-with a CPU model on every core both run between the model's batches instead, since beside it they
-would stall all of its threads.  Same operations in the same order either way: the same bytes.
+Scheduling (:func:`choose_schedule`): with an accelerator, or CPU cores the model leaves free,
+reading runs ahead and blending one batch behind (on a thread of its own) while the model works
+("beside").  With a CPU model on every core, reading and blending beside one model call would stall
+all of its threads, so the model runs as two calls side by side, each on half the threads
+("streams"): while one stream's batch is blended the other stream computes, and the cores the
+pipeline takes slow one stream's threads, not the other's.  Same operations in the same order
+whatever the schedule: the same bytes, given the same threads per model call.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
@@ -59,12 +62,15 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 6  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 7  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
 #                   an older run's batches, and so its floating-point results, differ); 6: a model
-#                   without a Background class 0 gets one prepended (its ids shift by one)
+#                   without a Background class 0 gets one prepended (its ids shift by one); 7: a CPU
+#                   model on every core runs two calls of half the threads, 2 tiles each ("streams")
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
+SCHEDULES = ("auto", "beside", "between", "streams")  # SegmentOptions.schedule; see choose_schedule
+MODEL_STREAMS = 2  # model calls side by side under the "streams" schedule
 
 
 def output_classes(cfg) -> tuple[list[str], list[tuple[int, int, int]], int]:
@@ -90,13 +96,13 @@ class SegmentOptions:
     mpp: float | None = None  # the slide's level-0 µm/px, for files that do not record it
     tile: int | None = None
     overlap: int | None = None
-    batch: int = 4  # on CPU no slower end to end than 8 or 16, with half the feature maps (docs/performance.md)
+    batch: int | None = None  # tiles per model call; None: default_batch(the schedule)
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"
     workers: int = 4  # reader threads
     threads: int | None = None  # the model's CPU threads (None: one per core)
-    schedule: str = "auto"  # reading and blending "beside" or "between" the model's batches (cores_free_beside)
+    schedule: str = "auto"  # "beside", "between" or "streams" (choose_schedule)
     probs: Path | None = None
     geojson: Path | None = None
     geojson_min_area: float = 0.0  # µm²: smaller parts dropped, smaller holes filled (GeoJSON only)
@@ -164,8 +170,8 @@ def check_options(opts: SegmentOptions) -> None:
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
     if opts.backend not in ("torch", "onnxruntime"):
         raise UserError(f"unknown backend {opts.backend!r}: use torch or onnxruntime")
-    if opts.schedule not in ("auto", "beside", "between"):
-        raise UserError(f"schedule {opts.schedule!r}: use auto, beside or between")
+    if opts.schedule not in SCHEDULES:
+        raise UserError(f"schedule {opts.schedule!r}: use {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
     area = opts.geojson_min_area
     if not (number(area) and area >= 0):
         raise UserError(f"--geojson-min-area must be a number of µm² >= 0, got {area!r}")
@@ -361,6 +367,32 @@ def cores_free_beside(engine: Engine) -> bool:
     return threads is not None and threads < available_cores()
 
 
+def default_batch(schedule: str) -> int:
+    """Tiles per model call when none is given: 4 (on CPU no slower end to end than 8 or 16, with half
+    the feature maps: docs/performance.md), or 2 under "streams", whose two calls side by side then
+    hold as many tiles' feature maps as one call of 4 (at 4 each the run's peak grew by 350 MB)."""
+    return 2 if schedule == "streams" else 4
+
+
+def choose_schedule(engine: Engine, schedule: str = "auto") -> str:
+    """What ``schedule="auto"`` means for ``engine``: "beside" where cores are free beside the model
+    (:func:`cores_free_beside`); else "streams" where the engine can split its threads between
+    calls (:meth:`TorchEngine.threads_per_call`) and has at least two, else "between".
+
+    Why streams: between the model's batches the blending adds are one thread's work, and the other
+    cores idle through it; on 2 cores that and the reads left the model ~12 % of the run idle.  As
+    two calls of one thread each, one stream's model runs while the other's batch is blended, and a
+    core taken by a reader delays only the thread on it (no barrier waits on it).  Two one-thread
+    calls side by side are also no slower than one two-thread call on the model alone (2 cores:
+    24.6-25.8 against 23.0-24.8 tiles/s)."""
+    if schedule != "auto":
+        return schedule
+    if cores_free_beside(engine):
+        return "beside"
+    threads = getattr(engine, "cpu_threads", None) or 1
+    return "streams" if threads >= MODEL_STREAMS and hasattr(engine, "threads_per_call") else "between"
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -420,6 +452,8 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
+        if choose_schedule(engine, opts.schedule) == "streams" and not hasattr(engine, "threads_per_call"):
+            raise UserError("schedule 'streams' needs an engine that can split its threads (the torch backend)")
         cfg = engine.config
         mpp = cfg.slide.mpp
         if slide.mpp > COARSE_SCAN * mpp:
@@ -600,7 +634,8 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     every_band = feed_bands(grid)
     first = next((i for i, b in enumerate(every_band) if grid.ys[b.rows[-1]] + grid.tile > flushed_y), len(every_band))
     bands = every_band[first:]
-    batches, lead = feed_batches(every_band, opts.batch, first)
+    schedule = choose_schedule(engine, opts.schedule)
+    batches, lead = feed_batches(every_band, opts.batch or default_batch(schedule), first)
     # The band buffer spans the deepest band: one tile row, or the last two fed together.
     depth = max((min(grid.ys[b.rows[-1]] + grid.tile, height) - max(b.top, flushed_y) for b in bands), default=1)
     band = LabelBand(labels, flushed_y, height=max(depth, 1), counts=state.get("counts") if flushed_y else None)
@@ -648,41 +683,63 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
         stitcher.deliver()
 
     reader = TileReader(slide, batches, grid.mpp, opts.workers)
-    beside = cores_free_beside(engine) if opts.schedule == "auto" else opts.schedule == "beside"
     # Blending and label writes happen in feed order whatever the schedule (the same operations in
     # the same order, so the same result).  "beside": on a thread of their own, one batch behind
     # the model, while reads run two batches ahead.  "between": on this thread, after the model
     # and before its next batch; the next batch's reads start once this batch's adds (and the band
     # flushes they complete) are done, so that the adds (one thread, the longest chain) never
-    # share the cores with them.
+    # share the cores with them.  "streams": on this thread, while the model runs the next batches
+    # on MODEL_STREAMS threads of its own; reads run a batch ahead of every stream.
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
+    streams = ThreadPoolExecutor(max_workers=MODEL_STREAMS, thread_name_prefix="model")
     behind: deque[Future] = deque()
+    running: deque[tuple[list[Tile], Future]] = deque()  # batches in the model, in feed order
 
     def wait_blender() -> None:
         while behind:
             behind.popleft().result()
 
+    def run_next() -> None:
+        """Start the next batch on a free model stream (its reads done, or waited for)."""
+        tiles, images = reader.next_batch()
+        reader.read_ahead(MODEL_STREAMS)
+        running.append((tiles, streams.submit(engine.predict_proba, images)))
+
     try:
-        finish_bands()  # glass-only bands at the top
-        reader.read_ahead(2 if beside else 1)
-        for i in range(len(batches)):
-            tiles, images = reader.next_batch()
-            skip = lead if i == 0 else 0
-            if beside:
-                reader.read_ahead(2)
-                probs = engine.predict_proba(images)
-                wait_blender()
-                behind.append(blender.submit(blend, tiles, probs, skip))
-            else:
-                probs = engine.predict_proba(images)
-                blend(tiles, probs, skip, then=lambda: reader.read_ahead(1))
-            bar.update(len(tiles) - skip)
-        wait_blender()
+        with _model_threads(engine, schedule):
+            finish_bands()  # glass-only bands at the top
+            reader.read_ahead({"beside": 2, "between": 1, "streams": 2 * MODEL_STREAMS}[schedule])
+            started = 0
+            for i in range(len(batches)):
+                skip = lead if i == 0 else 0
+                if schedule == "streams":
+                    while started < len(batches) and len(running) < MODEL_STREAMS:
+                        run_next()
+                        started += 1
+                    tiles, future = running.popleft()
+                    probs = future.result()
+                    if started < len(batches):  # the stream just freed starts on its next batch at once
+                        run_next()
+                        started += 1
+                    blend(tiles, probs, skip)
+                else:
+                    tiles, images = reader.next_batch()
+                    if schedule == "beside":
+                        reader.read_ahead(2)
+                        probs = engine.predict_proba(images)
+                        wait_blender()
+                        behind.append(blender.submit(blend, tiles, probs, skip))
+                    else:
+                        probs = engine.predict_proba(images)
+                        blend(tiles, probs, skip, then=lambda: reader.read_ahead(1))
+                bar.update(len(tiles) - skip)
+            wait_blender()
         finish_bands()  # glass-only bands at the bottom
         if probs_out is not None:
             probs_out.close()
     finally:
         blender.shutdown(wait=True, cancel_futures=True)
+        streams.shutdown(wait=True, cancel_futures=True)
         labeler.shutdown(wait=True, cancel_futures=True)
         if probs_writer is not None:
             probs_writer.shutdown(wait=True)
@@ -697,6 +754,13 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                          size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0,
                          resumed_from_row=bands[0].rows[0] if bands else len(grid.ys),
                          tiles_run=sum(len(b) for b in batches))
+
+
+def _model_threads(engine: Engine, schedule: str) -> contextlib.AbstractContextManager:
+    """Under "streams", each model call gets its share of the engine's threads for the run."""
+    if schedule != "streams":
+        return contextlib.nullcontext()
+    return engine.threads_per_call(max(1, (getattr(engine, "cpu_threads", None) or 1) // MODEL_STREAMS))
 
 
 def _progress(total: int, name: str, enabled: bool):
@@ -762,7 +826,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="the slide's level-0 µm/px, for files that do not record it")
     p.add_argument("--tile", type=int, help="tile side in pixels at the model's resolution (default: model config)")
     p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, blended (default: model config)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per model call (default 4)")
+    p.add_argument("--batch", type=int, help="tiles per model call (default 4; 2 on a CPU model with every core, "
+                   "which runs two calls side by side)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
     p.add_argument("--workers", type=int, default=4, help="tile reader threads (default 4)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: one per core; fewer leaves "
