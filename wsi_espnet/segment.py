@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -351,6 +352,64 @@ class TileReader:
         because the caller closes the slide next and OpenSlide aborts the process on a read from a
         closed handle."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ModelStreams:
+    """The model's batches run on ``streams`` threads of their own (schedule "streams"), each thread
+    taking the next batch as soon as it is free; results are handed out in feed order.
+
+    Why not in turn: two streams started together would stay in step, and the second would wait, at
+    every batch, for the first's batch to be blended before it got its next one (the model was
+    idle 5-8 % of the run so).  At most ``streams + 1`` batches are taken and not yet handed out,
+    so a slow consumer holds a bounded number of results."""
+
+    def __init__(self, reader: TileReader, engine: Engine, count: int, streams: int) -> None:
+        self._reader, self._engine, self._streams = reader, engine, streams
+        self._results: list[Future | None] = [Future() for _ in range(count)]
+        self._next = 0  # the next batch to take
+        self._lock = threading.Lock()  # taking a batch: its index and its tiles, in order
+        self._room = threading.Semaphore(streams + 1)
+        self._stop = False
+        reader.read_ahead(2 * streams)
+        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="model")
+        for _ in range(streams):
+            self._pool.submit(self._stream)
+
+    def _stream(self) -> None:
+        while True:
+            self._room.acquire()
+            with self._lock:
+                if self._stop or self._next >= len(self._results):
+                    return
+                i, result = self._next, self._results[self._next]
+                self._next += 1
+                try:
+                    tiles, images = self._reader.next_batch()
+                    self._reader.read_ahead(self._streams)
+                except BaseException as exc:  # a read that failed: the consumer raises it at batch i
+                    self._stop = True
+                    result.set_exception(exc)
+                    return
+            try:
+                result.set_result((tiles, self._engine.predict_proba(images)))
+            except BaseException as exc:  # KeyboardInterrupt too: handed to the consumer, as any error
+                self._stop = True
+                result.set_exception(exc)
+                return
+
+    def result(self, i: int) -> tuple[list[Tile], np.ndarray]:
+        """Batch ``i``'s tiles and probabilities, waiting for them; call for 0, 1, 2... in turn."""
+        tiles_probs = self._results[i].result()
+        self._results[i] = None
+        self._room.release()
+        return tiles_probs
+
+    def close(self) -> None:
+        """Stop taking batches and wait for the calls running (also after an error or Ctrl-C)."""
+        self._stop = True
+        for _ in range(self._streams):
+            self._room.release()
+        self._pool.shutdown(wait=True)
 
 
 def cores_free_beside(engine: Engine) -> bool:
@@ -691,36 +750,24 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     # share the cores with them.  "streams": on this thread, while the model runs the next batches
     # on MODEL_STREAMS threads of its own; reads run a batch ahead of every stream.
     blender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blender")
-    streams = ThreadPoolExecutor(max_workers=MODEL_STREAMS, thread_name_prefix="model")
     behind: deque[Future] = deque()
-    running: deque[tuple[list[Tile], Future]] = deque()  # batches in the model, in feed order
+    streams: ModelStreams | None = None
 
     def wait_blender() -> None:
         while behind:
             behind.popleft().result()
 
-    def run_next() -> None:
-        """Start the next batch on a free model stream (its reads done, or waited for)."""
-        tiles, images = reader.next_batch()
-        reader.read_ahead(MODEL_STREAMS)
-        running.append((tiles, streams.submit(engine.predict_proba, images)))
-
     try:
         with _model_threads(engine, schedule):
             finish_bands()  # glass-only bands at the top
-            reader.read_ahead({"beside": 2, "between": 1, "streams": 2 * MODEL_STREAMS}[schedule])
-            started = 0
+            if schedule == "streams":
+                streams = ModelStreams(reader, engine, len(batches), MODEL_STREAMS)
+            else:
+                reader.read_ahead(2 if schedule == "beside" else 1)
             for i in range(len(batches)):
                 skip = lead if i == 0 else 0
-                if schedule == "streams":
-                    while started < len(batches) and len(running) < MODEL_STREAMS:
-                        run_next()
-                        started += 1
-                    tiles, future = running.popleft()
-                    probs = future.result()
-                    if started < len(batches):  # the stream just freed starts on its next batch at once
-                        run_next()
-                        started += 1
+                if streams is not None:
+                    tiles, probs = streams.result(i)
                     blend(tiles, probs, skip)
                 else:
                     tiles, images = reader.next_batch()
@@ -739,7 +786,8 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
             probs_out.close()
     finally:
         blender.shutdown(wait=True, cancel_futures=True)
-        streams.shutdown(wait=True, cancel_futures=True)
+        if streams is not None:
+            streams.close()
         labeler.shutdown(wait=True, cancel_futures=True)
         if probs_writer is not None:
             probs_writer.shutdown(wait=True)
