@@ -19,17 +19,20 @@ cost under 10 % on top of the network.
   writes; ``_write_outputs``: the mask TIFF pyramid) so the rate is given with and without writers.
 * Rate = working-resolution pixels of the processed tiles (tiles x tile²) / seconds.  Ratios:
   ``tiles`` = model alone / ``_run_grid``; ``no writers`` = model alone / (wall - writers);
-  ``all`` = model alone / wall.  The first model-alone run of each batch size follows a warm-up batch.
+  ``all`` = model alone / wall; ``all, against one call``: the same against the model alone one call at
+  a time (the reference before the ``streams`` schedule).  The first model-alone run of each batch
+  size follows a warm-up batch.
   ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
   both measured in the same run, so it shows how much of the run the model is kept busy whatever
   the machine's load (it does not show the model being slowed by the reader threads' CPU use).
   Under the ``between`` schedule it is below 1 by design: the rest is the time between batches;
   under ``streams`` it adds up both streams, so up to 2.
 * ``--profile``: one more end-to-end run (the CLI's default batch, readers and schedule) with
-  timers around each stage inside ``_run_grid``: on the main thread, the model and the time it
-  waits for decoded tiles; on the blender thread, ``BlendStitcher.add`` and ``LabelBand.flush``
-  (label-file writes, class counts); and the reader threads' own busy time (``_read_tile``: read + JPEG
-  decode + resample).  On 2 cores they compete with each other, and under ``beside`` with the model.
+  timers around each stage inside ``_run_grid``: the model's calls and the time spent waiting for
+  decoded tiles (on the main thread, or under ``streams`` on the model's threads, added up); on the
+  thread that blends, ``BlendStitcher.add`` and ``LabelBand.flush`` (label-file writes, class
+  counts); and the reader threads' own busy time (``_read_tile``: read + JPEG decode + resample).
+  On 2 cores they compete with each other, and under ``beside`` and ``streams`` with the model.
 * ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
   thread per core that is ``streams``), ``streams`` (two model calls side by side, blending on the
   main thread while they run), ``beside`` (reads and blending while the model runs, as on a GPU)
@@ -335,11 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         cpu = statistics.median(r["alone_cpu"] / r["cpu"] for r in rs)
         print(f"  batch {b}, readers {w}, schedule {sch}: {len(rs)} runs, median {med:.3f}, best/best {best:.3f}, CPU {cpu:.3f}")
     if prof:
-        other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"]
-        print(f"\nprofile, batch {batch}, {workers} readers: _run_grid {prof['tiles_s']:.1f} s = model "
-              f"{prof['model']:.1f} (alone, just before: {prof['alone']:.1f}) + waiting for tiles "
-              f"{prof['wait_tiles']:.1f} + other {other:.1f} (waiting for the blender, the last band); "
-              f"on the blender thread: blend {prof['stitch']:.1f} s + label flush {prof['flush']:.1f} s; "
+        head = f"\nprofile, batch {batch}, {workers} readers, schedule {schedule}: _run_grid {prof['tiles_s']:.1f} s"
+        if schedule == "streams":  # the model's calls overlap each other and the rest
+            head += (f"; model calls {prof['model']:.1f} s over {seg.MODEL_STREAMS} streams (alone, just before: "
+                     f"{prof['alone']:.1f} s of wall); waiting for tiles {prof['wait_tiles']:.1f} s on the streams")
+        else:
+            other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"]
+            head += (f" = model {prof['model']:.1f} (alone, just before: {prof['alone']:.1f}) + waiting for tiles "
+                     f"{prof['wait_tiles']:.1f} + other {other:.1f} (waiting for the blender, the last band)")
+        print(head + f"; blending: adds {prof['stitch']:.1f} s + label flush {prof['flush']:.1f} s; "
               f"reader threads busy {prof['read_threads']:.1f} s in all; tissue {prof['tissue']:.1f} s, "
               f"writers {prof['writers']:.1f} s, wall {prof['wall']:.1f} s")
     return 0
@@ -347,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADER = ("| batch | readers | schedule | tiles | model alone s (one call / streams) | e2e s | tissue s | tiles s | writers s | "
           "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | "
-          "model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ratio all, against one call | model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(r: dict, mpx: float) -> str:
@@ -356,7 +363,7 @@ def _fmt(r: dict, mpx: float) -> str:
     return (f"| {r['batch']} | {r['workers']} | {r['schedule']} | {r['tiles']} | {r['one']:.2f} / {r['streams']:.2f} | {r['wall']:.1f} | "
             f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
             f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
-            f"{r['alone'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "
+            f"{r['alone'] / r['wall']:.3f} | {r['one'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "
             f"{r['load']:.1f} |")
 
 

@@ -880,6 +880,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="tile reader threads (default 4)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: one per core; fewer leaves "
                    "cores to other work, e.g. several runs side by side)")
+    p.add_argument("--schedule", default="auto", choices=SCHEDULES,
+                   help="how reading and blending share the CPU with the model (default auto: streams for a CPU "
+                   "model with every core, beside on a GPU or with cores left free; see the README's design notes)")
     p.add_argument("--probs", type=Path, help="also write per-class probabilities (float16 Zarr)")
     p.add_argument("--geojson", type=Path, help="also write QuPath GeoJSON (one MultiPolygon per class); "
                    "a name ending in .gz is gzip-compressed")
@@ -895,7 +898,8 @@ def run(args: argparse.Namespace) -> int:
     tune_for_inference()  # this process exists to run the model (before torch is imported)
     opts = SegmentOptions(mpp=args.mpp, tile=args.tile, overlap=args.overlap, batch=args.batch,
                           tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
-                          workers=args.workers, threads=args.threads, probs=args.probs, geojson=args.geojson,
+                          workers=args.workers, threads=args.threads, schedule=args.schedule, probs=args.probs,
+                          geojson=args.geojson,
                           geojson_min_area=args.geojson_min_area, overlay=args.overlay,
                           overwrite=args.overwrite, progress=not args.quiet)
     result = segment_slide(args.slide, args.out, args.model, opts)
