@@ -98,6 +98,31 @@ def test_own_checkpoint_matches_pytorch(tissue, shape):
     assert (proba.argmax(1) == ref.argmax(1)).mean() > 0.999
 
 
+def test_calls_side_by_side_get_sessions_of_their_own(tissue, demo_svs, tmp_path):
+    """The "streams" schedule on ONNX Runtime: inside ``threads_per_call(n)`` each concurrent call
+    runs on a session of n threads of its own (the same numbers as an engine made with n threads),
+    and a whole-slide run so gives the bytes of one call at a time on an n-thread engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_espnet.segment import SegmentOptions, choose_schedule, segment_slide
+
+    _, path = tissue
+    batch = np.random.default_rng(3).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    engine, single = OnnxEngine(path, device="cpu", threads=2), OnnxEngine(path, device="cpu", threads=1)
+    ref = single.predict_proba(batch)
+    with engine.threads_per_call(1), ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(engine.predict_proba, [batch] * 6))
+    for out in outs:
+        np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(engine.predict_proba(batch), OnnxEngine(path, device="cpu", threads=2).predict_proba(batch))
+
+    assert choose_schedule(engine) == "streams" and choose_schedule(single) == ("beside" if available_cores() > 1 else "between")
+    for name, eng, schedule in (("streams", engine, "streams"), ("between", single, "between")):
+        opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, schedule=schedule)
+        segment_slide(demo_svs, tmp_path / name / "mask.tif", options=opts, engine=eng)
+    assert (tmp_path / "streams" / "mask.tif").read_bytes() == (tmp_path / "between" / "mask.tif").read_bytes()
+
+
 def test_metadata_carries_the_whole_config(tissue, released):
     for model, path in (tissue, released):
         engine = OnnxEngine(path, device="cpu")

@@ -436,7 +436,7 @@ def default_batch(schedule: str) -> int:
 def choose_schedule(engine: Engine, schedule: str = "auto") -> str:
     """What ``schedule="auto"`` means for ``engine``: "beside" where cores are free beside the model
     (:func:`cores_free_beside`); else "streams" where the engine can split its threads between
-    calls (:meth:`TorchEngine.threads_per_call`) and has at least two, else "between".
+    calls (``threads_per_call``: PyTorch and ONNX Runtime) and has at least two, else "between".
 
     Why streams: between the model's batches the blending adds are one thread's work, and the other
     cores idle through it; on 2 cores that and the reads left the model ~12 % of the run idle.  As
@@ -512,7 +512,8 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         if choose_schedule(engine, opts.schedule) == "streams" and not hasattr(engine, "threads_per_call"):
-            raise UserError("schedule 'streams' needs an engine that can split its threads (the torch backend)")
+            raise UserError("schedule 'streams' needs an engine that can split its threads between calls "
+                            "(threads_per_call: the torch and onnxruntime engines can)")
         cfg = engine.config
         mpp = cfg.slide.mpp
         if slide.mpp > COARSE_SCAN * mpp:
