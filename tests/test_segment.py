@@ -735,6 +735,61 @@ def test_streams_run_two_model_calls_at_once_and_give_the_bytes_of_one_call_at_a
     assert not (tmp_path / "x.tif").exists() and not (tmp_path / "x.tif.work").exists()
 
 
+@pytest.mark.parametrize("where", ["read", "model"])
+def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_finishes(tmp_path, demo_svs,
+                                                                                      small_model, monkeypatch,
+                                                                                      where):
+    """Under "streams" the tiles are taken and the model run on the streams' threads: a read or a
+    model call that fails there is the run's error (not a hang, not a half-written output), and the
+    same call afterwards gives the bytes of a run that never failed."""
+    import threading
+
+    import wsi_espnet.segment as seg
+
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    lock, count = threading.Lock(), {"read": 0, "model": 0}
+    broken = {"on": True}
+
+    class Streamed:  # the real engine, on two streams of one thread, failing its 4th call while broken
+        config, device, model_id = engine.config, engine.device, "m"
+        cpu_threads = 2
+        threads_per_call = engine.threads_per_call
+
+        def predict_proba(self, batch):
+            with lock:
+                count["model"] += 1
+                if broken["on"] and where == "model" and count["model"] == 4:
+                    raise RuntimeError("the model broke")
+            return engine.predict_proba(batch)
+
+    real_read = seg._read_tile
+
+    def read(*args):
+        with lock:
+            count["read"] += 1
+            if broken["on"] and where == "read" and count["read"] == 9:
+                raise UserError("tile 9 is unreadable")
+        return real_read(*args)
+
+    monkeypatch.setattr(seg, "_read_tile", read)
+    opts = SegmentOptions(tile=256, overlap=32, batch=1, progress=False, schedule="streams")
+    before = torch.get_num_threads()
+    try:
+        broken["on"] = False
+        segment_slide(demo_svs, tmp_path / "ref" / "mask.tif", options=opts, engine=Streamed())
+        broken["on"], count["read"], count["model"] = True, 0, 0
+        out = tmp_path / "mask.tif"
+        with pytest.raises((RuntimeError, UserError), match="broke|unreadable"):
+            segment_slide(demo_svs, out, options=opts, engine=Streamed())
+        assert not out.exists() and (tmp_path / "mask.tif.work").is_dir()
+        assert torch.get_num_threads() == before  # the threads given back on the way out too
+        broken["on"] = False
+        segment_slide(demo_svs, out, options=opts, engine=Streamed())
+    finally:
+        torch.set_num_threads(before)
+    assert out.read_bytes() == (tmp_path / "ref" / "mask.tif").read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # With the shipped tissue model, against the demo slide's known truth
 
