@@ -123,7 +123,7 @@ def model_alone_in_this_process(slides_root: Path, model: Path, tile: int | None
     import torch
 
     from wsi_espnet.engine import make_engine
-    from wsi_espnet.segment import default_batch
+    from wsi_espnet.schedule import default_batch
 
     torch.set_num_threads(threads)
     engine = make_engine(model, "torch", "cpu")

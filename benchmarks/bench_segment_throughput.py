@@ -31,7 +31,7 @@ cost under 10 % on top of the network.
   timers around each stage inside ``_run_grid``: the model's calls and the time spent waiting for
   decoded tiles (on the main thread, or under ``streams`` on the model's threads, added up); on the
   thread that blends, ``BlendStitcher.add`` and ``LabelBand.flush`` (label-file writes, class
-  counts); and the reader threads' own busy time (``_read_tile``: read + JPEG decode + resample).
+  counts); and the reader threads' own busy time (``schedule.read_tile``: read + JPEG decode + resample).
   On 2 cores they compete with each other, and under ``beside`` and ``streams`` with the model.
 * ``--schedules``: ``SegmentOptions.schedule`` per run: ``auto`` (the default: on CPU with a torch
   thread per core that is ``streams``), ``streams`` (two model calls side by side, blending on the
@@ -80,7 +80,9 @@ from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.demo import write_demo_slide  # noqa: E402
 from wsi_espnet.engine import TorchEngine  # noqa: E402
 from wsi_espnet.errors import UserError  # noqa: E402
-from wsi_espnet.segment import SegmentOptions, feed_batches, segment_slide  # noqa: E402
+import wsi_espnet.schedule as scheduling  # noqa: E402
+from wsi_espnet.schedule import MODEL_STREAMS, feed_batches  # noqa: E402
+from wsi_espnet.segment import SegmentOptions, segment_slide  # noqa: E402
 from wsi_espnet.slide import open_slide  # noqa: E402
 from wsi_espnet.stitch import feed_bands  # noqa: E402
 from wsi_espnet.tiling import tile_grid  # noqa: E402
@@ -122,13 +124,13 @@ def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
     out = {"one": time.perf_counter() - t0, "one_cpu": time.process_time() - c0}
     out["streams"] = out["streams_cpu"] = math.nan
     threads = getattr(engine, "cpu_threads", None) or 1
-    if engine.device == "cpu" and threads >= seg.MODEL_STREAMS:
-        with engine.threads_per_call(threads // seg.MODEL_STREAMS), \
-                ThreadPoolExecutor(seg.MODEL_STREAMS) as pool:
+    if engine.device == "cpu" and threads >= MODEL_STREAMS:
+        with engine.threads_per_call(threads // MODEL_STREAMS), \
+                ThreadPoolExecutor(MODEL_STREAMS) as pool:
             running: deque = deque()
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(0, len(pixels), batch):  # at most MODEL_STREAMS calls at once, as segment_slide
-                if len(running) == seg.MODEL_STREAMS:
+                if len(running) == MODEL_STREAMS:
                     running.popleft().result()
                 running.append(pool.submit(engine.predict_proba, pixels[i : i + batch]))
             for f in running:
@@ -184,7 +186,7 @@ class _TimedEngine:
 def stage_timers(prof: dict):
     """Timers inside _run_grid: waiting for tiles, blending, label flushes, reader threads' work."""
     lock = threading.Lock()
-    saved = (seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile)
+    saved = (seg.TileReader, seg.BlendStitcher, seg.LabelBand, scheduling.read_tile)
 
     class TimedReader(saved[0]):
         def next_batch(self):
@@ -214,12 +216,12 @@ def stage_timers(prof: dict):
             prof["read_threads"] += time.perf_counter() - t0
         return out
 
-    seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile = (
+    seg.TileReader, seg.BlendStitcher, seg.LabelBand, scheduling.read_tile = (
         TimedReader, TimedStitcher, TimedBand, timed_read)
     try:
         yield prof
     finally:
-        seg.TileReader, seg.BlendStitcher, seg.LabelBand, seg._read_tile = saved
+        seg.TileReader, seg.BlendStitcher, seg.LabelBand, scheduling.read_tile = saved
 
 
 def end_to_end(slide: Path, out: Path, engine, batch: int, workers: int, prof: dict | None = None,
@@ -316,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(_fmt(row, mpx), flush=True)
         prof = None
         if args.profile:
-            schedule = seg.choose_schedule(engine)  # the CLI's defaults
-            batch, workers = seg.default_batch(schedule), SegmentOptions().workers
+            schedule = scheduling.choose_schedule(engine)  # the CLI's defaults
+            batch, workers = scheduling.default_batch(schedule), SegmentOptions().workers
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
             alone = model_alone(engine, pixels, batch)["alone"]
             with stage_timers(prof):
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         head = f"\nprofile, batch {batch}, {workers} readers, schedule {schedule}: _run_grid {prof['tiles_s']:.1f} s"
         if schedule == "streams":  # the model's calls overlap each other and the rest
-            head += (f"; model calls {prof['model']:.1f} s over {seg.MODEL_STREAMS} streams (alone, just before: "
+            head += (f"; model calls {prof['model']:.1f} s over {MODEL_STREAMS} streams (alone, just before: "
                      f"{prof['alone']:.1f} s of wall); waiting for tiles {prof['wait_tiles']:.1f} s on the streams")
         else:
             other = prof["tiles_s"] - prof["model"] - prof["wait_tiles"]

@@ -104,7 +104,8 @@ def test_calls_side_by_side_get_sessions_of_their_own(tissue, demo_svs, tmp_path
     and a whole-slide run so gives the bytes of one call at a time on an n-thread engine."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_espnet.segment import SegmentOptions, choose_schedule, segment_slide
+    from wsi_espnet.schedule import choose_schedule
+    from wsi_espnet.segment import SegmentOptions, segment_slide
 
     _, path = tissue
     batch = np.random.default_rng(3).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)

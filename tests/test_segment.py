@@ -19,6 +19,7 @@ import torch
 import zarr
 
 import wsi_espnet
+from wsi_espnet import schedule as scheduling
 from wsi_espnet.cli import main
 from wsi_espnet.engine import TorchEngine
 from wsi_espnet.errors import InputWarning, UserError
@@ -614,15 +615,14 @@ def test_schedules_give_the_same_bytes_and_between_never_reads_beside_the_model(
     between its batches (a CPU model on every core): the same operations in the same order."""
     import threading
 
-    import wsi_espnet.segment as seg
-
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
-    reading, lock, seen = [0], threading.Lock(), []
-    real_read = seg._read_tile
+    reading, reads, lock, seen = [0], [0], threading.Lock(), []
+    real_read = scheduling.read_tile
 
     def counted_read(*args):
         with lock:
             reading[0] += 1
+            reads[0] += 1
         try:
             return real_read(*args)
         finally:
@@ -638,12 +638,14 @@ def test_schedules_give_the_same_bytes_and_between_never_reads_beside_the_model(
             seen.append(reading[0])
             return out
 
-    monkeypatch.setattr(seg, "_read_tile", counted_read)
+    monkeypatch.setattr(scheduling, "read_tile", counted_read)
     for schedule in ("beside", "between"):
         seen.clear()
+        reads[0] = 0
         opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, schedule=schedule,
                               probs=tmp_path / schedule / "p.zarr")
-        segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Watching())
+        result = segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Watching())
+        assert reads[0] == result.tiles  # every tile read through the counted reader
         if schedule == "between":
             assert len(seen) > 10 and max(seen) == 0
     assert (tmp_path / "beside" / "mask.tif").read_bytes() == (tmp_path / "between" / "mask.tif").read_bytes()
@@ -656,7 +658,7 @@ def test_schedules_give_the_same_bytes_and_between_never_reads_beside_the_model(
 
 def test_auto_schedule_reads_beside_the_model_only_where_cores_are_free(small_model):
     from wsi_espnet.engine import available_cores
-    from wsi_espnet.segment import choose_schedule, cores_free_beside, default_batch
+    from wsi_espnet.schedule import choose_schedule, cores_free_beside, default_batch
 
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     before = torch.get_num_threads()
@@ -744,8 +746,6 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
     same call afterwards gives the bytes of a run that never failed."""
     import threading
 
-    import wsi_espnet.segment as seg
-
     engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
     lock, count = threading.Lock(), {"read": 0, "model": 0}
     broken = {"on": True}
@@ -762,7 +762,7 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
                     raise RuntimeError("the model broke")
             return engine.predict_proba(batch)
 
-    real_read = seg._read_tile
+    real_read = scheduling.read_tile
 
     def read(*args):
         with lock:
@@ -771,7 +771,7 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
                 raise UserError("tile 9 is unreadable")
         return real_read(*args)
 
-    monkeypatch.setattr(seg, "_read_tile", read)
+    monkeypatch.setattr(scheduling, "read_tile", read)
     opts = SegmentOptions(tile=256, overlap=32, batch=1, progress=False, schedule="streams")
     before = torch.get_num_threads()
     try:
@@ -869,7 +869,7 @@ def test_tiled_blended_map_agrees_with_whole_region_inference(tmp_path, demo_svs
 
 
 def test_feed_batches_cut_across_bands_from_the_start_of_the_slide():
-    from wsi_espnet.segment import feed_batches
+    from wsi_espnet.schedule import feed_batches
     from wsi_espnet.stitch import Band
     from wsi_espnet.tiling import Tile
 

@@ -10,13 +10,10 @@ writers (mask TIFF, GeoJSON, overlay) read that map block by block, and only whe
 ran (:meth:`TileGrid.footprint`), so memory grows only with the slide's width (the blending strip),
 never with its area.
 
-Scheduling (:func:`choose_schedule`): with an accelerator, or CPU cores the model leaves free,
-reading runs ahead and blending one batch behind (on a thread of its own) while the model works
-("beside").  With a CPU model on every core, reading and blending beside one model call would stall
-all of its threads, so the model runs as two calls side by side, each on half the threads
-("streams"): while one stream's batch is blended the other stream computes, and the cores the
-pipeline takes slow one stream's threads, not the other's.  Same operations in the same order
-whatever the schedule: the same bytes, given the same threads per model call.
+Scheduling (:mod:`wsi_espnet.schedule`): how reading, the model and the blending share the machine
+(beside the model on a GPU or on cores it leaves free; as two model streams on a CPU model with every
+core).  Same operations in the same order whatever the schedule: the same bytes, given the same
+threads per model call.
 
 Resuming: after every tile row the flushed height is recorded in ``progress.json``.  A re-run with the
 same slide, model and options recomputes from the first tile row that reaches below that height
@@ -36,7 +33,6 @@ import math
 import os
 import shutil
 import sys
-import threading
 import time
 import warnings
 from collections import deque
@@ -55,8 +51,10 @@ from .label_file import LabelFile
 from .outputs import (check_not_input, check_output, exclusive_output, link_or_copy_tree, make_folder,
                       remove_empty_folders)
 from .runtime import lazy_zeros, tune_for_inference
+from .schedule import (MODEL_STREAMS, SCHEDULES, ModelStreams, TileReader, choose_schedule, default_batch,
+                       feed_batches, model_threads)
 from .slide import Slide, open_slide
-from .stitch import Band, BlendStitcher, feed_bands
+from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid
 from .tissue import TissueMask, detect_tissue
 
@@ -70,8 +68,6 @@ WORK_VERSION = 7  # 2: progress.json carries the class counts; 3: labels from th
 #                   without a Background class 0 gets one prepended (its ids shift by one); 7: a CPU
 #                   model on every core runs two calls of half the threads, 2 tiles each ("streams")
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
-SCHEDULES = ("auto", "beside", "between", "streams")  # SegmentOptions.schedule; see choose_schedule
-MODEL_STREAMS = 2  # model calls side by side under the "streams" schedule
 
 
 def output_classes(cfg) -> tuple[list[str], list[tuple[int, int, int]], int]:
@@ -296,160 +292,6 @@ class LabelBand:
                     self.counts[c] += n
                     counted += n
         self.counts[self.fill] += rows.shape[0] * self.width - counted
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading ahead
-
-
-def _read_tile(slide: Slide, t: Tile, mpp: float) -> np.ndarray:
-    return slide.read_at_mpp(t.x, t.y, t.width, t.height, mpp)
-
-
-def feed_batches(bands: list[Band], batch: int, first_band: int = 0) -> tuple[list[list[Tile]], int]:
-    """The model's batches: the grid's tiles in feed order, ``batch`` at a time across bands (a
-    slide's bands often hold one or two tissue tiles: per band, most batches would be short).
-
-    Resuming at ``first_band``, the batches are still cut from the start of the slide, so that each
-    tile is run in the same batch as before (batch composition changes the model's floating-point
-    results); returns the batches from the one holding ``first_band``'s first tile on, and how many
-    tiles of earlier bands lead that batch (run, not blended)."""
-    order = [t for b in bands for t in b.tiles]
-    skip = sum(len(b.tiles) for b in bands[:first_band])
-    if skip == len(order):  # no tile left to blend
-        return [], 0
-    start = skip - skip % batch
-    return [order[i : i + batch] for i in range(start, len(order), batch)], skip - start
-
-
-class TileReader:
-    """Decoded tiles, a batch at a time in feed order, read on a thread pool ahead of their use.
-    The caller says when reading may start (:meth:`read_ahead`): beside the model, or only once the
-    model has let go of the cores."""
-
-    def __init__(self, slide: Slide, batches: list[list[Tile]], mpp: float, workers: int) -> None:
-        self.slide, self.mpp = slide, mpp
-        self.batches = batches
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tile-reader")
-        self._queue: deque[tuple[list[Tile], list[Future]]] = deque()  # batches whose reads started
-        self._next = 0  # index of the first batch not started
-
-    def read_ahead(self, batches: int) -> None:
-        """Start reading until ``batches`` batches are read or being read ahead of the consumer."""
-        while self._next < len(self.batches) and len(self._queue) < batches:
-            tiles = self.batches[self._next]
-            self._queue.append((tiles, [self._pool.submit(_read_tile, self.slide, t, self.mpp) for t in tiles]))
-            self._next += 1
-
-    def next_batch(self) -> tuple[list[Tile], np.ndarray]:
-        """The next batch's tiles and their (N, h, w, 3) pixels, waiting for reads still running."""
-        self.read_ahead(1)
-        tiles, futures = self._queue.popleft()
-        return tiles, np.stack([f.result() for f in futures])
-
-    def close(self) -> None:
-        """Also when the consumer stops early (an error, Ctrl-C): no read may outlive this reader,
-        because the caller closes the slide next and OpenSlide aborts the process on a read from a
-        closed handle."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class ModelStreams:
-    """The model's batches run on ``streams`` threads of their own (schedule "streams"), each thread
-    taking the next batch as soon as it is free; results are handed out in feed order.
-
-    Why not in turn: two streams started together would stay in step, and the second would wait, at
-    every batch, for the first's batch to be blended before it got its next one (the model was
-    idle 5-8 % of the run so).  At most ``streams + 1`` batches are taken and not yet handed out,
-    so a slow consumer holds a bounded number of results."""
-
-    def __init__(self, reader: TileReader, engine: Engine, count: int, streams: int) -> None:
-        self._reader, self._engine, self._streams = reader, engine, streams
-        self._results: list[Future | None] = [Future() for _ in range(count)]
-        self._next = 0  # the next batch to take
-        self._lock = threading.Lock()  # taking a batch: its index and its tiles, in order
-        self._room = threading.Semaphore(streams + 1)
-        self._stop = False
-        reader.read_ahead(2 * streams)
-        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="model")
-        for _ in range(streams):
-            self._pool.submit(self._stream)
-
-    def _stream(self) -> None:
-        while True:
-            self._room.acquire()
-            with self._lock:
-                if self._stop or self._next >= len(self._results):
-                    return
-                i, result = self._next, self._results[self._next]
-                self._next += 1
-                try:
-                    tiles, images = self._reader.next_batch()
-                    self._reader.read_ahead(self._streams)
-                except BaseException as exc:  # a read that failed: the consumer raises it at batch i
-                    self._stop = True
-                    result.set_exception(exc)
-                    return
-            try:
-                result.set_result((tiles, self._engine.predict_proba(images)))
-            except BaseException as exc:  # KeyboardInterrupt too: handed to the consumer, as any error
-                self._stop = True
-                result.set_exception(exc)
-                return
-
-    def result(self, i: int) -> tuple[list[Tile], np.ndarray]:
-        """Batch ``i``'s tiles and probabilities, waiting for them; call for 0, 1, 2... in turn."""
-        tiles_probs = self._results[i].result()
-        self._results[i] = None
-        self._room.release()
-        return tiles_probs
-
-    def close(self) -> None:
-        """Stop taking batches and wait for the calls running (also after an error or Ctrl-C)."""
-        self._stop = True
-        for _ in range(self._streams):
-            self._room.release()
-        self._pool.shutdown(wait=True)
-
-
-def cores_free_beside(engine: Engine) -> bool:
-    """Whether reading and blending can run beside the model without taking its cores: when it runs
-    on an accelerator, or on fewer CPU threads than this process has cores (``--threads``).
-
-    On CPU with a thread per core they cannot; run beside it anyway, they take a core mid-layer and
-    the model's threads, which meet at a barrier after every layer, all wait for the one preempted
-    (measured on 2 cores: the model's calls took 12 % longer than alone).  Then they run between the
-    model's batches instead, on all cores, and the model runs as fast as alone."""
-    if not str(getattr(engine, "device", "cpu")).startswith("cpu"):
-        return True
-    threads = getattr(engine, "cpu_threads", None)
-    return threads is not None and threads < available_cores()
-
-
-def default_batch(schedule: str) -> int:
-    """Tiles per model call when none is given: 4 (on CPU no slower end to end than 8 or 16, with half
-    the feature maps: docs/performance.md), or 2 under "streams", whose two calls side by side then
-    hold as many tiles' feature maps as one call of 4 (at 4 each the run's peak grew by 350 MB)."""
-    return 2 if schedule == "streams" else 4
-
-
-def choose_schedule(engine: Engine, schedule: str = "auto") -> str:
-    """What ``schedule="auto"`` means for ``engine``: "beside" where cores are free beside the model
-    (:func:`cores_free_beside`); else "streams" where the engine can split its threads between
-    calls (``threads_per_call``: PyTorch and ONNX Runtime) and has at least two, else "between".
-
-    Why streams: between the model's batches the blending adds are one thread's work, and the other
-    cores idle through it; on 2 cores that and the reads left the model ~12 % of the run idle.  As
-    two calls of one thread each, one stream's model runs while the other's batch is blended, and a
-    core taken by a reader delays only the thread on it (no barrier waits on it).  Two one-thread
-    calls side by side are also no slower than one two-thread call on the model alone (2 cores:
-    24.6-25.8 against 23.0-24.8 tiles/s)."""
-    if schedule != "auto":
-        return schedule
-    if cores_free_beside(engine):
-        return "beside"
-    threads = getattr(engine, "cpu_threads", None) or 1
-    return "streams" if threads >= MODEL_STREAMS and hasattr(engine, "threads_per_call") else "between"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,7 +601,7 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
             behind.popleft().result()
 
     try:
-        with _model_threads(engine, schedule):
+        with model_threads(engine, schedule):
             finish_bands()  # glass-only bands at the top
             if schedule == "streams":
                 streams = ModelStreams(reader, engine, len(batches), MODEL_STREAMS)
@@ -803,13 +645,6 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                          size=grid.image_size, tissue_mm2=0.0, class_mm2={}, seconds=0.0,
                          resumed_from_row=bands[0].rows[0] if bands else len(grid.ys),
                          tiles_run=sum(len(b) for b in batches))
-
-
-def _model_threads(engine: Engine, schedule: str) -> contextlib.AbstractContextManager:
-    """Under "streams", each model call gets its share of the engine's threads for the run."""
-    if schedule != "streams":
-        return contextlib.nullcontext()
-    return engine.threads_per_call(max(1, (getattr(engine, "cpu_threads", None) or 1) // MODEL_STREAMS))
 
 
 def _progress(total: int, name: str, enabled: bool):
