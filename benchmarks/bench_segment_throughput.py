@@ -49,6 +49,7 @@ figure that the wall ratio approaches on an idle machine where the model keeps e
     python benchmarks/bench_segment_throughput.py --batches 8 --workers 4 --profile
     python benchmarks/bench_segment_throughput.py --batches 4 --workers 4 --torch-threads 1  # a core left free
     python benchmarks/bench_segment_throughput.py --batches 4 --workers 4 --tile 640          # another tile size
+    python benchmarks/bench_segment_throughput.py --backend onnxruntime --schedules auto,between  # the edge runtime
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def the_tiles(slide_path: Path, engine, tile: int, overlap: int) -> tuple[int, n
         bands = feed_bands(grid)
         (order,), _ = feed_batches(bands, batch=len(grid.tiles))
         return len(bands), np.stack([slide.read_at_mpp(t.x, t.y, t.width, t.height, cfg.mpp) for t in order])
+
+
+def bench_engine(model: Path, backend: str, device: str, threads: int | None, work: Path):
+    """The engine ``wsi-segment --backend`` makes; for onnxruntime a model that is not ``.onnx`` yet is
+    exported into ``work`` first (``wsi-espnet export``)."""
+    if backend == "torch":
+        return TorchEngine(load_model(model), device=device)
+    from wsi_espnet.onnx_engine import OnnxEngine
+
+    if model.suffix != ".onnx":
+        from wsi_espnet.export import export_onnx
+
+        onnx_path = work / f"{model.stem}.onnx"
+        if not onnx_path.is_file():
+            export_onnx(load_model(model), onnx_path)
+        model = onnx_path
+    return OnnxEngine(model, device=device, threads=threads)
 
 
 def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
@@ -260,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(no runtime.tune_for_inference, which wsi-segment applies)")
     p.add_argument("--tile", type=int, help="tile side at the working resolution (default: the model's)")
     p.add_argument("--overlap", type=int, help="tile overlap (default: the model's)")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's, one per core); "
-                   "fewer leaves cores to reading and blending")
+    p.add_argument("--torch-threads", type=int, help="the model's threads: torch's intra-op threads, or the "
+                   "onnxruntime session's (default: one per core); fewer leaves cores to reading and blending")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="the engine (onnxruntime: --model may be an .onnx, or a checkpoint exported first)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the model alone includes "
                    "the copies to and from the device, as segment_slide's calls do")
     args = p.parse_args(argv)
@@ -279,21 +299,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
         torch.set_num_threads(args.torch_threads)
 
-    try:
-        engine = TorchEngine(load_model(args.model), device=args.device)
-    except UserError as e:
-        raise SystemExit(f"error: {e}")
-    tile = args.tile or engine.config.slide.tile
-    overlap = engine.config.slide.overlap if args.overlap is None else args.overlap
-    if not 0 <= overlap <= tile // 2:
-        p.error(f"--overlap {overlap}: between 0 and half the tile ({tile // 2})")
-    on = torch.cuda.get_device_name(engine.device) if engine.device.startswith("cuda") else "CPU"
-    print(f"model {args.model.name} on {on} ({engine.device}), torch {torch.__version__}, {torch.get_num_threads()} "
-          f"torch threads, {os.cpu_count()} CPUs, process tuning (as wsi-segment): {TUNED or 'off (--untuned)'}",
-          flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_segtp_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        try:
+            engine = bench_engine(args.model, args.backend, args.device, args.torch_threads, work)
+        except UserError as e:
+            raise SystemExit(f"error: {e}")
+        tile = args.tile or engine.config.slide.tile
+        overlap = engine.config.slide.overlap if args.overlap is None else args.overlap
+        if not 0 <= overlap <= tile // 2:
+            p.error(f"--overlap {overlap}: between 0 and half the tile ({tile // 2})")
+        on = torch.cuda.get_device_name(engine.device) if engine.device.startswith("cuda") else "CPU"
+        print(f"model {args.model.name} on {on} ({engine.device}), {args.backend} ({torch.__version__}), "
+              f"{engine.cpu_threads} model threads, {os.cpu_count()} CPUs, process tuning (as wsi-segment): "
+              f"{TUNED or 'off (--untuned)'}", flush=True)
         slide = args.slide or demo_slide(work, args.size, args.seed)
         n_bands, pixels = the_tiles(slide, engine, tile, overlap)
         n = len(pixels)
