@@ -150,8 +150,8 @@ def cores_free_beside(engine: Engine) -> bool:
 
     On CPU with a thread per core they cannot; run beside it anyway, they take a core mid-layer and
     the model's threads, which meet at a barrier after every layer, all wait for the one preempted
-    (measured on 2 cores: the model's calls took 12 % longer than alone).  Then they run between the
-    model's batches instead, on all cores, and the model runs as fast as alone."""
+    (measured on 2 cores: the model's calls took 12 % longer than alone).  Then the model runs as
+    streams instead, or they run between its batches (:func:`choose_schedule`)."""
     if not str(getattr(engine, "device", "cpu")).startswith("cpu"):
         return True
     threads = getattr(engine, "cpu_threads", None)
