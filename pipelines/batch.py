@@ -86,7 +86,7 @@ class BatchOptions:
     mpp: float | None = None
     tile: int | None = None
     overlap: int | None = None
-    batch: int | None = None  # None: wsi_espnet.segment.default_batch
+    batch: int | None = None  # None: wsi_espnet.schedule.default_batch
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"

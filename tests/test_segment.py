@@ -684,6 +684,19 @@ def test_auto_schedule_reads_beside_the_model_only_where_cores_are_free(small_mo
     assert default_batch("streams") == 2 and default_batch("between") == default_batch("beside") == 4
 
 
+class _OnTwoThreads:
+    """The real engine as a 2-thread CPU model ("auto" makes that two streams of one thread)."""
+
+    cpu_threads = 2
+
+    def __init__(self, engine):
+        self.engine, self.config, self.device, self.model_id = engine, engine.config, engine.device, "m"
+        self.threads_per_call = engine.threads_per_call
+
+    def predict_proba(self, batch):
+        return self.engine.predict_proba(batch)
+
+
 def test_streams_run_two_model_calls_at_once_and_give_the_bytes_of_one_call_at_a_time(tmp_path, demo_svs,
                                                                                       small_model):
     """"streams" runs two model calls side by side on half the threads each, blending on the main
@@ -694,18 +707,14 @@ def test_streams_run_two_model_calls_at_once_and_give_the_bytes_of_one_call_at_a
     state = {"now": 0, "most": 0, "threads": set()}
     lock = threading.Lock()
 
-    class Counting:  # the real engine, noting how many calls run at once and on how many threads
-        config, device, model_id = engine.config, engine.device, "m"
-        cpu_threads = 2
-        threads_per_call = engine.threads_per_call
-
+    class Counting(_OnTwoThreads):  # noting how many calls run at once and on how many threads
         def predict_proba(self, batch):
             with lock:
                 state["now"] += 1
                 state["most"] = max(state["most"], state["now"])
                 state["threads"].add(torch.get_num_threads())
             try:
-                return engine.predict_proba(batch)
+                return super().predict_proba(batch)
             finally:
                 with lock:
                     state["now"] -= 1
@@ -717,7 +726,7 @@ def test_streams_run_two_model_calls_at_once_and_give_the_bytes_of_one_call_at_a
             state.update(most=0, threads=set())
             opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, schedule=schedule,
                                   probs=tmp_path / schedule / "p.zarr")
-            segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Counting())
+            segment_slide(demo_svs, tmp_path / schedule / "mask.tif", options=opts, engine=Counting(engine))
             assert torch.get_num_threads() == threads  # the run gave the setting back
             assert state["threads"] == {1}  # each call on one thread: half of 2, or the 1 given
             assert state["most"] == (2 if schedule == "streams" else 1)
@@ -750,17 +759,13 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
     lock, count = threading.Lock(), {"read": 0, "model": 0}
     broken = {"on": True}
 
-    class Streamed:  # the real engine, on two streams of one thread, failing its 4th call while broken
-        config, device, model_id = engine.config, engine.device, "m"
-        cpu_threads = 2
-        threads_per_call = engine.threads_per_call
-
+    class Streamed(_OnTwoThreads):  # failing its 4th call while broken
         def predict_proba(self, batch):
             with lock:
                 count["model"] += 1
                 if broken["on"] and where == "model" and count["model"] == 4:
                     raise RuntimeError("the model broke")
-            return engine.predict_proba(batch)
+            return super().predict_proba(batch)
 
     real_read = scheduling.read_tile
 
@@ -776,15 +781,15 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
     before = torch.get_num_threads()
     try:
         broken["on"] = False
-        segment_slide(demo_svs, tmp_path / "ref" / "mask.tif", options=opts, engine=Streamed())
+        segment_slide(demo_svs, tmp_path / "ref" / "mask.tif", options=opts, engine=Streamed(engine))
         broken["on"], count["read"], count["model"] = True, 0, 0
         out = tmp_path / "mask.tif"
         with pytest.raises((RuntimeError, UserError), match="broke|unreadable"):
-            segment_slide(demo_svs, out, options=opts, engine=Streamed())
+            segment_slide(demo_svs, out, options=opts, engine=Streamed(engine))
         assert not out.exists() and (tmp_path / "mask.tif.work").is_dir()
         assert torch.get_num_threads() == before  # the threads given back on the way out too
         broken["on"] = False
-        segment_slide(demo_svs, out, options=opts, engine=Streamed())
+        segment_slide(demo_svs, out, options=opts, engine=Streamed(engine))
     finally:
         torch.set_num_threads(before)
     assert out.read_bytes() == (tmp_path / "ref" / "mask.tif").read_bytes()

@@ -81,7 +81,7 @@ class TorchEngine:
 
     @property
     def cpu_threads(self) -> int:
-        """The model's CPU threads (PyTorch's, process-wide; see segment.cores_free_beside)."""
+        """The model's CPU threads (PyTorch's, process-wide; see schedule.cores_free_beside)."""
         import torch
 
         return torch.get_num_threads()

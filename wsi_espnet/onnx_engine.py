@@ -102,7 +102,7 @@ class OnnxEngine:
             raise ModelFileError(f"model path is a directory, not a file: {self.path}")
         self.device, self._providers = _providers(device, ort.get_available_providers())
         self._spin = spin
-        self.cpu_threads = threads or available_cores()  # see segment.cores_free_beside
+        self.cpu_threads = threads or available_cores()  # see schedule.cores_free_beside
         self.session = self._new_session(self.cpu_threads)
         self._per_call: int | None = None  # threads_per_call's setting while inside it
         self._idle: dict[int, list[Any]] = {}  # sessions of so many threads, for calls side by side

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from .engine import Engine, available_cores
+from .errors import UserError
 from .slide import Slide
 from .stitch import Band
 from .tiling import Tile
@@ -110,21 +111,16 @@ class ModelStreams:
     def _stream(self) -> None:
         while True:
             self._room.acquire()
-            with self._lock:
-                if self._stop or self._next >= len(self._results):
-                    return
-                result = self._results[self._next]
-                self._next += 1
-                try:
+            try:
+                with self._lock:
+                    if self._stop or self._next >= len(self._results):
+                        return
+                    result = self._results[self._next]
+                    self._next += 1
                     tiles, images = self._reader.next_batch()
                     self._reader.read_ahead(self._streams)
-                except BaseException as exc:  # a read that failed: the consumer raises it at this batch
-                    self._stop = True
-                    result.set_exception(exc)
-                    return
-            try:
                 result.set_result((tiles, self._engine.predict_proba(images)))
-            except BaseException as exc:  # KeyboardInterrupt too: handed to the consumer, as any error
+            except BaseException as exc:  # a read or the model, KeyboardInterrupt too: the consumer raises it
                 self._stop = True
                 result.set_exception(exc)
                 return
@@ -175,7 +171,12 @@ def choose_schedule(engine: Engine, schedule: str = "auto") -> str:
     two calls of one thread each, one stream's model runs while the other's batch is blended, and a
     core taken by a reader delays only the thread on it (no barrier waits on it).  Two one-thread
     calls side by side are also no slower than one two-thread call on the model alone (2 cores:
-    24.6-25.8 against 23.0-24.8 tiles/s)."""
+    24.6-25.8 against 23.0-24.8 tiles/s).
+
+    "streams" asked for an engine without ``threads_per_call`` is a :class:`UserError`."""
+    if schedule == "streams" and not hasattr(engine, "threads_per_call"):
+        raise UserError("schedule 'streams' needs an engine that can split its threads between calls "
+                        "(threads_per_call: the torch and onnxruntime engines can)")
     if schedule != "auto":
         return schedule
     if cores_free_beside(engine):

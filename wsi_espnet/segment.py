@@ -353,9 +353,8 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
-        if choose_schedule(engine, opts.schedule) == "streams" and not hasattr(engine, "threads_per_call"):
-            raise UserError("schedule 'streams' needs an engine that can split its threads between calls "
-                            "(threads_per_call: the torch and onnxruntime engines can)")
+        schedule = choose_schedule(engine, opts.schedule)  # decided once, before any work
+        opts = replace(opts, schedule=schedule, batch=opts.batch or default_batch(schedule))
         cfg = engine.config
         mpp = cfg.slide.mpp
         if slide.mpp > COARSE_SCAN * mpp:
@@ -536,8 +535,8 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     every_band = feed_bands(grid)
     first = next((i for i, b in enumerate(every_band) if grid.ys[b.rows[-1]] + grid.tile > flushed_y), len(every_band))
     bands = every_band[first:]
-    schedule = choose_schedule(engine, opts.schedule)
-    batches, lead = feed_batches(every_band, opts.batch or default_batch(schedule), first)
+    schedule = opts.schedule  # as _segment resolved it (choose_schedule), as is the batch
+    batches, lead = feed_batches(every_band, opts.batch, first)
     # The band buffer spans the deepest band: one tile row, or the last two fed together.
     depth = max((min(grid.ys[b.rows[-1]] + grid.tile, height) - max(b.top, flushed_y) for b in bands), default=1)
     band = LabelBand(labels, flushed_y, height=max(depth, 1), counts=state.get("counts") if flushed_y else None)
