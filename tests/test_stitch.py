@@ -234,6 +234,9 @@ def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
     got = class_argmax(q)
     np.testing.assert_array_equal(got[20], np.nan_to_num(q[:, 20], nan=-1).argmax(0))
     assert (got[21] == 0).all() and (got[22] == 5).all()
+    # 21 classes (VOC) with values on a coarse grid: ties everywhere, between any pair of classes
+    many = rng.integers(0, 4, (21, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(class_argmax(many), many.argmax(0))
 
 
 def test_labels_computed_on_a_labeler_pool_are_the_same_and_arrive_at_deliver():

@@ -49,20 +49,30 @@ def class_argmax(probs: np.ndarray) -> np.ndarray:
     """``probs.argmax(0)`` as uint8 (ties to the lower class id, as argmax), a class plane at a time.
 
     Why not ``argmax(0)``: over the leading axis of a (C, h, w) array numpy transposes into a copy
-    first.  The maximum over the planes, then each class from the top down written where it equals
-    that maximum (so the lowest tied class is written last), is ~1.5x faster than the one-pass
-    compare-and-update and 2x faster than ``argmax``, on the pipeline's hottest line.
+    first.  Instead: the maximum over the planes, then for each class a byte plane holding
+    ``C - 1 - c`` where the class reaches that maximum, and the running maximum of those bytes (the
+    lowest tied class has the largest code).  Byte arithmetic on whole planes, without a branch per
+    pixel: writing each class where it wins (``copyto(..., where=)``) costs as much only where the
+    winners come in large regions (a demo tile's 384² cell: 0.39-0.41 against 0.48-0.51 ms) and 9x
+    more on a noisy map, where the branch mispredicts (random probabilities: 0.54 against 4.8 ms).
 
     NaN (a model that overflowed) never wins; a pixel with no number at all is class 0, background,
     rather than counted in any tissue class."""
+    n = probs.shape[0]
+    if n > 256:
+        raise ValueError(f"{n} classes do not fit uint8 labels")
     best = np.fmax.reduce(probs, axis=0)
-    labels = np.full(best.shape, probs.shape[0] - 1, np.uint8)
+    code = np.zeros(best.shape, np.uint8)  # C - 1 - (lowest class at the maximum); class C - 1: 0
     hit = np.empty(best.shape, bool)
-    for c in range(probs.shape[0] - 2, -1, -1):
+    term = np.empty(best.shape, np.uint8)
+    for c in range(n - 1):
         np.equal(probs[c], best, out=hit)
-        np.copyto(labels, np.uint8(c), where=hit)
+        np.multiply(hit.view(np.uint8), np.uint8(n - 1 - c), out=term)
+        np.maximum(code, term, out=code)
+    labels = np.subtract(np.uint8(n - 1), code, out=code)
     np.isnan(best, out=hit)
-    np.copyto(labels, np.uint8(0), where=hit)
+    if hit.any():
+        labels[hit] = 0
     return labels
 
 
