@@ -152,12 +152,12 @@ def time_loop(slides_root: Path, out: Path, model: Path, tile: int | None, threa
 
 
 def time_batch(slides_root: Path, out: Path, model: Path, tile: int | None, scheduler: str | None,
-               workers: int, threads: int) -> Timing:
+               workers: int, threads: int, schedule: str = "auto") -> Timing:
     from pipelines.batch import BatchOptions, run_batch
 
     shutil.rmtree(out, ignore_errors=True)
     opts = BatchOptions(model=str(model), scheduler=scheduler, workers=workers, threads_per_worker=threads,
-                        tile=tile, device="cpu", progress=False)
+                        tile=tile, device="cpu", schedule=schedule, progress=False)
     t0, c0 = time.perf_counter(), _tree_cpu()
     summary = run_batch([slides_root], out, opts, log=lambda msg: None)
     timing = {"wall": time.perf_counter() - t0, "cpu": _tree_cpu() - c0, "tiles": summary.tiles}
@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=(1, 2))
     ap.add_argument("--overhead-threads", type=int, nargs="+", default=(1,),
                     help="PyTorch threads of the loop / 1-worker pairs that measure the Dask layer (default 1)")
+    ap.add_argument("--threads-per-worker", type=int,
+                    help="PyTorch threads of each Dask worker (default: cores / workers; more oversubscribes)")
+    ap.add_argument("--schedules", default="auto",
+                    help="comma list of wsi-batch --schedule values, each timed on every Dask configuration")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-cold", action="store_true", help="skip the cold runs")
     ap.add_argument("--compare-defaults", action="store_true",
@@ -244,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_cold:
         for w in args.workers:
-            t = max(1, cores // w)
+            t = args.threads_per_worker or max(1, cores // w)
             record(f"cold dask {w}x{t}", time_batch(work / "slides", work / "out_cold", model, args.tile, None, w, t))
 
-    configs = sorted({(w, max(1, cores // w)) for w in args.workers} | {(1, t) for t in args.overhead_threads})
+    configs = sorted({(w, args.threads_per_worker or max(1, cores // w)) for w in args.workers}
+                     | {(1, t) for t in args.overhead_threads})
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     runs = [(w, t, True, True) for w, t in configs]
     if args.compare_defaults:
         runs += [(1, t, False, True) for t in args.overhead_threads]
@@ -261,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeat):
                 if w == 1 and tune:
                     record(f"loop {t}", time_loop(work / "slides", work / "out_loop", model, args.tile, t))
-                record(name, time_batch(work / "slides", work / f"out_{w}x{t}", model, args.tile,
-                                        cluster.scheduler_address, w, t))
+                for sched in schedules:
+                    record(name + ("" if sched == "auto" else f" {sched}"),
+                           time_batch(work / "slides", work / f"out_{w}x{t}", model, args.tile,
+                                      cluster.scheduler_address, w, t, sched))
         finally:
             cluster.close()
 
@@ -283,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(t, f"dask 1x{t}") for t in sorted({t for w, t in configs if w == 1})]
     pairs += [(t, f"dask 1x{t} dflt") for t in args.overhead_threads if args.compare_defaults]
     for t, name in pairs:
+        if name not in best or f"loop {t}" not in best:  # not timed under the auto schedule
+            continue
         loop, dask = best[f"loop {t}"], best[name]
         print(f"Dask layer, {name} vs a loop with {t} thread(s): "
               f"CPU {dask['cpu'] / loop['cpu'] - 1:+.1%} ({(dask['cpu'] - loop['cpu']) / n * 1000:+.0f} ms/slide), "

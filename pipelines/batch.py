@@ -44,6 +44,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_espnet.engine import available_cores
 from wsi_espnet.errors import ModelFileError, OutputBusyError, UserError
+from wsi_espnet.schedule import SCHEDULES
 
 from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
 from .report import BatchReport, check_report_target, one_line
@@ -87,6 +88,7 @@ class BatchOptions:
     tile: int | None = None
     overlap: int | None = None
     batch: int | None = None  # None: wsi_espnet.schedule.default_batch
+    schedule: str = "auto"  # SegmentOptions.schedule, for every slide
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"
@@ -211,7 +213,8 @@ def process_slide(spec: dict) -> dict:
     row.update(status="done", error="", tiles=result.tiles, tiles_run=result.tiles_run, grid_tiles=result.grid_tiles,
                seconds=round(result.seconds, 3), tissue_mm2=result.tissue_mm2, mpp=result.mpp,
                size=list(result.size), class_mm2=result.class_mm2, outputs=result.outputs,
-               resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings))
+               resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings),
+               schedule=result.schedule, batch=result.batch)
     return row
 
 
@@ -294,10 +297,19 @@ def _dashboard_line(link: str) -> str:
     return f"Dask dashboard: {link}" if link else "Dask dashboard: not available"
 
 
-# Run in each worker process of our LocalCluster as it starts (a Dask preload given as source): Ctrl-C
-# at a terminal reaches every process of the job, and a worker would die printing a traceback while
-# this process is already stopping them in order (and saying so in one line).
-_IGNORE_CTRL_C = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+# Run in each worker process of our LocalCluster as it starts (a Dask preload given as source).
+# * Ctrl-C at a terminal reaches every process of the job, and a worker would die printing a
+#   traceback while this process is already stopping them in order (and saying so in one line).
+# * The scheduler lives in this process: when it stops (Ctrl-C, or an error said in one line), a
+#   worker whose heartbeat was in flight logs the closed connection as an ERROR with a traceback
+#   (seen about once in 10-25 interrupts on a loaded machine).  The scheduler going away is this
+#   process's own doing, so that one message is dropped; every other worker log is left as it is.
+HEARTBEAT_LOST = "Failed to communicate with scheduler during heartbeat."
+_WORKER_PRELOAD = f"""
+import logging, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+logging.getLogger("distributed.worker").addFilter(lambda record: record.getMessage() != {HEARTBEAT_LOST!r})
+"""
 
 
 @contextlib.contextmanager
@@ -351,7 +363,7 @@ def dask_client(opts: BatchOptions, n_slides: int, log: Callable[[str], None]) -
     with dask.config.set(QUIET_CLUSTER):  # the nannies hand this config to the worker processes
         cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
                                resources={"GPU": 1} if gpus else None, dashboard_address=dashboard,
-                               preload=[_IGNORE_CTRL_C],
+                               preload=[_WORKER_PRELOAD],
                                scheduler_kwargs={"allowed_failures": opts.retries}, silence_logs=logging.ERROR)
     with cluster, Client(cluster) as client:
         if gpus:
@@ -403,7 +415,7 @@ def _validate(opts: BatchOptions, jobs: Sequence[SlideJob] = ()) -> None:
 
 
 #: The fields of ``SegmentOptions`` a task carries (its outputs travel apart, as paths of the job).
-_TASK_FIELDS = ("mpp", "tile", "overlap", "batch", "tissue_threshold", "device", "backend", "workers",
+_TASK_FIELDS = ("mpp", "tile", "overlap", "batch", "schedule", "tissue_threshold", "device", "backend", "workers",
                 "geojson_min_area")
 
 
@@ -412,7 +424,7 @@ def _segment_options(opts: BatchOptions, overrides: dict | None = None, device: 
     ``device``: the one the cluster chose, where it chose)."""
     from wsi_espnet.segment import SegmentOptions
 
-    seg = SegmentOptions(mpp=opts.mpp, tile=opts.tile, overlap=opts.overlap, batch=opts.batch,
+    seg = SegmentOptions(mpp=opts.mpp, tile=opts.tile, overlap=opts.overlap, batch=opts.batch, schedule=opts.schedule,
                          tissue_threshold=opts.tissue_threshold, device=device or opts.device, backend=opts.backend,
                          workers=opts.reader_threads, geojson_min_area=opts.geojson_min_area)
     for key, value in (overrides or {}).items():
@@ -633,6 +645,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, help="overlap between tiles (default: model config)")
     p.add_argument("--batch", type=int, help="tiles per model call (default 4; 2 where a worker's model has "
                    "every core, as wsi-segment)")
+    p.add_argument("--schedule", default="auto", choices=SCHEDULES,
+                   help="how each worker's reading and blending share the CPU with its model, as wsi-segment's "
+                   "--schedule (default auto)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
@@ -651,7 +666,7 @@ def options_from_args(args: argparse.Namespace) -> BatchOptions:
         model=args.model, scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
         gpus=args.gpus, retries=args.retries, patterns=patterns, geojson=args.geojson,
         geojson_min_area=args.geojson_min_area, overlay=args.overlay, probs=args.probs, mpp=args.mpp, tile=args.tile,
-        overlap=args.overlap, batch=args.batch,
+        overlap=args.overlap, batch=args.batch, schedule=args.schedule,
         tissue_threshold=args.tissue_threshold, device=args.device, backend=args.backend,
         reader_threads=args.reader_threads, report=args.report, overwrite=args.overwrite, progress=not args.quiet)
 

@@ -123,6 +123,8 @@ class SegmentResult:
     resumed_from_row: int = 0
     warnings: list[str] = field(default_factory=list)  # what was also warned (InputWarning)
     tiles_run: int | None = None  # tiles this call ran through the model (fewer than ``tiles`` when resumed)
+    schedule: str = ""  # how reading, the model and the blending shared the machine (choose_schedule)
+    batch: int = 0  # tiles per model call
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -381,6 +383,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
             notes.append(_no_tissue_note(slide, threshold))
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
         result = _run_grid(slide, engine, grid, work, state, opts)
+        result.schedule, result.batch = opts.schedule, opts.batch
         result.tissue_mm2 = tissue.tissue_fraction * slide.dimensions[0] * slide.dimensions[1] * (slide.mpp / 1000) ** 2
         thumbnail = slide.get_thumbnail(1024) if opts.overlay else None
         bounds = slide.bounds
