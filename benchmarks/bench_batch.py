@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time workers left as Dask starts them, as wsi-batch leaves a cluster you give it")
     ap.add_argument("--dir", type=Path, help="work folder, kept (default: a temporary one)")
     args = ap.parse_args(argv)
+    from wsi_espnet.schedule import SCHEDULES
+
+    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    bad = [s for s in schedules if s not in SCHEDULES]
+    if bad or not schedules:
+        ap.error(f"--schedules: {', '.join(bad) or 'none given'}: use {', '.join(SCHEDULES)}")
 
     from wsi_espnet.engine import available_cores
 
@@ -253,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = sorted({(w, args.threads_per_worker or max(1, cores // w)) for w in args.workers}
                      | {(1, t) for t in args.overhead_threads})
-    schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     runs = [(w, t, True, True) for w, t in configs]
     if args.compare_defaults:
         runs += [(1, t, False, True) for t in args.overhead_threads]

@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tile is not None and (args.tile < 8 or args.tile % 8):
         p.error(f"--tile {args.tile}: ESPNet needs a positive tile size divisible by 8")
-    bad = [v for v in args.schedules.split(",") if v not in ("auto", "beside", "between", "streams")]
+    bad = [v for v in args.schedules.split(",") if v not in scheduling.SCHEDULES]
     if bad:
-        p.error(f"--schedules: {', '.join(bad)} is not one of auto, beside, between")
+        p.error(f"--schedules: {', '.join(bad)} is not one of {', '.join(scheduling.SCHEDULES)}")
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")
     import torch
