@@ -4,7 +4,7 @@
 
 Reads random tiles of the virtual image with ``read_at_mpp`` at 0.5, 1.0 and 2.0 µm/px (demo levels
 0, 1, 2 read as they are) and at 0.7 and 1.3 µm/px (fractional area resampling from the level below),
-and a raster of tiles overlapping by 64 px at 1 µm/px as segmentation reads them ("grid"), through
+and a raster of tiles overlapping by the default overlap at 1 µm/px as segmentation reads them ("grid"), through
 OpenSlide and tifffile, each with the tile decoder of ``wsi_espnet.tiff_tiles`` (the default) and
 without it (``WSI_ESPNET_TILE_DECODE=0``: OpenSlide's own compositing, tifffile's Zarr store), from
 a demo slide written first unless ``--slide`` is given.  Single thread; the OS page cache is warm
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_espnet.config import SlideSettings
 from wsi_espnet.demo import write_demo_slide
 from wsi_espnet.slide import open_slide
 
@@ -48,7 +49,7 @@ def main() -> None:
                 with open_slide(path, backend=backend) as s:  # each row from a cold cache of decoded tiles
                     w, h = s.size_at_mpp(mpp)
                     if pattern == "grid":
-                        step = args.tile - 64
+                        step = args.tile - SlideSettings().overlap
                         spots = [(x, y) for y in range(0, max(1, h - args.tile), step)
                                  for x in range(0, max(1, w - args.tile), step)][: args.tiles]
                     else:

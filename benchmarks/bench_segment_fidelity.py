@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="tissue model (default: the shipped one)")
     p.add_argument("--size", type=int, default=3000, help="region side at 1 µm/px (default 3000)")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--overlaps", default="0,32,64,128")
+    p.add_argument("--overlaps", default="0,64,72,128")
     p.add_argument("--seeds", default="3,0,11", help="demo slide seeds, one region each (default 3,0,11)")
     p.add_argument("--image", default="retina", help="retina (1411x1411) or coffee2x (1200x800)")
     p.add_argument("--city-tiles", default="512,1024")

@@ -7,7 +7,7 @@ with their truth exported as QuPath GeoJSON, ``configs/demo_tissue.yaml``) are g
 ``WORKDIR/data/demo_tissue`` if missing, ``wsi-espnet train demo_tissue --make-demo-data --out
 runs/demo_tissue`` is run in ``WORKDIR`` (through the same CLI entry point), and the best checkpoint is
 scored on the ``test`` split: slides with seeds that neither training nor model selection saw, on the
-model's own inference grid (1 µm/px, 512 px tiles, 64 px overlap).
+model's own inference grid (1 µm/px, 512 px tiles, 72 px overlap).
 
 Prints the per-class IoU table, the mIoU on ``val`` (used to pick the epoch) and ``test`` (not used for
 anything), and the wall time of each phase.  Timings depend on what else runs on the machine.
