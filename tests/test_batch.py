@@ -477,7 +477,11 @@ def test_worker_preload_ignores_ctrl_c_and_drops_only_the_lost_heartbeat_error()
 
 def test_ctrl_c_stops_wsi_batch_with_one_line_and_the_rerun_resumes(tmp_path, model_file):
     """Ctrl-C at a terminal reaches every process of the group, the local cluster's workers too: one
-    line, exit 130, no nanny tracebacks or resource-tracker warnings; the same command then finishes."""
+    line, exit 130, no nanny tracebacks or resource-tracker warnings; the same command then finishes.
+
+    The child gets SIGINT's default handler back, as a terminal's job has it: a shell starts a
+    background job (``pytest ... &``, CI scripts) with SIGINT ignored, children inherit that, and
+    the interrupt would then never arrive (the run finished, exit 0)."""
     import subprocess
     import sys
 
@@ -486,7 +490,8 @@ def test_ctrl_c_stops_wsi_batch_with_one_line_and_the_rerun_resumes(tmp_path, mo
     for seed in (1, 2):
         write_demo_slide(archive / f"s{seed}.svs", 3072, 2304, mpp=1.0, seed=seed)
     out = tmp_path / "out"
-    entry = "import sys; from pipelines.batch import main; sys.exit(main())"  # what the wsi-batch script runs
+    entry = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from pipelines.batch import main; sys.exit(main())")  # what the wsi-batch script runs, at a terminal
     argv = [sys.executable, "-c", entry, str(archive), "--out", str(out), "--model", str(model_file),
             "--tile", "256", "--overlap", "32", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
