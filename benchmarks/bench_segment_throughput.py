@@ -79,7 +79,7 @@ TUNED = tune_for_inference() if "--untuned" not in sys.argv else None
 import wsi_espnet.segment as seg  # noqa: E402
 from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model  # noqa: E402
 from wsi_espnet.demo import write_demo_slide  # noqa: E402
-from wsi_espnet.engine import TorchEngine  # noqa: E402
+from wsi_espnet.engine import make_engine  # noqa: E402
 from wsi_espnet.errors import UserError  # noqa: E402
 import wsi_espnet.schedule as scheduling  # noqa: E402
 from wsi_espnet.schedule import MODEL_STREAMS, feed_batches  # noqa: E402
@@ -116,18 +116,14 @@ def the_tiles(slide_path: Path, engine, tile: int, overlap: int) -> tuple[int, n
 def bench_engine(model: Path, backend: str, device: str, threads: int | None, work: Path):
     """The engine ``wsi-segment --backend`` makes; for onnxruntime a model that is not ``.onnx`` yet is
     exported into ``work`` first (``wsi-espnet export``)."""
-    if backend == "torch":
-        return TorchEngine(load_model(model), device=device)
-    from wsi_espnet.onnx_engine import OnnxEngine
-
-    if model.suffix != ".onnx":
+    if backend == "onnxruntime" and model.suffix != ".onnx":
         from wsi_espnet.export import export_onnx
 
         onnx_path = work / f"{model.stem}.onnx"
         if not onnx_path.is_file():
             export_onnx(load_model(model), onnx_path)
         model = onnx_path
-    return OnnxEngine(model, device=device, threads=threads)
+    return make_engine(model, backend=backend, device=device, threads=threads)
 
 
 def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
