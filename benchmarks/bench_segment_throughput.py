@@ -12,7 +12,12 @@ cost under 10 % on top of the network.
   ``engine.predict_proba`` timed over all batches, two ways: one call at a time on all the model's
   threads, and (CPU) two calls side by side on half the threads each, as the ``streams`` schedule
   runs it.  The faster of the two (``model alone s``: both given) is the reference for every ratio:
-  the model's own best rate on this machine, whichever way the pipeline runs it.
+  the model's own best rate on this machine, whichever way the pipeline runs it: its class
+  probabilities for every pixel of every tile, what ``wsi-espnet predict`` computes.  The pipeline
+  computes less than that where it can: the softmax only where tiles overlap, the argmax of the logits
+  elsewhere (``labels.predict_split``).  So the same is also timed for the network alone, logits out
+  (``network alone s``; ``ratio all, against the network`` = that / wall): the strictest reference,
+  against which the softmax and the argmax count as the pipeline's.
 * End to end: ``segment_slide`` with the same engine object (the model is loaded once, outside the
   timing, as a batch run over many slides does).  Its wall time is split by timing three of its
   functions (``_tissue``: tissue detection; ``_run_grid``: reading, model, blending and label-file
@@ -22,7 +27,7 @@ cost under 10 % on top of the network.
   ``all`` = model alone / wall; ``all, against one call``: the same against the model alone one call at
   a time (the reference before the ``streams`` schedule).  The first model-alone run of each batch
   size follows a warm-up batch.
-  ``model busy`` = seconds spent in ``predict_proba`` during the end-to-end run / (wall - writers):
+  ``model busy`` = seconds spent in the model's calls (``predict_proba`` or ``predict_split``) during the end-to-end run / (wall - writers):
   both measured in the same run, so it shows how much of the run the model is kept busy whatever
   the machine's load (it does not show the model being slowed by the reader threads' CPU use).
   Under the ``between`` schedule it is below 1 by design: the rest is the time between batches;
@@ -85,6 +90,7 @@ import wsi_espnet.schedule as scheduling  # noqa: E402
 from wsi_espnet.schedule import MODEL_STREAMS, feed_batches  # noqa: E402
 from wsi_espnet.segment import SegmentOptions, segment_slide  # noqa: E402
 from wsi_espnet.slide import open_slide  # noqa: E402
+from wsi_espnet.labels import predict_split  # noqa: E402
 from wsi_espnet.stitch import feed_bands  # noqa: E402
 from wsi_espnet.tiling import tile_grid  # noqa: E402
 from wsi_espnet.tissue import detect_tissue  # noqa: E402
@@ -126,15 +132,22 @@ def bench_engine(model: Path, backend: str, device: str, threads: int | None, wo
     return make_engine(model, backend=backend, device=device, threads=threads)
 
 
-def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
-    """Wall and CPU seconds of ``predict_proba`` over the batches segment_slide forms (``feed_batches``:
-    ``batch`` tiles at a time in feed order, across bands), run both ways the model can run alone:
-    one call at a time on all its threads (``one``), and on CPU also as segment_slide's
-    ``streams`` schedule does (``streams``: MODEL_STREAMS calls side by side, each on its share of
-    the threads).  ``alone``/``alone_cpu``: the faster of the two, the reference for every ratio."""
+def network_call(engine):
+    """The network alone, logits out (no softmax): PyTorch's ``logits``, ONNX Runtime's ``logits_numpy``."""
+    return getattr(engine, "logits_numpy", None) or engine.logits
+
+
+def model_alone(engine, pixels: np.ndarray, batch: int, call=None) -> dict:
+    """Wall and CPU seconds of ``call`` (default ``engine.predict_proba``) over the batches
+    segment_slide forms (``feed_batches``: ``batch`` tiles at a time in feed order, across bands),
+    run both ways the model can run alone: one call at a time on all its threads (``one``), and on
+    CPU also as segment_slide's ``streams`` schedule does (``streams``: MODEL_STREAMS calls side by
+    side, each on its share of the threads).  ``alone``/``alone_cpu``: the faster of the two, the
+    reference for every ratio."""
+    call = call or engine.predict_proba
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(pixels), batch):
-        engine.predict_proba(pixels[i : i + batch])
+        call(pixels[i : i + batch])
     out = {"one": time.perf_counter() - t0, "one_cpu": time.process_time() - c0}
     out["streams"] = out["streams_cpu"] = math.nan
     threads = getattr(engine, "cpu_threads", None) or 1
@@ -146,7 +159,7 @@ def model_alone(engine, pixels: np.ndarray, batch: int) -> dict:
             for i in range(0, len(pixels), batch):  # at most MODEL_STREAMS calls at once, as segment_slide
                 if len(running) == MODEL_STREAMS:
                     running.popleft().result()
-                running.append(pool.submit(engine.predict_proba, pixels[i : i + batch]))
+                running.append(pool.submit(call, pixels[i : i + batch]))
             for f in running:
                 f.result()
             out["streams"], out["streams_cpu"] = time.perf_counter() - t0, time.process_time() - c0
@@ -192,6 +205,12 @@ class _TimedEngine:
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         out = self._engine.predict_proba(batch)
+        self._prof["model"] += time.perf_counter() - t0
+        return out
+
+    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None):
+        t0 = time.perf_counter()
+        out = predict_split(self._engine, batch, boxes, window)
         self._prof["model"] += time.perf_counter() - t0
         return out
 
@@ -325,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                     for schedule in args.schedules.split(","):
                         load = os.getloadavg()[0]
                         alone = model_alone(engine, pixels, batch)
+                        net = model_alone(engine, pixels, batch, network_call(engine))
+                        alone.update(net=net["alone"], net_cpu=net["alone_cpu"])
                         e2e = end_to_end(slide, work / "mask.tif", engine, batch, workers, schedule=schedule,
                                          tile=tile, overlap=overlap)
                         assert e2e["tiles"] == n, (e2e["tiles"], n)
@@ -372,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
 
 HEADER = ("| batch | readers | schedule | tiles | model alone s (one call / streams) | e2e s | tissue s | tiles s | writers s | "
           "model Mpx/s | e2e Mpx/s (no writers) | ratio tiles | ratio no writers | ratio all | "
-          "ratio all, against one call | model busy in e2e | CPU s alone / e2e | CPU ratio | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ratio all, against one call | model busy in e2e | CPU s alone / e2e | CPU ratio | "
+          "network alone s (CPU s) | ratio all, against the network | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(r: dict, mpx: float) -> str:
@@ -382,7 +404,7 @@ def _fmt(r: dict, mpx: float) -> str:
             f"{r['tissue']:.1f} | {r['tiles_s']:.1f} | {r['writers']:.1f} | {mpx / r['alone']:.2f} | "
             f"{mpx / nw:.2f} | {r['alone'] / r['tiles_s']:.3f} | {r['alone'] / nw:.3f} | "
             f"{r['alone'] / r['wall']:.3f} | {r['one'] / r['wall']:.3f} | {r['model_in'] / nw:.3f} | {r['alone_cpu']:.1f} / {r['cpu']:.1f} | {r['alone_cpu'] / r['cpu']:.3f} | "
-            f"{r['load']:.1f} |")
+            f"{r['net']:.2f} ({r['net_cpu']:.1f}) | {r['net'] / r['wall']:.3f} | {r['load']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -905,3 +906,32 @@ def test_non_square_pixels_are_said(tmp_path, small_model, capsys):
     assert main(["segment", str(aniso), "--out", str(tmp_path / "m.tif"), "--model", str(small_model), *FAST]) == 0
     assert ("warning: aniso.tif records pixels of 0.5 x 1 µm, not square: they are read as squares of 0.75 µm"
             in capsys.readouterr().err)
+
+
+def test_labels_where_one_tile_decides_come_from_the_logits_and_give_the_map_of_probabilities(tmp_path, demo_svs,
+                                                                                                monkeypatch):
+    """Without --probs the model gives each tile's central cell as labels (labels.predict_split: no
+    softmax there, its argmax on the model's thread); with --probs every probability. Same mask."""
+    calls = {"split": 0, "boxes": 0, "proba": 0}
+    real_split, real_proba = TorchEngine.predict_split, TorchEngine.predict_proba
+
+    def split(self, batch, boxes, window=None):
+        calls["split"] += 1
+        calls["boxes"] += sum(b is not None for b in boxes)
+        return real_split(self, batch, boxes, window)
+
+    def proba(self, batch):
+        calls["proba"] += 1
+        return real_proba(self, batch)
+
+    monkeypatch.setattr(TorchEngine, "predict_split", split)
+    monkeypatch.setattr(TorchEngine, "predict_proba", proba)
+    opts = SegmentOptions(tile=256, overlap=32, progress=False)
+    segment_slide(demo_svs, tmp_path / "split.tif", options=opts)
+    assert calls["split"] > 0 and calls["boxes"] > 0 and calls["proba"] == 0
+    calls.update(split=0, proba=0)
+    segment_slide(demo_svs, tmp_path / "probs.tif", options=replace(opts, probs=tmp_path / "p.zarr"))
+    assert calls["split"] == 0 and calls["proba"] > 0
+    split_mask, probs_mask = (tifffile.imread(tmp_path / f"{n}.tif") for n in ("split", "probs"))
+    assert len(np.unique(probs_mask)) >= 3  # real tissue classes, not one flat answer
+    assert (split_mask == probs_mask).mean() > 0.9999  # only an exact tie of probabilities may differ

@@ -214,7 +214,7 @@ def test_packed_strip_is_never_overwritten_on_odd_grids(seed):
 
 
 def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
-    from wsi_espnet.stitch import class_argmax
+    from wsi_espnet.labels import class_argmax
 
     rng = np.random.default_rng(5)
     p = rng.random((6, 40, 50)).astype(np.float32)
@@ -282,3 +282,62 @@ def test_tiles_fed_out_of_order_fail_loudly_instead_of_blending_wrongly():
     with pytest.raises(AssertionError, match="out of order"):
         for t in [t for t in grid.tiles if t.row == 2]:  # row 1 skipped: its strip is still waiting
             st.add(t.row, t.col, p)
+
+
+def test_label_box_is_the_tiles_own_cell_and_its_labels_give_the_same_map():
+    """Fed as the pipeline feeds it (labels.predict_split): probabilities pre-multiplied by the
+    window, nothing but garbage inside each tile's label box, and the box's labels beside them. The
+    map is the one of plain probabilities, on a grid with a flush last row and column and holes."""
+    from wsi_espnet.labels import box_labels, outside
+
+    rng = np.random.default_rng(11)
+    C, W, H, T, O = 4, 700, 530, 128, 24
+    truth = rng.random((C, H, W)).astype(np.float32)
+    grid = tile_grid((W, H), T, O, 1.0, 1.0)
+    grid.tiles = [t for t in grid.tiles if (t.row, t.col) not in {(1, 1), (2, 3)}]  # tissue holes
+    noise = {(t.row, t.col): rng.random((C, T, T)).astype(np.float32) * 0.5 for t in grid.tiles}
+
+    def probs_of(t):
+        return truth[:, t.y : t.y + T, t.x : t.x + T] + noise[t.row, t.col]
+
+    plain = np.full((H, W), 255, np.uint8)
+    split = np.full((H, W), 255, np.uint8)
+
+    def writer(out):
+        def on_labels(y, x, lab):
+            out[y : y + lab.shape[0], x : x + lab.shape[1]] = lab
+        return on_labels
+
+    a = BlendStitcher(grid, C, writer(plain))
+    b = BlendStitcher(grid, C, writer(split))
+    boxes = {}
+    for band in feed_bands(grid):
+        for t in band.tiles:
+            p = probs_of(t)
+            a.add(t.row, t.col, p)
+            box = boxes[t.row, t.col] = b.label_box(t.row, t.col)
+            fed = np.full_like(p, np.nan)  # what lies inside the box must never be read
+            for ys, xs in outside(box, T, T):
+                fed[:, ys, xs] = p[:, ys, xs] * b.window[ys, xs]
+            b.add(t.row, t.col, fed, None if box is None else box_labels(p, box), weighted=True)
+    assert a.pending_cells == b.pending_cells == 0
+    np.testing.assert_array_equal(split, plain)
+    assert (plain != 255).any() and (plain == 255).any()
+    # A tile inside the grid: its box is its cell that no neighbour reaches, 80² of 128²; beside a
+    # hole ((2, 3) was not run) still that one cell.
+    assert boxes[2, 2] == (O, T - O, O, T - O)
+    assert boxes[1, 0] == (O, T - O, 0, T - O)  # the first column: nothing to its left
+    # The last column sits flush with the edge, overlapping its neighbour by more than O: a smaller box.
+    last = max(c for _, c in boxes)
+    y0, y1, x0, x1 = boxes[2, last]
+    assert (y0, y1) == (O, T - O) and x1 == T and x1 - x0 < T - 2 * O
+
+
+def test_box_labels_and_probabilities_as_an_output_do_not_mix():
+    grid = tile_grid((300, 300), 128, 24, 1.0, 1.0)
+    st = BlendStitcher(grid, 2, lambda *a: None, on_probs=lambda *a: None)
+    t = grid.tiles[0]
+    with pytest.raises(ValueError, match="writes probabilities"):
+        st.add(t.row, t.col, np.zeros((2, 128, 128), np.float32), np.zeros((80, 80), np.uint8))
+    with pytest.raises(ValueError, match="writes probabilities"):
+        st.add(t.row, t.col, np.zeros((2, 128, 128), np.float32), weighted=True)

@@ -27,6 +27,8 @@ class Engine(Protocol):
         """(N, H, W, 3) uint8 RGB -> (N, C, H, W) float32 softmax probabilities."""
         ...
 
+    # Optional: predict_split(batch, boxes) -> (probabilities, labels), see wsi_espnet.labels.predict_split.
+
 
 def available_cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's core count)."""
@@ -117,6 +119,45 @@ class TorchEngine:
 
         with torch.inference_mode():
             return torch.softmax(self.logits(batch), dim=1).cpu().numpy()
+
+    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """:func:`wsi_espnet.labels.predict_split`: the softmax only outside each tile's box, the
+        argmax of the logits inside it.  On CPU 5.3 against 6.1 ms for two 512² tiles of 8 classes
+        (box 368²), and the box's argmax no longer read by another thread from memory (docs/performance.md)."""
+        import torch
+
+        from .labels import class_argmax, outside
+
+        with torch.inference_mode():
+            logits = self.logits(batch)
+            n, _, height, width = logits.shape
+            probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # NCHW, as numpy reads it
+            weights = None if window is None else torch.from_numpy(window).to(logits.device)
+            labels = []
+            for i, box in enumerate(boxes):
+                for ys, xs in outside(box, height, width):
+                    if weights is None:
+                        probs[i, :, ys, xs] = torch.softmax(logits[i, :, ys, xs], dim=0)
+                    else:  # the product written where the plain copy would go: no extra pass
+                        torch.mul(torch.softmax(logits[i, :, ys, xs], dim=0), weights[ys, xs], out=probs[i, :, ys, xs])
+                if box is None:
+                    labels.append(None)
+                    continue
+                inside = logits[i, :, box[0] : box[1], box[2] : box[3]]
+                if self.device == "cpu":  # channels_last: copied to planes, class_argmax's 0.2 ms beats torch's 2 ms
+                    labels.append(class_argmax(inside.contiguous().numpy()))
+                else:
+                    labels.append(device_argmax(inside).cpu().numpy())
+            return probs.cpu().numpy(), labels
+
+
+def device_argmax(scores):
+    """:func:`~wsi_espnet.labels.class_argmax` of a (C, h, w) torch tensor on its own device, as uint8:
+    ties to the lower class (torch's argmax returns the first maximum), NaN never wins, a pixel of
+    NaN only is class 0."""
+    import torch
+
+    return torch.nan_to_num(scores, nan=float("-inf")).argmax(dim=0).to(torch.uint8)
 
 
 def make_engine(model_path=None, backend: str = "torch", device: str = "auto", optimize: bool = True,

@@ -179,5 +179,20 @@ class OnnxEngine:
         """(N, H, W, 3) RGB -> (N, C, H, W) float32 softmax probabilities."""
         return softmax_(self.logits_numpy(batch), axis=1)
 
+    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """:func:`wsi_espnet.labels.predict_split`: the argmax of the logits inside each tile's box,
+        the softmax (in place, times ``window`` if given) outside it."""
+        from .labels import box_labels, outside
+
+        scores = self.logits_numpy(batch)
+        labels = []
+        for i, box in enumerate(boxes):
+            labels.append(None if box is None else box_labels(scores[i], box))
+            for ys, xs in outside(box, scores.shape[2], scores.shape[3]):
+                softmax_(scores[i, :, ys, xs], axis=0)
+                if window is not None:
+                    scores[i, :, ys, xs] *= window[ys, xs]
+        return scores, labels
+
     def __repr__(self) -> str:
         return f"OnnxEngine({str(self.path)!r}, device={self.device!r}, precision={self.precision!r})"

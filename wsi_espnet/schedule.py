@@ -22,6 +22,7 @@ import contextlib
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,15 +90,17 @@ class TileReader:
 
 class ModelStreams:
     """The model's batches run on ``streams`` threads of their own (schedule "streams"), each thread
-    taking the next batch as soon as it is free; results are handed out in feed order.
+    taking the next batch as soon as it is free; results are handed out in feed order.  ``run(tiles,
+    images)`` is the model's call on a batch.
 
     Why not in turn: two streams started together would stay in step, and the second would wait, at
     every batch, for the first's batch to be blended before it got its next one (the model was
     idle 5-8 % of the run so).  At most ``streams + 1`` batches are taken and not yet handed out,
     so a slow consumer holds a bounded number of results."""
 
-    def __init__(self, reader: TileReader, engine: Engine, count: int, streams: int) -> None:
-        self._reader, self._engine, self._streams = reader, engine, streams
+    def __init__(self, reader: TileReader, run: Callable[[list[Tile], np.ndarray], Any], count: int,
+                 streams: int) -> None:
+        self._reader, self._run, self._streams = reader, run, streams
         self._results: list[Future | None] = [Future() for _ in range(count)]
         self._next = 0  # the next batch to take
         self._lock = threading.Lock()  # taking a batch: its index and its tiles, in order
@@ -119,14 +122,15 @@ class ModelStreams:
                     self._next += 1
                     tiles, images = self._reader.next_batch()
                     self._reader.read_ahead(self._streams)
-                result.set_result((tiles, self._engine.predict_proba(images)))
+                result.set_result((tiles, self._run(tiles, images)))
             except BaseException as exc:  # a read or the model, KeyboardInterrupt too: the consumer raises it
                 self._stop = True
                 result.set_exception(exc)
                 return
 
-    def result(self, i: int) -> tuple[list[Tile], np.ndarray]:
-        """Batch ``i``'s tiles and probabilities, waiting for them; call for 0, 1, 2... in turn."""
+    def result(self, i: int) -> tuple[list[Tile], Any]:
+        """Batch ``i``'s tiles and what ``run`` gave for them, waiting for them; call for 0, 1, 2...
+        in turn."""
         tiles_probs = self._results[i].result()
         self._results[i] = None
         self._room.release()

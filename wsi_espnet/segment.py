@@ -48,6 +48,7 @@ from .chunk_assembler import ChunkAssembler
 from .engine import Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
+from .labels import predict_split
 from .outputs import (check_not_input, check_output, exclusive_output, link_or_copy_tree, make_folder,
                       remove_empty_folders)
 from .runtime import lazy_zeros, tune_for_inference
@@ -61,12 +62,13 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 7  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 8  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
 #                   an older run's batches, and so its floating-point results, differ); 6: a model
 #                   without a Background class 0 gets one prepended (its ids shift by one); 7: a CPU
-#                   model on every core runs two calls of half the threads, 2 tiles each ("streams")
+#                   model on every core runs two calls of half the threads, 2 tiles each ("streams");
+#                   8: labels of a tile's central cell from the logits (labels.predict_split)
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
 
 
@@ -574,12 +576,21 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                 _atomic_json(work / "progress.json", state)
             done += 1
 
-    def blend(tiles: list[Tile], probs: np.ndarray, skip: int = 0, then=None) -> None:
+    def run_model(tiles: list[Tile], images: np.ndarray) -> tuple[np.ndarray, list]:
+        """The model on a batch: probabilities everywhere when they are an output, else only where
+        tiles overlap, with each tile's labels where it alone decides (labels.predict_split)."""
+        if probs_out is not None:
+            return engine.predict_proba(images), [None] * len(tiles)
+        return predict_split(engine, images, [stitcher.label_box(t.row, t.col) for t in tiles], stitcher.window)
+
+    def blend(tiles: list[Tile], result: tuple[np.ndarray, list], skip: int = 0, then=None) -> None:
         """Blend a batch but its first ``skip`` tiles (the argmax goes to the labeler pool),
         finishing bands as they complete; then ``then``, then the labels."""
         nonlocal fed
-        for t, p in zip(tiles[skip:], probs[skip:]):
-            stitcher.add(t.row, t.col, p)
+        probs, box_labels = result
+        split = probs_out is None  # run_model's way
+        for t, p, lab in zip(tiles[skip:], probs[skip:], box_labels[skip:]):
+            stitcher.add(t.row, t.col, p, lab, weighted=split)
             fed += 1
             finish_bands()
         if then is not None:
@@ -606,24 +617,24 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
         with model_threads(engine, schedule):
             finish_bands()  # glass-only bands at the top
             if schedule == "streams":
-                streams = ModelStreams(reader, engine, len(batches), MODEL_STREAMS)
+                streams = ModelStreams(reader, run_model, len(batches), MODEL_STREAMS)
             else:
                 reader.read_ahead(2 if schedule == "beside" else 1)
             for i in range(len(batches)):
                 skip = lead if i == 0 else 0
                 if streams is not None:
-                    tiles, probs = streams.result(i)
-                    blend(tiles, probs, skip)
+                    tiles, result = streams.result(i)
+                    blend(tiles, result, skip)
                 else:
                     tiles, images = reader.next_batch()
                     if schedule == "beside":
                         reader.read_ahead(2)
-                        probs = engine.predict_proba(images)
+                        result = run_model(tiles, images)
                         wait_blender()
-                        behind.append(blender.submit(blend, tiles, probs, skip))
+                        behind.append(blender.submit(blend, tiles, result, skip))
                     else:
-                        probs = engine.predict_proba(images)
-                        blend(tiles, probs, skip, then=lambda: reader.read_ahead(1))
+                        result = run_model(tiles, images)
+                        blend(tiles, result, skip, then=lambda: reader.read_ahead(1))
                 bar.update(len(tiles) - skip)
             wait_blender()
         finish_bands()  # glass-only bands at the bottom

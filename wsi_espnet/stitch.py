@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .labels import Box, class_argmax
 from .runtime import lazy_zeros
 from .tiling import Tile, TileGrid
 
@@ -43,37 +44,6 @@ def border_ramp(tile: int, overlap: int) -> np.ndarray:
         w[:overlap] = ramp
         w[tile - overlap :] = ramp[::-1]
     return w
-
-
-def class_argmax(probs: np.ndarray) -> np.ndarray:
-    """``probs.argmax(0)`` as uint8 (ties to the lower class id, as argmax), a class plane at a time.
-
-    Why not ``argmax(0)``: over the leading axis of a (C, h, w) array numpy transposes into a copy
-    first.  Instead: the maximum over the planes, then for each class a byte plane holding
-    ``C - 1 - c`` where the class reaches that maximum, and the running maximum of those bytes (the
-    lowest tied class has the largest code).  Byte arithmetic on whole planes, without a branch per
-    pixel: writing each class where it wins (``copyto(..., where=)``) costs as much only where the
-    winners come in large regions (a demo tile's 384² cell: 0.39-0.41 against 0.48-0.51 ms) and 9x
-    more on a noisy map, where the branch mispredicts (random probabilities: 0.54 against 4.8 ms).
-
-    NaN (a model that overflowed) never wins; a pixel with no number at all is class 0, background,
-    rather than counted in any tissue class."""
-    n = probs.shape[0]
-    if n > 256:
-        raise ValueError(f"{n} classes do not fit uint8 labels")
-    best = np.fmax.reduce(probs, axis=0)
-    code = np.zeros(best.shape, np.uint8)  # C - 1 - (lowest class at the maximum); class C - 1: 0
-    hit = np.empty(best.shape, bool)
-    term = np.empty(best.shape, np.uint8)
-    for c in range(n - 1):
-        np.equal(probs[c], best, out=hit)
-        np.multiply(hit.view(np.uint8), np.uint8(n - 1 - c), out=term)
-        np.maximum(code, term, out=code)
-    labels = np.subtract(np.uint8(n - 1), code, out=code)
-    np.isnan(best, out=hit)
-    if hit.any():
-        labels[hit] = 0
-    return labels
 
 
 @dataclass(frozen=True)
@@ -176,7 +146,7 @@ class BlendStitcher:
         self.ys = _Axis(list(grid.ys), grid.tile)
         self.on_labels, self.on_probs = on_labels, on_probs
         self.labeler = labeler
-        self._labeling: deque[tuple[int, int, Future]] = deque()  # (y, x, labels being computed)
+        self._labeling: deque[tuple[int, int, Future | np.ndarray]] = deque()  # (y, x, labels or their computing)
         ramp = border_ramp(grid.tile, grid.overlap)
         self.window = np.outer(ramp, ramp)
         # Only the tiles that will be fed count towards a cell's coverage.
@@ -185,6 +155,7 @@ class BlendStitcher:
         for r, c in sorted(self.present):
             self._row_cols.setdefault(r, []).append(c)
         self._cells: dict[tuple[int, int], _Cell] = {}
+        self._boxes: dict[tuple[int, int], Box | None] = {}  # label_box's answers
         self._strip: np.ndarray | None = None  # packed overlap strip (see _pack)
         self._in_use: np.ndarray | None = None  # strip pixels holding a packed cell
         self.emitted_pixels = 0
@@ -211,8 +182,36 @@ class BlendStitcher:
             self._cells[(cy, cx)] = cell
         return cell
 
-    def add(self, row: int, col: int, probs: np.ndarray) -> None:
-        """Feed the (C, tile, tile) probabilities of grid tile (row, col)."""
+    def label_box(self, row: int, col: int) -> Box | None:
+        """The tile-local box (y0, y1, x0, x1) of grid tile (row, col)'s largest cell that no other
+        kept tile covers, or None: inside it the blended label is this tile's own argmax, so
+        :meth:`add` can take the labels there instead of probabilities
+        (:func:`~wsi_espnet.labels.predict_split`).  Depends only on the grid: safe from any thread."""
+        if (row, col) in self._boxes:
+            return self._boxes[row, col]
+        ty, tx = self.ys.starts[row], self.xs.starts[col]
+        best, area = None, 0
+        for cy in self.ys.cells_of(ty):
+            for cx in self.xs.cells_of(tx):
+                if self._coverage(cy, cx) != 1:
+                    continue
+                y0, y1 = self.ys.cuts[cy], self.ys.cuts[cy + 1]
+                x0, x1 = self.xs.cuts[cx], self.xs.cuts[cx + 1]
+                if (y1 - y0) * (x1 - x0) > area:
+                    best, area = (y0 - ty, y1 - ty, x0 - tx, x1 - tx), (y1 - y0) * (x1 - x0)
+        self._boxes[row, col] = best  # asked for by the model's thread, then by add
+        return best
+
+    def add(self, row: int, col: int, probs: np.ndarray, box_labels: np.ndarray | None = None,
+            weighted: bool = False) -> None:
+        """Feed the (C, tile, tile) probabilities of grid tile (row, col).  With ``box_labels``, the
+        labels inside :meth:`label_box` (where ``probs`` may then hold anything: they are not read);
+        ``weighted``: ``probs`` come multiplied by :attr:`window` already
+        (:func:`~wsi_espnet.labels.predict_split`).  Neither with probabilities as an output
+        (``on_probs``), which needs them everywhere and as they are."""
+        if (box_labels is not None or weighted) and self.on_probs is not None:
+            raise ValueError("box labels or weighted probabilities, but this stitcher writes probabilities")
+        box = self.label_box(row, col) if box_labels is not None else None
         ty, tx = self.ys.starts[row], self.xs.starts[col]
         # Cells below the next row's top and left of the next tile this row will feed get nothing
         # more from this row: they wait, packed, for the next one.
@@ -227,17 +226,20 @@ class BlendStitcher:
                 sx = slice(cell.x0 - tx, cell.x1 - tx)
                 if cell.pending == 1 and not cell.seen:
                     # Seen by this tile alone: the weighted average is the tile's own value.
-                    self._emit(cell, probs[:, sy, sx])
+                    if box is not None and (sy.start, sy.stop, sx.start, sx.stop) == box:
+                        self._emit(cell, None, labels=box_labels)
+                    else:
+                        self._emit(cell, probs[:, sy, sx])
                     continue
                 if cell.packed is not None:
                     cell.acc = cell.packed * (self._weight_sum(cell) / np.float32(_PACK_SCALE))
                     cell.packed = None
                     self._in_use[cell.packed_rows, cell.x0 : cell.x1] = False
-                w = self.window[sy, sx]
+                part = probs[:, sy, sx] if weighted else probs[:, sy, sx] * self.window[sy, sx]
                 if cell.acc is None:
-                    cell.acc = probs[:, sy, sx] * w
+                    cell.acc = part.copy() if weighted else part  # never a view of the batch: it would pin it
                 else:
-                    cell.acc += probs[:, sy, sx] * w
+                    cell.acc += part
                 cell.seen.append((ty, tx))
                 cell.pending -= 1
                 if cell.pending == 0:
@@ -287,18 +289,25 @@ class BlendStitcher:
             wsum += self.window[cell.y0 - ty : cell.y1 - ty, cell.x0 - tx : cell.x1 - tx]
         return wsum
 
-    def _emit(self, cell: _Cell, probs: np.ndarray, blended: bool = False) -> None:
+    def _emit(self, cell: _Cell, probs: np.ndarray | None, blended: bool = False,
+              labels: np.ndarray | None = None) -> None:
         """``probs``: one tile's probabilities, or (``blended``) the weighted sum of several tiles'.
         The label is the argmax of either: a pixel's weights are the same for every class, so it is
         taken before the division by their sum, which only the probabilities need (and whose
-        rounding could only turn a narrow win into a tie)."""
+        rounding could only turn a narrow win into a tie).  Or ``labels``, as they came with the
+        cell's one tile (:meth:`label_box`)."""
         del self._cells[cell.key]
         # Crop what lies beyond the image (only when the image is smaller than a tile).
         h = min(cell.y1, self.height) - cell.y0
         w = min(cell.x1, self.width) - cell.x0
         if h <= 0 or w <= 0:
             return
-        if self.labeler is None:
+        if labels is not None:
+            if self.labeler is None:
+                self.on_labels(cell.y0, cell.x0, labels[:h, :w])
+            else:  # after the cells emitted before it, as they were emitted
+                self._labeling.append((cell.y0, cell.x0, labels[:h, :w]))
+        elif self.labeler is None:
             self.on_labels(cell.y0, cell.x0, class_argmax(probs[:, :h, :w]))
         else:  # nothing writes to these values any more: the cell is gone
             self._labeling.append((cell.y0, cell.x0, self.labeler.submit(class_argmax, probs[:, :h, :w])))
@@ -313,7 +322,7 @@ class BlendStitcher:
         emitted; with a labeler, call it after each batch of tiles (and before using the labels)."""
         while self._labeling:
             y, x, labels = self._labeling.popleft()
-            self.on_labels(y, x, labels.result())
+            self.on_labels(y, x, labels.result() if isinstance(labels, Future) else labels)
 
     @property
     def pending_cells(self) -> int:

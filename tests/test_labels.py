@@ -1,0 +1,100 @@
+"""A tile's output split for the blending: probabilities where tiles overlap, labels (the argmax of
+the logits) where one tile alone decides; the same from PyTorch, ONNX Runtime and any other engine."""
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model
+from wsi_espnet.engine import TorchEngine, device_argmax
+from wsi_espnet.labels import class_argmax, outside, predict_split
+from wsi_espnet.stitch import border_ramp
+
+T, O = 128, 24
+BOX = (O, T - O, O, T - O)
+
+
+@pytest.mark.parametrize("box", [None, BOX, (0, 50, 10, T), (5, T, 0, 40), (0, T, 0, T)])
+def test_outside_covers_every_pixel_but_the_box_once(box):
+    seen = np.zeros((T, T), np.int32)
+    for ys, xs in outside(box, T, T):
+        seen[ys, xs] += 1
+    inside = np.zeros((T, T), bool)
+    if box is not None:
+        inside[box[0] : box[1], box[2] : box[3]] = True
+    assert (seen[inside] == 0).all() and (seen[~inside] == 1).all()
+
+
+class _ProbaOnly:
+    """An engine with nothing but predict_proba (as tests' and users' wrappers often are)."""
+
+    def __init__(self, engine):
+        self.engine, self.config = engine, engine.config
+
+    def predict_proba(self, batch):
+        return self.engine.predict_proba(batch)
+
+
+@pytest.fixture(scope="module")
+def torch_engine():
+    return TorchEngine(load_model(DEFAULT_MODEL), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(torch_engine, tmp_path_factory):
+    from wsi_espnet.export import export_onnx
+    from wsi_espnet.onnx_engine import OnnxEngine
+
+    path = tmp_path_factory.mktemp("labels") / "tissue.onnx"
+    export_onnx(load_model(DEFAULT_MODEL), path)
+    return OnnxEngine(path, device="cpu")
+
+
+@pytest.mark.parametrize("which", ["torch", "onnxruntime", "proba only"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_split_gives_the_probabilities_outside_and_the_argmax_inside(which, weighted, torch_engine, onnx_engine,
+                                                                    demo_svs):
+    from wsi_espnet.slide import open_slide
+
+    engine = {"torch": torch_engine, "onnxruntime": onnx_engine, "proba only": _ProbaOnly(torch_engine)}[which]
+    with open_slide(demo_svs) as slide:  # tissue, not noise: classes that the model tells apart
+        w, h = slide.dimensions
+        batch = np.stack([slide.read_at_mpp(x, y, T, T, 1.0) for x, y in ((w // 2, h // 2), (w // 3, h // 2))] +
+                         [np.random.default_rng(0).integers(0, 256, (T, T, 3), dtype=np.uint8)])
+    boxes = [BOX, None, (0, 60, 30, T)]
+    window = np.outer(border_ramp(T, O), border_ramp(T, O)) if weighted else None
+    reference = engine.predict_proba(batch)
+    probs, labels = predict_split(engine, batch, boxes, window)
+    assert probs.shape == reference.shape and probs.dtype == np.float32
+    assert labels[1] is None
+    for i, box in enumerate(boxes):
+        expected = reference[i] * window if weighted else reference[i]
+        for ys, xs in outside(box, T, T):
+            np.testing.assert_allclose(probs[i][:, ys, xs], expected[:, ys, xs], rtol=1e-5, atol=1e-7)
+        if box is not None:
+            y0, y1, x0, x1 = box
+            assert labels[i].dtype == np.uint8 and labels[i].shape == (y1 - y0, x1 - x0)
+            from_probs = class_argmax(reference[i][:, y0:y1, x0:x1])
+            assert (labels[i] == from_probs).mean() > 0.9999  # the logits may break an exact tie
+    if which == "torch":
+        logits = torch_engine.logits(batch).contiguous().numpy()
+        np.testing.assert_array_equal(labels[0], class_argmax(logits[0][:, O : T - O, O : T - O]))
+
+
+def test_split_of_a_batch_needs_a_box_per_tile(torch_engine):
+    with pytest.raises(ValueError, match="2 boxes for 3 tiles"):
+        predict_split(torch_engine, np.zeros((3, 64, 64, 3), np.uint8), [None, None])
+
+
+def test_device_argmax_is_class_argmax():
+    """The argmax a CUDA engine takes on the GPU, run here on CPU tensors: ties to the lower class,
+    NaN never wins, all-NaN is background."""
+    rng = np.random.default_rng(3)
+    s = rng.integers(0, 3, (6, 30, 40)).astype(np.float32)  # ties everywhere
+    s[2, 5] = np.nan
+    s[:, 6] = np.nan
+    s[4, 7], s[0, 7] = 9.0, np.nan
+    got = device_argmax(torch.from_numpy(s)).numpy()
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, class_argmax(s))
+    assert (got[6] == 0).all() and (got[7] == 4).all()
