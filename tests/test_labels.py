@@ -98,3 +98,27 @@ def test_device_argmax_is_class_argmax():
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, class_argmax(s))
     assert (got[6] == 0).all() and (got[7] == 4).all()
+
+
+def test_the_accelerator_branch_gives_the_cpu_branchs_answer(demo_svs):
+    """On a GPU the box labels are taken on the device (device_argmax), brought back after the
+    batch, and the window is kept on the device. That branch, run here on CPU tensors ('cpu:0'
+    standing for the device), answers as the CPU branch does."""
+    engine = TorchEngine(load_model(DEFAULT_MODEL), device="cpu")
+    batch = np.random.default_rng(1).integers(0, 256, (2, T, T, 3), dtype=np.uint8)
+    window = np.outer(border_ramp(T, O), border_ramp(T, O))
+    boxes = [BOX, (0, 60, 30, T)]
+    want_probs, want_labels = engine.predict_split(batch, boxes, window)
+    logits = engine.logits(batch)
+    engine.device = "cpu:0"
+    engine.logits = lambda b: logits
+    got_probs, got_labels = engine.predict_split(batch, boxes, window)
+    np.testing.assert_array_equal(got_probs[0][:, :O], want_probs[0][:, :O])
+    for got, want in zip(got_labels, want_labels):
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+    kept = engine._kept[1]  # the window on the device, kept for the next batch
+    engine.predict_split(batch, boxes, window)
+    assert engine._kept[1] is kept
+    engine.predict_split(batch, boxes, window.copy())  # another window: brought over anew
+    assert engine._kept[1] is not kept

@@ -27,7 +27,8 @@ class Engine(Protocol):
         """(N, H, W, 3) uint8 RGB -> (N, C, H, W) float32 softmax probabilities."""
         ...
 
-    # Optional: predict_split(batch, boxes) -> (probabilities, labels), see wsi_espnet.labels.predict_split.
+    # Optional: predict_split(batch, boxes, window=None) -> (probabilities, labels): see
+    # wsi_espnet.labels.predict_split, which stands in for engines without it.
 
 
 def available_cores() -> int:
@@ -123,7 +124,8 @@ class TorchEngine:
     def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """:func:`wsi_espnet.labels.predict_split`: the softmax only outside each tile's box, the
         argmax of the logits inside it.  On CPU 5.3 against 6.1 ms for two 512² tiles of 8 classes
-        (box 368²), and the box's argmax no longer read by another thread from memory (docs/performance.md)."""
+        (box 368²), and the box's argmax no longer read by another thread from memory (docs/performance.md).
+        On a GPU the labels are taken there and brought back together at the end (one wait)."""
         import torch
 
         from .labels import class_argmax, outside
@@ -132,7 +134,7 @@ class TorchEngine:
             logits = self.logits(batch)
             n, _, height, width = logits.shape
             probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # NCHW, as numpy reads it
-            weights = None if window is None else torch.from_numpy(window).to(logits.device)
+            weights = None if window is None else self._on_device(window)
             labels = []
             for i, box in enumerate(boxes):
                 for ys, xs in outside(box, height, width):
@@ -147,8 +149,21 @@ class TorchEngine:
                 if self.device == "cpu":  # channels_last: copied to planes, class_argmax's 0.2 ms beats torch's 2 ms
                     labels.append(class_argmax(inside.contiguous().numpy()))
                 else:
-                    labels.append(device_argmax(inside).cpu().numpy())
-            return probs.cpu().numpy(), labels
+                    labels.append(device_argmax(inside))
+            probs = probs.cpu().numpy()
+            return probs, [lab if lab is None or isinstance(lab, np.ndarray) else lab.cpu().numpy() for lab in labels]
+
+    def _on_device(self, array: np.ndarray):
+        """``array`` as a tensor on the model's device; the last one is kept (the stitcher's window,
+        the same array every call), so a GPU gets it once."""
+        import torch
+
+        if self.device == "cpu":
+            return torch.from_numpy(array)  # shares the memory
+        kept = getattr(self, "_kept", None)
+        if kept is None or kept[0] is not array:
+            kept = self._kept = (array, torch.from_numpy(array).to(self.device))
+        return kept[1]
 
 
 def device_argmax(scores):

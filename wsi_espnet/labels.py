@@ -85,5 +85,5 @@ def predict_split(engine: Any, batch: np.ndarray, boxes: list[Box | None],
     probs = engine.predict_proba(batch)
     labels = [None if b is None else box_labels(probs[i], b) for i, b in enumerate(boxes)]
     if window is not None:
-        probs *= window
+        probs = probs * window  # not in place: the engine's array is its own
     return probs, labels

@@ -584,8 +584,8 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
         return predict_split(engine, images, [stitcher.label_box(t.row, t.col) for t in tiles], stitcher.window)
 
     def blend(tiles: list[Tile], result: tuple[np.ndarray, list], skip: int = 0, then=None) -> None:
-        """Blend a batch but its first ``skip`` tiles (the argmax goes to the labeler pool),
-        finishing bands as they complete; then ``then``, then the labels."""
+        """Blend a batch but its first ``skip`` tiles (the overlap cells' argmax goes to the labeler
+        pool), finishing bands as they complete; then ``then``, then the labels."""
         nonlocal fed
         probs, box_labels = result
         split = probs_out is None  # run_model's way
