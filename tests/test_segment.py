@@ -935,3 +935,20 @@ def test_labels_where_one_tile_decides_come_from_the_logits_and_give_the_map_of_
     split_mask, probs_mask = (tifffile.imread(tmp_path / f"{n}.tif") for n in ("split", "probs"))
     assert len(np.unique(probs_mask)) >= 3  # real tissue classes, not one flat answer
     assert (split_mask == probs_mask).mean() > 0.9999  # only an exact tie of probabilities may differ
+
+
+def test_a_stride_that_is_not_a_multiple_of_8_is_warned_about_with_the_overlap_that_fixes_it(tmp_path, demo_svs,
+                                                                                          small_model):
+    from wsi_espnet.segment import stride_note
+
+    with pytest.warns(InputWarning, match=r"256 - overlap 36 = 220 px is not a multiple of 8.*--overlap 40 avoids"):
+        result = segment_slide(demo_svs, tmp_path / "m.tif", small_model,
+                               SegmentOptions(tile=256, overlap=36, progress=False))
+    assert any("multiple of 8" in w for w in result.warnings)  # also in wsi-batch's report
+    assert "--overlap 128 avoids" in stride_note(256, 127)  # up to the next multiple, at most half the tile
+    assert "--overlap 128 avoids" in stride_note(264, 131)  # else down
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        segment_slide(demo_svs, tmp_path / "ok.tif", small_model, SegmentOptions(tile=256, overlap=32, progress=False))
