@@ -104,3 +104,17 @@ def test_downsample_labels_skips_what_the_footprint_rules_out(tmp_path, recorded
     assert np.array_equal(small, downsample_labels(z, 50, block=35))
     assert 0 < len(reads) < (280 // 35) * (350 // 35) / 2
     assert all(hint.may_have(ys.start, ys.stop, xs.start, xs.stop) for ys, xs in reads)
+
+
+@pytest.mark.parametrize("f", [2, 3, 7, 8])
+@pytest.mark.parametrize("shape,classes", [((61, 45), 3), ((130, 257), 8), ((9, 300), 21)])
+def test_window_mode_is_each_windows_most_frequent_class_lowest_on_ties(f, shape, classes):
+    """Against the definition, window by window: random maps (ties in many windows), partial
+    windows at the right and bottom edges, up to VOC's 21 classes."""
+    rng = np.random.default_rng(f * 1000 + shape[0])
+    src = rng.integers(0, classes, shape).astype(np.uint8)
+    got = window_mode(src, f)
+    h, w = shape
+    want = np.array([[np.bincount(src[y : y + f, x : x + f].ravel(), minlength=256).argmax()
+                      for x in range(0, w, f)] for y in range(0, h, f)], np.uint8)
+    np.testing.assert_array_equal(got, want)

