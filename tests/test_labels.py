@@ -74,8 +74,12 @@ def test_split_gives_the_probabilities_outside_and_the_argmax_inside(which, weig
         if box is not None:
             y0, y1, x0, x1 = box
             assert labels[i].dtype == np.uint8 and labels[i].shape == (y1 - y0, x1 - x0)
-            from_probs = class_argmax(reference[i][:, y0:y1, x0:x1])
-            assert (labels[i] == from_probs).mean() > 0.9999  # the logits may break an exact tie
+            inside = reference[i][:, y0:y1, x0:x1]
+            differ = labels[i] != class_argmax(inside)
+            assert differ.mean() < 1e-3
+            # where they differ, the probabilities tie (to float32's step): the logits broke the tie
+            picked = np.take_along_axis(inside, labels[i][None].astype(np.intp), 0)[0]
+            np.testing.assert_allclose(picked[differ], inside.max(0)[differ], rtol=1e-6)
     if which == "torch":
         logits = torch_engine.logits(batch).contiguous().numpy()
         np.testing.assert_array_equal(labels[0], class_argmax(logits[0][:, O : T - O, O : T - O]))
