@@ -18,6 +18,10 @@ import numpy as np
 from .config import DatasetConfig
 from .errors import UserError
 
+# ESPNet's three x2 down- and up-samplings: tile sides must be multiples of it, and grid strides that
+# are multiples of it see the image at the phase one pass over it would (segment.stride_note).
+NETWORK_STRIDE = 8
+
 
 class Engine(Protocol):
     config: DatasetConfig

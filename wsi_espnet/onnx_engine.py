@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import DatasetConfig, config_from_dict
-from .engine import available_cores
+from .engine import NETWORK_STRIDE, available_cores
 from .errors import ModelFileError, UserError
 
 # Metadata keys written by wsi_espnet.export; the format tag lets a later version refuse (or
@@ -33,7 +33,6 @@ KEY_ARCH = "wsi_espnet.arch"
 KEY_PRECISION = "wsi_espnet.precision"
 INPUT_NAME = "rgb"  # float32 RGB 0-255, NHWC
 OUTPUT_NAME = "logits"  # float32 NCHW
-MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
 
 
 def read_metadata(session: Any, where: str) -> dict[str, str]:
@@ -170,8 +169,8 @@ class OnnxEngine:
         multiples of 8 (pad first: see :func:`wsi_espnet.predict.predict_image`)."""
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected an (N, H, W, 3) RGB batch, got shape {batch.shape}")
-        if batch.shape[1] % MULTIPLE or batch.shape[2] % MULTIPLE:
-            raise ValueError(f"tile sides must be multiples of {MULTIPLE}, got {batch.shape[2]}x{batch.shape[1]}")
+        if batch.shape[1] % NETWORK_STRIDE or batch.shape[2] % NETWORK_STRIDE:
+            raise ValueError(f"tile sides must be multiples of {NETWORK_STRIDE}, got {batch.shape[2]}x{batch.shape[1]}")
         x = np.ascontiguousarray(batch, dtype=np.float32)
         return self._run({self.input_name: x})
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine, make_engine
+from .engine import NETWORK_STRIDE, Engine, make_engine
 from .errors import OutputExistsError, UserError
 from .runtime import tune_for_inference
-
-MULTIPLE = 8  # ESPNet's three ×2 up-samplings need sides divisible by 8
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -45,7 +43,7 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _pad_to_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
+def _pad_to_multiple(img: np.ndarray, multiple: int = NETWORK_STRIDE) -> np.ndarray:
     h, w = img.shape[:2]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:

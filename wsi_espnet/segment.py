@@ -45,7 +45,7 @@ import numpy as np
 
 from . import __version__
 from .chunk_assembler import ChunkAssembler
-from .engine import Engine, available_cores, make_engine
+from .engine import NETWORK_STRIDE, Engine, available_cores, make_engine
 from .errors import InputWarning, NoMppError, UserError
 from .label_file import LabelFile
 from .labels import predict_split
@@ -70,7 +70,6 @@ WORK_VERSION = 8  # 2: progress.json carries the class counts; 3: labels from th
 #                   model on every core runs two calls of half the threads, 2 tiles each ("streams");
 #                   8: labels of a tile's central cell from the logits (labels.predict_split)
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
-NETWORK_STRIDE = 8  # ESPNet's downsampling: grids whose stride is a multiple of it agree best (stride_note)
 
 
 def output_classes(cfg) -> tuple[list[str], list[tuple[int, int, int]], int]:
@@ -166,8 +165,8 @@ def check_options(opts: SegmentOptions) -> None:
 
     if opts.mpp is not None and not (number(opts.mpp) and opts.mpp > 0):
         raise UserError(f"--mpp must be a positive number of µm per pixel, got {opts.mpp!r}")
-    if opts.tile is not None and not (whole(opts.tile) and opts.tile >= 8 and opts.tile % 8 == 0):
-        raise UserError(f"--tile {opts.tile!r}: ESPNet needs a tile size that is a positive multiple of 8")
+    if opts.tile is not None and not (whole(opts.tile) and opts.tile >= NETWORK_STRIDE and opts.tile % NETWORK_STRIDE == 0):
+        raise UserError(f"--tile {opts.tile!r}: ESPNet needs a tile size that is a positive multiple of {NETWORK_STRIDE}")
     if opts.overlap is not None and not (whole(opts.overlap) and opts.overlap >= 0):
         raise UserError(f"--overlap must be a whole number of pixels >= 0, got {opts.overlap!r}")
     if opts.tile is not None and opts.overlap is not None and 2 * opts.overlap > opts.tile:
