@@ -85,6 +85,7 @@ class TorchEngine:
         self._order = torch.tensor(order, device=self.device)
         self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
         self._shift = torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
+        self._kept: tuple | None = None  # (array, its tensor on the device): see _on_device
 
     @property
     def cpu_threads(self) -> int:
@@ -154,8 +155,9 @@ class TorchEngine:
                     labels.append(class_argmax(inside.contiguous().numpy()))
                 else:
                     labels.append(device_argmax(inside))
-            probs = probs.cpu().numpy()
-            return probs, [lab if lab is None or isinstance(lab, np.ndarray) else lab.cpu().numpy() for lab in labels]
+            if self.device != "cpu":  # every kernel queued: one wait for them all
+                labels = [None if lab is None else lab.cpu().numpy() for lab in labels]
+            return probs.cpu().numpy(), labels
 
     def _on_device(self, array: np.ndarray):
         """``array`` as a tensor on the model's device; the last one is kept (the stitcher's window,
@@ -164,10 +166,9 @@ class TorchEngine:
 
         if self.device == "cpu":
             return torch.from_numpy(array)  # shares the memory
-        kept = getattr(self, "_kept", None)
-        if kept is None or kept[0] is not array:
-            kept = self._kept = (array, torch.from_numpy(array).to(self.device))
-        return kept[1]
+        if self._kept is None or self._kept[0] is not array:
+            self._kept = (array, torch.from_numpy(array).to(self.device))
+        return self._kept[1]
 
 
 def device_argmax(scores):

@@ -590,10 +590,13 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                 _atomic_json(work / "progress.json", state)
             done += 1
 
+    # Probabilities everywhere when they are an output, else only where tiles overlap (weighted),
+    # with each tile's labels where it alone decides (labels.predict_split).
+    split = probs_out is None
+
     def run_model(tiles: list[Tile], images: np.ndarray) -> tuple[np.ndarray, list]:
-        """The model on a batch: probabilities everywhere when they are an output, else only where
-        tiles overlap, with each tile's labels where it alone decides (labels.predict_split)."""
-        if probs_out is not None:
+        """The model on a batch, as ``split`` says."""
+        if not split:
             return engine.predict_proba(images), [None] * len(tiles)
         return predict_split(engine, images, [stitcher.label_box(t.row, t.col) for t in tiles], stitcher.window)
 
@@ -602,7 +605,6 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
         pool), finishing bands as they complete; then ``then``, then the labels."""
         nonlocal fed
         probs, box_labels = result
-        split = probs_out is None  # run_model's way
         for t, p, lab in zip(tiles[skip:], probs[skip:], box_labels[skip:]):
             stitcher.add(t.row, t.col, p, lab, weighted=split)
             fed += 1
