@@ -252,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<18} wall {timing['wall']:7.2f} s  cpu {timing['cpu']:7.2f} s  ({timing['tiles']} tiles)",
               flush=True)
 
+    def threads_of(workers: int) -> int:
+        return args.threads_per_worker or max(1, cores // workers)
+
     if not args.no_cold:
         for w in args.workers:
-            t = args.threads_per_worker or max(1, cores // w)
+            t = threads_of(w)
             record(f"cold dask {w}x{t}", time_batch(work / "slides", work / "out_cold", model, args.tile, None, w, t))
 
-    configs = sorted({(w, args.threads_per_worker or max(1, cores // w)) for w in args.workers}
-                     | {(1, t) for t in args.overhead_threads})
+    configs = sorted({(w, threads_of(w)) for w in args.workers} | {(1, t) for t in args.overhead_threads})
     runs = [(w, t, True, True) for w, t in configs]
     if args.compare_defaults:
         runs += [(1, t, False, True) for t in args.overhead_threads]
