@@ -130,6 +130,8 @@ class BatchSummary:
             if r["status"] == "failed":
                 error = r.get("error") or "unknown error"
                 out.append(f"failed: {error}" if r["slide"] in error else f"failed: {r['slide']}: {error}")
+            elif r.get("warning"):
+                out.append(f"warning: {r['slide']}: {r['warning']}")
         out.append(f"report: {self.report_csv} and {self.report_json}")
         return out
 
@@ -304,11 +306,15 @@ def _dashboard_line(link: str) -> str:
 #   worker whose heartbeat was in flight logs the closed connection as an ERROR with a traceback
 #   (seen about once in 10-25 interrupts on a loaded machine).  The scheduler going away is this
 #   process's own doing, so that one message is dropped; every other worker log is left as it is.
+# * A slide's warnings (InputWarning) travel in its report row and this process prints them, one
+#   line each (BatchSummary.lines); printed by the worker too, they came as Python's two-line warning.
 HEARTBEAT_LOST = "Failed to communicate with scheduler during heartbeat."
 _WORKER_PRELOAD = f"""
-import logging, signal
+import logging, signal, warnings
+from wsi_espnet.errors import InputWarning
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 logging.getLogger("distributed.worker").addFilter(lambda record: record.getMessage() != {HEARTBEAT_LOST!r})
+warnings.filterwarnings("ignore", category=InputWarning)
 """
 
 

@@ -468,11 +468,27 @@ def test_worker_preload_ignores_ctrl_c_and_drops_only_the_lost_heartbeat_error()
         "log = logging.getLogger('distributed.worker')\n"
         f"log.error({HEARTBEAT_LOST!r})\n"
         "log.error('Compute failed: something real')\n"
+        "import warnings\n"
+        "from wsi_espnet.errors import InputWarning\n"
+        "warnings.warn('a slide note: in its report row', InputWarning)\n"  # said by the driver instead
         "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert done.stderr.strip().splitlines() == ["ERROR Compute failed: something real"]
+
+
+def test_the_summary_says_each_failure_and_each_warning_in_one_line(tmp_path):
+    from pipelines.batch import BatchSummary
+
+    rows = [{"slide": "a.svs", "status": "done", "warning": ""},
+            {"slide": "b.svs", "status": "done", "warning": "tile 512 - overlap 70 = 442 px is not a multiple of 8"},
+            {"slide": "c.svs", "status": "failed", "error": "c.svs: not a slide"}]
+    summary = BatchSummary(total=3, done=2, skipped=0, failed=1, pending=0, seconds=2.0, tiles=10,
+                           report_csv=tmp_path / "r.csv", report_json=tmp_path / "r.json", rows=rows)
+    assert summary.lines()[1:] == ["warning: b.svs: tile 512 - overlap 70 = 442 px is not a multiple of 8",
+                                   "failed: c.svs: not a slide",
+                                   f"report: {tmp_path / 'r.csv'} and {tmp_path / 'r.json'}"]
 
 
 def test_ctrl_c_stops_wsi_batch_with_one_line_and_the_rerun_resumes(tmp_path, model_file):
