@@ -208,9 +208,9 @@ class _TimedEngine:
         self._prof["model"] += time.perf_counter() - t0
         return out
 
-    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None):
+    def predict_split(self, batch: np.ndarray, plans: list):
         t0 = time.perf_counter()
-        out = predict_split(self._engine, batch, boxes, window)
+        out = predict_split(self._engine, batch, plans)
         self._prof["model"] += time.perf_counter() - t0
         return out
 

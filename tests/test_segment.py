@@ -915,10 +915,10 @@ def test_labels_where_one_tile_decides_come_from_the_logits_and_give_the_map_of_
     calls = {"split": 0, "boxes": 0, "proba": 0}
     real_split, real_proba = TorchEngine.predict_split, TorchEngine.predict_proba
 
-    def split(self, batch, boxes, window=None):
+    def split(self, batch, plans):
         calls["split"] += 1
-        calls["boxes"] += sum(b is not None for b in boxes)
-        return real_split(self, batch, boxes, window)
+        calls["boxes"] += sum(p.box is not None for p in plans)
+        return real_split(self, batch, plans)
 
     def proba(self, batch):
         calls["proba"] += 1

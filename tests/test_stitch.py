@@ -4,7 +4,7 @@ weighted average where they do not, bounded pending state, and nothing emitted w
 import numpy as np
 import pytest
 
-from wsi_espnet.stitch import BlendStitcher, border_ramp, feed_bands
+from wsi_espnet.stitch import BlendStitcher, border_ramp, feed_bands, trim_of
 from wsi_espnet.tiling import tile_grid
 
 
@@ -63,20 +63,56 @@ def test_disagreeing_tiles_are_averaged_with_the_window():
         return p
 
     out, blended, _, _ = _run(grid, probs, C)
-    ramp = border_ramp(T, O)
-    # In the overlap [144, 256): weight of the left tile ramp[x], of the right ramp[x - 144].
+    trim = trim_of(O)
+    fade = O - 2 * trim
+    # In the overlap [144, 256): the left tile alone over its first third, the right tile alone over
+    # its last, and between them a cross-fade whose weights sum to 1.
+    left = border_ramp(T, O, start=False, end=True)
+    right = border_ramp(T, O, start=True, end=False)
     x = np.arange(144, 256)
-    wl, wr = ramp[x], ramp[x - 144]
+    wl, wr = left[x], right[x - 144]
     np.testing.assert_allclose(blended[1, 100, 144:256], wr / (wl + wr), rtol=1e-5)
+    np.testing.assert_allclose(blended[1, 100, 144 + trim : 144 + trim + fade], wr[trim : trim + fade], rtol=1e-5)
+    assert (blended[1, :, 144 : 144 + trim] == 0).all() and (blended[1, :, 256 - trim : 256] == 1).all()
     assert (out[:, :144] == 0).all() and (out[:, 256:] == 1).all()
     # the seam sits in the middle of the overlap: each side wins where it sees farther from its border
     assert (out[:, 144:200] == 0).all() and (out[:, 200:256] == 1).all()
 
 
-def test_ramp_is_a_partition_of_unity_over_the_overlap():
-    ramp = border_ramp(512, 64)
-    assert ramp.min() > 0 and ramp.max() == 1.0
-    np.testing.assert_allclose(ramp[-64:] + ramp[:64], 1.0, atol=1e-6)
+def test_ramp_trims_the_outer_third_and_fades_over_the_middle_third():
+    T, O = 512, 72
+    ramp = border_ramp(T, O)
+    assert trim_of(O) == 24
+    assert (ramp[:24] == 0).all() and (ramp[-24:] == 0).all()  # a neighbour sees these pixels from farther in
+    assert (ramp[24:48] > 0).all() and (ramp[48 : T - 48] == 1).all() and (np.diff(ramp[24:48]) > 0).all()
+    # two neighbours overlapping by O: weights sum to 1 across the overlap, pixel by pixel
+    np.testing.assert_allclose(ramp[-O:] + ramp[:O], 1.0, atol=1e-6)
+    # no neighbour on a side: weight 1 up to that edge
+    assert (border_ramp(T, O, start=False)[:48] == 1).all() and (border_ramp(T, O, end=False)[-48:] == 1).all()
+    # small overlaps fade over all of it; none is flat
+    assert (border_ramp(64, 2) > 0).all() and (border_ramp(64, 0) == 1).all()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_every_pixel_a_kept_tile_covers_has_a_positive_weight(seed):
+    """A tile's window is 0 over its trim only toward a kept neighbour; with holes anywhere in the
+    grid (glass) and flush last rows and columns, some tile always weighs each covered pixel."""
+    rng = np.random.default_rng(200 + seed)
+    T = 64
+    W, H = int(rng.integers(40, 400)), int(rng.integers(40, 400))
+    O = int(rng.choice([3, 8, 24, 30, 32]))
+    grid = tile_grid((W, H), T, O, 1.0, 1.0)
+    grid.tiles = [t for t in grid.tiles if rng.random() > 0.35]
+    st = BlendStitcher(grid, 2, lambda *a: None)
+    total = np.zeros((max(H, T) + T, max(W, T) + T))
+    covered = np.zeros_like(total, bool)
+    for t in grid.tiles:
+        w = st.window(t.row, t.col)
+        total[t.y : t.y + T, t.x : t.x + T] += w
+        covered[t.y : t.y + T, t.x : t.x + T] = True
+        y0, y1, x0, x1 = st.span(t.row, t.col)
+        assert (w[y0:y1, x0:x1] > 0).all() and w.sum() == w[y0:y1, x0:x1].sum()  # the span is where it is positive
+    assert (total[covered] > 0).all()
 
 
 def test_skipped_tiles_leave_the_fill_value():
@@ -284,10 +320,11 @@ def test_tiles_fed_out_of_order_fail_loudly_instead_of_blending_wrongly():
             st.add(t.row, t.col, p)
 
 
-def test_label_box_is_the_tiles_own_cell_and_its_labels_give_the_same_map():
+def test_label_box_is_the_tiles_own_cells_and_its_labels_give_the_same_map():
     """Fed as the pipeline feeds it (labels.predict_split): probabilities pre-multiplied by the
-    window, nothing but garbage inside each tile's label box, and the box's labels beside them. The
-    map is the one of plain probabilities, on a grid with a flush last row and column and holes."""
+    tile's window in its span outside its box, nothing but garbage elsewhere, and the box's labels
+    beside them. The map is the one of plain probabilities, on a grid with a flush last row and
+    column and holes."""
     from wsi_espnet.labels import box_labels, outside
 
     rng = np.random.default_rng(11)
@@ -310,27 +347,31 @@ def test_label_box_is_the_tiles_own_cell_and_its_labels_give_the_same_map():
 
     a = BlendStitcher(grid, C, writer(plain))
     b = BlendStitcher(grid, C, writer(split))
-    boxes = {}
+    plans = {}
     for band in feed_bands(grid):
         for t in band.tiles:
             p = probs_of(t)
             a.add(t.row, t.col, p)
-            box = boxes[t.row, t.col] = b.label_box(t.row, t.col)
-            fed = np.full_like(p, np.nan)  # what lies inside the box must never be read
-            for ys, xs in outside(box, T, T):
-                fed[:, ys, xs] = p[:, ys, xs] * b.window[ys, xs]
-            b.add(t.row, t.col, fed, None if box is None else box_labels(p, box), weighted=True)
+            plan = plans[t.row, t.col] = b.plan(t.row, t.col)
+            fed = np.full_like(p, np.nan)  # what lies outside the span or inside the box must never be read
+            for ys, xs in outside(plan.box, plan.span):
+                fed[:, ys, xs] = p[:, ys, xs] * plan.window[ys, xs]
+            b.add(t.row, t.col, fed, None if plan.box is None else box_labels(p, plan.box), weighted=True)
     assert a.pending_cells == b.pending_cells == 0
     np.testing.assert_array_equal(split, plain)
     assert (plain != 255).any() and (plain == 255).any()
-    # A tile inside the grid: its box is its cell that no neighbour reaches, 80² of 128²; beside a
-    # hole ((2, 3) was not run) still that one cell.
-    assert boxes[2, 2] == (O, T - O, O, T - O)
-    assert boxes[1, 0] == (O, T - O, 0, T - O)  # the first column: nothing to its left
+    # A tile inside the grid: its box is where no neighbour's window reaches, from the end of the
+    # fade with each neighbour: 96² of 128² (trim 8, fade 8).
+    trim = trim_of(O)
+    inner = (O - trim, T - O + trim)
+    assert plans[1, 4].box == inner + inner and plans[1, 4].span == (trim, T - trim, trim, T - trim)
+    assert plans[1, 0].box == inner + (0, T - O + trim)  # the first column: nothing to its left
+    # Beside a hole ((1, 1) and (2, 3) were not run) a tile's window reaches up to its edge.
+    assert plans[1, 2].span == (trim, T - trim, 0, T - trim) and plans[2, 2].span == (trim, T - trim, trim, T)
     # The last column sits flush with the edge, overlapping its neighbour by more than O: a smaller box.
-    last = max(c for _, c in boxes)
-    y0, y1, x0, x1 = boxes[2, last]
-    assert (y0, y1) == (O, T - O) and x1 == T and x1 - x0 < T - 2 * O
+    last = max(c for _, c in plans)
+    y0, y1, x0, x1 = plans[2, last].box
+    assert (y0, y1) == inner and x1 == T and x1 - x0 < T - 2 * (O - trim)
 
 
 def test_box_labels_and_probabilities_as_an_output_do_not_mix():

@@ -21,6 +21,8 @@ from .errors import UserError
 # ESPNet's three x2 down- and up-samplings: tile sides must be multiples of it, and grid strides that
 # are multiples of it see the image at the phase one pass over it would (segment.stride_note).
 NETWORK_STRIDE = 8
+# Blending windows kept on a GPU: a stitcher has at most 16 (one per set of kept neighbours).
+KEPT_WINDOWS = 32
 
 
 class Engine(Protocol):
@@ -31,7 +33,7 @@ class Engine(Protocol):
         """(N, H, W, 3) uint8 RGB -> (N, C, H, W) float32 softmax probabilities."""
         ...
 
-    # Optional: predict_split(batch, boxes, window=None) -> (probabilities, labels): see
+    # Optional: predict_split(batch, plans) -> (probabilities, labels): see
     # wsi_espnet.labels.predict_split, which stands in for engines without it.
 
 
@@ -85,7 +87,7 @@ class TorchEngine:
         self._order = torch.tensor(order, device=self.device)
         self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
         self._shift = torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
-        self._kept: tuple | None = None  # (array, its tensor on the device): see _on_device
+        self._kept: dict[int, tuple] = {}  # id -> (array, its tensor on the device): see _on_device
 
     @property
     def cpu_threads(self) -> int:
@@ -126,31 +128,32 @@ class TorchEngine:
         with torch.inference_mode():
             return torch.softmax(self.logits(batch), dim=1).cpu().numpy()
 
-    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-        """:func:`wsi_espnet.labels.predict_split`: the softmax only outside each tile's box, the
-        argmax of the logits inside it.  On CPU 5.3 against 6.1 ms for two 512² tiles of 8 classes
-        (box 368²), and the box's argmax no longer read by another thread from memory (docs/performance.md).
-        On a GPU the labels are taken there and brought back together at the end (one wait)."""
+    def predict_split(self, batch: np.ndarray, plans: list) -> tuple[np.ndarray, list]:
+        """:func:`wsi_espnet.labels.predict_split`: the softmax only in each tile's span outside its
+        box, the argmax of the logits inside the box.  On CPU 5.3 against 6.1 ms for two 512² tiles
+        of 8 classes with a 368² box and the whole tile as span (docs/performance.md), and the box's
+        argmax no longer read by another thread from memory.  On a GPU the labels are taken there
+        and brought back together at the end (one wait)."""
         import torch
 
         from .labels import class_argmax, outside
 
         with torch.inference_mode():
             logits = self.logits(batch)
-            n, _, height, width = logits.shape
             probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # NCHW, as numpy reads it
-            weights = None if window is None else self._on_device(window)
             labels = []
-            for i, box in enumerate(boxes):
-                for ys, xs in outside(box, height, width):
+            for i, plan in enumerate(plans):
+                weights = None if plan.window is None else self._on_device(plan.window)
+                for ys, xs in outside(plan.box, plan.span):
                     if weights is None:
                         probs[i, :, ys, xs] = torch.softmax(logits[i, :, ys, xs], dim=0)
                     else:  # the product written where the plain copy would go: no extra pass
                         torch.mul(torch.softmax(logits[i, :, ys, xs], dim=0), weights[ys, xs], out=probs[i, :, ys, xs])
-                if box is None:
+                if plan.box is None:
                     labels.append(None)
                     continue
-                inside = logits[i, :, box[0] : box[1], box[2] : box[3]]
+                y0, y1, x0, x1 = plan.box
+                inside = logits[i, :, y0:y1, x0:x1]
                 if self.device == "cpu":  # channels_last: copied to planes, class_argmax's 0.2 ms beats torch's 2 ms
                     labels.append(class_argmax(inside.contiguous().numpy()))
                 else:
@@ -160,15 +163,18 @@ class TorchEngine:
             return probs.cpu().numpy(), labels
 
     def _on_device(self, array: np.ndarray):
-        """``array`` as a tensor on the model's device; the last one is kept (the stitcher's window,
-        the same array every call), so a GPU gets it once."""
+        """``array`` as a tensor on the model's device.  The stitcher's windows (a few shared arrays,
+        one per kind of neighbourhood) are kept there, so a GPU gets each once."""
         import torch
 
         if self.device == "cpu":
             return torch.from_numpy(array)  # shares the memory
-        if self._kept is None or self._kept[0] is not array:
-            self._kept = (array, torch.from_numpy(array).to(self.device))
-        return self._kept[1]
+        kept = self._kept.get(id(array))
+        if kept is None or kept[0] is not array:
+            if len(self._kept) >= KEPT_WINDOWS:  # another slide's stitcher: start over
+                self._kept.clear()
+            kept = self._kept[id(array)] = (array, torch.from_numpy(array).to(self.device))
+        return kept[1]
 
 
 def device_argmax(scores):

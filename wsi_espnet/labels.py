@@ -1,21 +1,33 @@
 """Class labels from a model's scores, and a tile's output split into what the blending needs.
 
-Why split: the stitcher averages class probabilities only where tiles overlap.  Inside a tile's
-central cell, which no other tile covers (368² of a 512² tile at overlap 72: 52 % of it), the label
-is that tile's own argmax, and the probabilities are never used.  There the argmax of the logits
-is the label (the softmax keeps each pixel's order of classes), taken on the model's thread while
-the logits are fresh in its caches: no softmax for half the tile, and half the tile's probabilities
-never read again by another thread.  Where probabilities are an output (``--probs``) every pixel
-needs them and the split is not used.
+Why split: the stitcher averages class probabilities only where two tiles' blending windows
+overlap, and reads nothing where a tile's window is 0 (the trim toward a kept neighbour, see
+``stitch``).  Inside a tile's own box, where no other tile weighs in (416² of a 512² tile at overlap
+72: 66 % of it), the label is that tile's own argmax, and the probabilities are never used.  There
+the argmax of the logits is the label (the softmax keeps each pixel's order of classes), taken on
+the model's thread while the logits are fresh in its caches.  So the softmax runs only where the
+blending reads it (16 % of an inner tile), and the rest of the tile is never read again by another
+thread.  Where probabilities are an output (``--probs``) every pixel needs them and the split is
+not used.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 inside a tile
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What the stitcher reads of one tile's output (``BlendStitcher.plan``)."""
+
+    span: Box  # where the tile's window is positive: outside it, nothing is read
+    box: Box | None  # inside the span, where its labels are read instead of probabilities
+    window: np.ndarray | None = None  # (H, W) blending weights, to multiply the probabilities by
 
 
 def class_argmax(probs: np.ndarray) -> np.ndarray:
@@ -49,14 +61,15 @@ def class_argmax(probs: np.ndarray) -> np.ndarray:
     return labels
 
 
-def outside(box: Box | None, height: int, width: int) -> list[tuple[slice, slice]]:
-    """The rectangles of a ``height`` x ``width`` tile outside ``box`` (rows above and below it at
-    full width, then the columns left and right of it): the whole tile when ``box`` is None."""
+def outside(box: Box | None, span: Box) -> list[tuple[slice, slice]]:
+    """The rectangles of ``span`` outside ``box`` (rows above and below it at the span's full width,
+    then the columns left and right of it): the whole span when ``box`` is None."""
+    sy0, sy1, sx0, sx1 = span
     if box is None:
-        return [(slice(0, height), slice(0, width))]
+        return [(slice(sy0, sy1), slice(sx0, sx1))]
     y0, y1, x0, x1 = box
-    parts = [(slice(0, y0), slice(0, width)), (slice(y1, height), slice(0, width)),
-             (slice(y0, y1), slice(0, x0)), (slice(y0, y1), slice(x1, width))]
+    parts = [(slice(sy0, y0), slice(sx0, sx1)), (slice(y1, sy1), slice(sx0, sx1)),
+             (slice(y0, y1), slice(sx0, x0)), (slice(y0, y1), slice(x1, sx1))]
     return [(ys, xs) for ys, xs in parts if ys.stop > ys.start and xs.stop > xs.start]
 
 
@@ -66,24 +79,23 @@ def box_labels(scores: np.ndarray, box: Box) -> np.ndarray:
     return class_argmax(scores[:, y0:y1, x0:x1])
 
 
-def predict_split(engine: Any, batch: np.ndarray, boxes: list[Box | None],
-                  window: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """A batch of tiles through ``engine`` as the stitcher uses it: (N, C, H, W) float32
-    probabilities, each tile's valid outside its box (inside it, undefined), and each box's labels
-    (None for a tile without a box, whose probabilities are all valid).  With ``window`` (H, W),
-    the probabilities come multiplied by it: the blending's weighting, done while they are fresh
-    in the caches of the thread that computed them (the same float32 products as the stitcher's).
+def predict_split(engine: Any, batch: np.ndarray, plans: list[TilePlan]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """A batch of tiles through ``engine`` as the stitcher reads it: (N, C, H, W) float32
+    probabilities, each tile's valid inside its plan's span but outside its box (elsewhere,
+    undefined), multiplied by its plan's window if it has one (the blending's weighting, done while
+    they are fresh in the caches of the thread that computed them: the same float32 products as the
+    stitcher's); and each box's labels (None for a tile without a box).
 
-    Engines with a ``predict_split`` of their own (PyTorch, ONNX Runtime) skip the softmax inside
-    the boxes; for any other, every probability is computed and the labels are their argmax (the
-    same labels but for exact ties of probabilities that the logits tell apart)."""
-    if len(boxes) != len(batch):
-        raise ValueError(f"{len(boxes)} boxes for {len(batch)} tiles")
+    Engines with a ``predict_split`` of their own (PyTorch, ONNX Runtime) compute the softmax only
+    where it is read; for any other, every probability is computed and the labels are their argmax
+    (the same labels but for exact ties of probabilities that the logits tell apart)."""
+    if len(plans) != len(batch):
+        raise ValueError(f"{len(plans)} plans for {len(batch)} tiles")
     split = getattr(engine, "predict_split", None)
     if split is not None:
-        return split(batch, boxes, window)
+        return split(batch, plans)
     probs = engine.predict_proba(batch)
-    labels = [None if b is None else box_labels(probs[i], b) for i, b in enumerate(boxes)]
-    if window is not None:
-        probs = probs * window  # not in place: the engine's array is its own
+    labels = [None if p.box is None else box_labels(probs[i], p.box) for i, p in enumerate(plans)]
+    if any(p.window is not None for p in plans):
+        probs = np.stack([q if p.window is None else q * p.window for q, p in zip(probs, plans)])  # the engine's array is its own
     return probs, labels

@@ -178,19 +178,19 @@ class OnnxEngine:
         """(N, H, W, 3) RGB -> (N, C, H, W) float32 softmax probabilities."""
         return softmax_(self.logits_numpy(batch), axis=1)
 
-    def predict_split(self, batch: np.ndarray, boxes: list, window: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+    def predict_split(self, batch: np.ndarray, plans: list) -> tuple[np.ndarray, list]:
         """:func:`wsi_espnet.labels.predict_split`: the argmax of the logits inside each tile's box,
-        the softmax (in place, times ``window`` if given) outside it."""
+        the softmax (in place, times the plan's window if it has one) in the rest of its span."""
         from .labels import box_labels, outside
 
         scores = self.logits_numpy(batch)
         labels = []
-        for i, box in enumerate(boxes):
-            labels.append(None if box is None else box_labels(scores[i], box))
-            for ys, xs in outside(box, scores.shape[2], scores.shape[3]):
+        for i, plan in enumerate(plans):
+            labels.append(None if plan.box is None else box_labels(scores[i], plan.box))
+            for ys, xs in outside(plan.box, plan.span):
                 softmax_(scores[i, :, ys, xs], axis=0)
-                if window is not None:
-                    scores[i, :, ys, xs] *= window[ys, xs]
+                if plan.window is not None:
+                    scores[i, :, ys, xs] *= plan.window[ys, xs]
         return scores, labels
 
     def __repr__(self) -> str:

@@ -62,13 +62,14 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 8  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 9  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
 #                   an older run's batches, and so its floating-point results, differ); 6: a model
 #                   without a Background class 0 gets one prepended (its ids shift by one); 7: a CPU
 #                   model on every core runs two calls of half the threads, 2 tiles each ("streams");
-#                   8: labels of a tile's central cell from the logits (labels.predict_split)
+#                   8: labels of a tile's central cell from the logits (labels.predict_split);
+#                   9: the blending window trims the outer third of each overlap (stitch)
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
 
 
@@ -590,15 +591,15 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
                 _atomic_json(work / "progress.json", state)
             done += 1
 
-    # Probabilities everywhere when they are an output, else only where tiles overlap (weighted),
-    # with each tile's labels where it alone decides (labels.predict_split).
+    # Probabilities everywhere when they are an output, else only where the blending reads them
+    # (weighted), with each tile's labels where it alone decides (labels.predict_split).
     split = probs_out is None
 
     def run_model(tiles: list[Tile], images: np.ndarray) -> tuple[np.ndarray, list]:
         """The model on a batch, as ``split`` says."""
         if not split:
             return engine.predict_proba(images), [None] * len(tiles)
-        return predict_split(engine, images, [stitcher.label_box(t.row, t.col) for t in tiles], stitcher.window)
+        return predict_split(engine, images, [stitcher.plan(t.row, t.col) for t in tiles])
 
     def blend(tiles: list[Tile], result: tuple[np.ndarray, list], skip: int = 0, then=None) -> None:
         """Blend a batch but its first ``skip`` tiles (the overlap cells' argmax goes to the labeler
