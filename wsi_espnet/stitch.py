@@ -400,7 +400,8 @@ class BlendStitcher:
     def _pack(self, cell: _Cell, top: int) -> None:
         """Keep a pending cell of the overlap strip below a tile row as its partial average in 16-bit
         fixed point (step 1/65535: at most 7.6e-6 off per probability, the size of the model's own
-        float noise, so a label can change only at a tie; probabilities are clipped to [0, 1]).
+        float noise, so a label can change only at a tie).  A weighted average of probabilities
+        lies in [0, 1] but for float rounding (at most 65535.01 steps, which rounds to 65535).
 
         Why: that strip, C values per pixel across the whole width, is the one part of memory that
         grows with the slide.  Packed, it takes half the bytes, and it lives in one buffer allocated
@@ -419,13 +420,10 @@ class BlendStitcher:
         if self._in_use[rows, cell.x0 : cell.x1].any():  # tiles fed out of order: fail, never blend wrongly
             raise AssertionError(f"packed strip at x {cell.x0}-{cell.x1} still in use: tiles fed out of order")
         self._in_use[rows, cell.x0 : cell.x1] = True
-        avg = cell.acc
-        avg /= self._weight_sum(cell)
-        np.clip(avg, 0.0, 1.0, out=avg)
-        avg *= np.float32(_PACK_SCALE)
-        np.rint(avg, out=avg)
+        scaled = cell.acc
+        scaled *= np.float32(_PACK_SCALE) / self._weight_sum(cell)  # the average, in steps of 1/65535
         view = self._strip[:, rows, cell.x0 : cell.x1]
-        np.copyto(view, avg, casting="unsafe")
+        np.rint(scaled, out=view, casting="unsafe")  # rounded and stored in one pass
         cell.packed, cell.packed_rows = view, rows
         cell.acc = None
 
