@@ -132,8 +132,8 @@ class TorchEngine:
         """:func:`wsi_espnet.labels.predict_split`: the softmax only in each tile's span outside its
         box, the argmax of the logits inside the box.  On CPU 4.2 ms after the network for two 512²
         tiles of 8 classes (span 464², box 416²) against 6.2 ms for ``predict_proba``'s softmax
-        (docs/performance.md), and the box's argmax no longer read by another thread from memory.  On a GPU the labels are taken there
-        and brought back together at the end (one wait)."""
+        (docs/performance.md), and the box's argmax is not read back by another thread from memory.
+        On a GPU the labels are taken there and brought back together at the end (one wait)."""
         import torch
 
         from .labels import class_argmax, outside
