@@ -382,3 +382,40 @@ def test_box_labels_and_probabilities_as_an_output_do_not_mix():
         st.add(t.row, t.col, np.zeros((2, 128, 128), np.float32), np.zeros((80, 80), np.uint8))
     with pytest.raises(ValueError, match="writes probabilities"):
         st.add(t.row, t.col, np.zeros((2, 128, 128), np.float32), weighted=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_blend_is_the_dense_weighted_average_of_the_tiles(seed):
+    """Tiles that disagree, on random grids with holes and flush edges: the streamed blend equals a
+    dense sum over the whole image of each tile's probabilities times its window (0 over the trim
+    toward each kept neighbour, sin² over the fade, 1 beyond), divided by the sum of the windows,
+    to the 16-bit step of the packed strip; the labels are its argmax wherever that is not a near tie."""
+    rng = np.random.default_rng(300 + seed)
+    C, T = 3, 64
+    W, H = int(rng.integers(100, 360)), int(rng.integers(100, 360))
+    O = int(rng.choice([12, 24, 30]))
+    grid = tile_grid((W, H), T, O, 1.0, 1.0)
+    grid.tiles = [t for t in grid.tiles if rng.random() > 0.25]
+    tile_probs = {}
+    for t in grid.tiles:
+        p = rng.random((C, T, T)).astype(np.float32)
+        tile_probs[t.row, t.col] = p / p.sum(0)
+    out, blended, writes, _ = _run(grid, lambda t: tile_probs[t.row, t.col], C)
+    kept = set(tile_probs)
+    acc = np.zeros((C, H + T, W + T))
+    wsum = np.zeros((H + T, W + T))
+    for t in grid.tiles:
+        r, c = t.row, t.col
+        w = np.outer(border_ramp(T, O, (r - 1, c) in kept, (r + 1, c) in kept),
+                     border_ramp(T, O, (r, c - 1) in kept, (r, c + 1) in kept)).astype(np.float64)
+        acc[:, t.y : t.y + T, t.x : t.x + T] += tile_probs[r, c] * w
+        wsum[t.y : t.y + T, t.x : t.x + T] += w
+    acc, wsum = acc[:, :H, :W], wsum[:H, :W]
+    covered = writes == 1
+    assert (writes <= 1).all() and (wsum[covered] > 0).all() and (wsum[~covered] == 0).all()
+    want = acc[:, covered] / wsum[covered]
+    np.testing.assert_allclose(blended[:, covered], want, atol=1 / 65535 + 1e-6)
+    top2 = np.sort(want, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 4 / 65535
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(out[covered][clear], want.argmax(0)[clear])
