@@ -113,6 +113,7 @@ class _Cell:
     x0: int
     x1: int
     waiting: list[tuple[int, int]]  # (row, col) of the kept tiles that weigh in and are still to come
+    in_box: bool  # one tile weighs in, and the cell lies in its label box
     acc: np.ndarray | None = None  # (C, h, w) weighted probability sum
     packed: np.ndarray | None = None  # or, waiting for the next row, the partial average as uint16
     packed_rows: slice | None = None  # where in the strip buffer
@@ -131,9 +132,8 @@ class _Axis:
     cuts: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        ends = {s + self.tile for s in self.starts}
-        trims = {s + self.trim for s in self.starts} | {s + self.tile - self.trim for s in self.starts}
-        self.cuts = sorted(set(self.starts) | ends | (trims if self.trim else set()))
+        edges = {s + d for s in self.starts for d in (0, self.trim, self.tile - self.trim, self.tile)}
+        self.cuts = sorted(edges)
 
     def covering(self, pos: int) -> list[int]:
         """Indices of the tiles whose span contains ``pos`` (at most a few)."""
@@ -184,9 +184,6 @@ class BlendStitcher:
         self._labeling: deque[tuple[int, int, Future | np.ndarray]] = deque()  # (y, x, labels or their computing)
         # Only the tiles that will be fed count towards a cell's coverage and a tile's neighbours.
         self.present = {(t.row, t.col) for t in grid.tiles}
-        self._row_cols: dict[int, list[int]] = {}  # per tile row, the columns that will be fed
-        for r, c in sorted(self.present):
-            self._row_cols.setdefault(r, []).append(c)
         self._windows: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}  # per kind of neighbourhood
         self._spans: dict[tuple[int, int], Box] = {}
         self._cells: dict[tuple[int, int, int, int], _Cell] = {}  # pending, by their grid cells
@@ -237,19 +234,17 @@ class BlendStitcher:
         (:func:`~wsi_espnet.labels.predict_split`).  Depends only on the grid: safe from any thread."""
         return TilePlan(self.span(row, col), self.label_box(row, col), self.window(row, col))
 
+    def _inside(self, cy: int, cx: int, row: int, col: int, box: Box) -> bool:
+        """Whether grid cell (cy, cx) lies in ``box``, a box local to grid tile (row, col)."""
+        ty, tx = self.ys.starts[row], self.xs.starts[col]
+        return (ty + box[0] <= self.ys.cuts[cy] and self.ys.cuts[cy + 1] <= ty + box[1]
+                and tx + box[2] <= self.xs.cuts[cx] and self.xs.cuts[cx + 1] <= tx + box[3])
+
     def _contributors(self, cy: int, cx: int) -> tuple[tuple[int, int], ...]:
         """(row, col) of the kept tiles with a positive weight over grid cell (cy, cx) (the cuts
         make a weight positive over a whole grid cell or nowhere in it)."""
-        y0, y1, x0, x1 = self.ys.cuts[cy], self.ys.cuts[cy + 1], self.xs.cuts[cx], self.xs.cuts[cx + 1]
-        found = []
-        for r in self.ys.covering(y0):
-            for c in self.xs.covering(x0):
-                if (r, c) in self.present:
-                    sy0, sy1, sx0, sx1 = self.span(r, c)
-                    ty, tx = self.ys.starts[r], self.xs.starts[c]
-                    if ty + sy0 <= y0 and y1 <= ty + sy1 and tx + sx0 <= x0 and x1 <= tx + sx1:
-                        found.append((r, c))
-        return tuple(found)
+        return tuple((r, c) for r in self.ys.covering(self.ys.cuts[cy]) for c in self.xs.covering(self.xs.cuts[cx])
+                     if (r, c) in self.present and self._inside(cy, cx, r, c, self.span(r, c)))
 
     def _kind(self, cy: int, cx: int) -> tuple:
         """What grid cell (cy, cx)'s blend depends on: the tiles that weigh in and, where one alone
@@ -257,13 +252,8 @@ class BlendStitcher:
         kind = self._kinds.get((cy, cx))
         if kind is None:
             who = self._contributors(cy, cx)
-            inside = False
-            if len(who) == 1:
-                box = self.label_box(*who[0])
-                ty, tx = self.ys.starts[who[0][0]], self.xs.starts[who[0][1]]
-                inside = box is not None and (ty + box[0] <= self.ys.cuts[cy] and self.ys.cuts[cy + 1] <= ty + box[1]
-                                              and tx + box[2] <= self.xs.cuts[cx] and self.xs.cuts[cx + 1] <= tx + box[3])
-            kind = self._kinds[cy, cx] = (who, inside)
+            box = self.label_box(*who[0]) if len(who) == 1 else None
+            kind = self._kinds[cy, cx] = (who, box is not None and self._inside(cy, cx, *who[0], box))
         return kind
 
     def _region(self, cy: int, cx: int) -> _Cell:
@@ -297,7 +287,8 @@ class BlendStitcher:
         while bottom < ny and run(bottom) == (a, b):
             bottom += 1
         ycuts, xcuts = self.ys.cuts, self.xs.cuts
-        cell = _Cell((top, bottom, a, b), ycuts[top], ycuts[bottom], xcuts[a], xcuts[b], waiting=list(kind[0]))
+        cell = _Cell((top, bottom, a, b), ycuts[top], ycuts[bottom], xcuts[a], xcuts[b], waiting=list(kind[0]),
+                     in_box=kind[1])
         self._cells[cell.key] = cell
         for i in range(top, bottom):
             for j in range(a, b):
@@ -324,7 +315,7 @@ class BlendStitcher:
         ty, tx = self.ys.starts[row], self.xs.starts[col]
         y0, y1, x0, x1 = self.span(row, col)
         cys, cxs = self.ys.cells_of(ty + y0, ty + y1), self.xs.cells_of(tx + x0, tx + x1)
-        alone = np.array([[len(self._contributors(cy, cx)) == 1 for cx in cxs] for cy in cys], bool).reshape(len(cys), len(cxs))
+        alone = np.array([[len(self._contributors(cy, cx)) == 1 for cx in cxs] for cy in cys], bool)
         ycuts, xcuts = self.ys.cuts, self.xs.cuts
         best, area = None, 0
         # A tile spans a few cells a side (5 inside the grid): every band of cell rows, and in it
@@ -375,7 +366,7 @@ class BlendStitcher:
             sx = slice(cell.x0 - tx, cell.x1 - tx)
             if len(cell.waiting) == 1 and not cell.seen:
                 # Weighed by this tile alone: the weighted average is the tile's own value.
-                if box is not None and box[0] <= sy.start and sy.stop <= box[1] and box[2] <= sx.start and sx.stop <= box[3]:
+                if box is not None and cell.in_box:
                     self._emit(cell, None, labels=box_labels[sy.start - box[0] : sy.stop - box[0],
                                                              sx.start - box[2] : sx.stop - box[2]])
                 else:
