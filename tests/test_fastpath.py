@@ -136,6 +136,19 @@ def test_batch_norms_are_gone_and_subnormals_are_zero():
         assert not ((b != 0) & (b.abs() < TINY)).any()
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a PyTorch built without oneDNN")
+def test_one_thread_runs_every_convolution_through_onednn():
+    """On one thread (this module's setting, and each model call's under the ``streams`` schedule)
+    PyTorch would send the 1×1 convolutions to its slower im2col kernel; the twin must not."""
+    fast = optimize_for_inference(trained_looking(ESPNet(20, 2, 3), seed=3))
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fast(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops
+    assert not ops & {"aten::thnn_conv2d", "aten::_slow_conv2d_forward"}, sorted(ops)
+
+
 def test_checkpoint_attributes_travel_with_the_fast_model():
     model = load_model(PRETRAINED / "decoder" / "espnet_p_2_q_8.pth")
     fast = optimize_for_inference(model)
