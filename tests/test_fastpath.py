@@ -136,6 +136,23 @@ def test_batch_norms_are_gone_and_subnormals_are_zero():
         assert not ((b != 0) & (b.abs() < TINY)).any()
 
 
+def test_the_twin_traces_as_one_graph_for_torch_compile():
+    """``compile=True`` needs the twin in one graph: a break (an ``out=`` write, a backend query)
+    splits it into a graph per module, each compiled again for every instance until torch.compile
+    gives up and runs it eagerly, slower than the plain twin.  Traced only, nothing compiled."""
+    import torch._dynamo
+
+    fast = optimize_for_inference(trained_looking(ESPNet(20, 2, 3), seed=4))
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            explanation = torch._dynamo.explain(fast)(torch.randn(1, 3, 64, 96))
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a PyTorch built without oneDNN")
 def test_one_thread_runs_every_convolution_through_onednn():
     """On one thread (this module's setting, and each model call's under the ``streams`` schedule)

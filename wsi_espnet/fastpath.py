@@ -107,6 +107,8 @@ class FoldedConv(nn.Module):
         self.register_buffer("bias", None if bias is None else _stored(bias))
         self.register_buffer("alpha", None if alpha is None else _stored(alpha))
         self.stride, self.padding, self.dilation, self.transposed = stride, padding, dilation, transposed
+        # A 1×1, stride-1, unpadded convolution: a matrix product over the channels.
+        self.pointwise = not transposed and tuple(weight.shape[-2:]) == (1, 1) and stride == 1 and padding == 0
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: nn.PReLU | None = None) -> "FoldedConv":
@@ -154,11 +156,6 @@ class FoldedConv(nn.Module):
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return y if self.alpha is None else F.prelu(y, self.alpha)
 
-    @property
-    def pointwise(self) -> bool:
-        """A 1×1, stride-1, unpadded convolution: a matrix product over the channels."""
-        return not self.transposed and self.weight.shape[-2:] == (1, 1) and self.stride == 1 and self.padding == 0
-
 
 def _onednn_pointwise(x: torch.Tensor) -> bool:
     """Whether to run a 1×1 convolution on ``x`` through oneDNN directly.
@@ -169,11 +166,21 @@ def _onednn_pointwise(x: torch.Tensor) -> bool:
     channels: 0.88 against 0.33 ms), and the pipeline's ``streams`` schedule runs every model call
     on one thread: 6 % of a 512² frame.  With more threads PyTorch takes oneDNN itself.  Not under
     ``torch.compile``, which picks its own kernels."""
+    if torch.compiler.is_compiling():
+        return False
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
         and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()
     )
+
+
+def _affine_prelu_(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``prelu(scale·x + shift)``, the multiply-add in place: ``x`` must be a fresh map of the
+    caller's own.  Under ``torch.compile`` out of place, which inductor fuses with the PReLU into one
+    loop anyway (an ``out=`` write would break its graph)."""
+    if torch.compiler.is_compiling():
+        return F.prelu(torch.addcmul(shift, x, scale), alpha)
+    return F.prelu(torch.addcmul(shift, x, scale, out=x), alpha)
 
 
 class ConcatConv(nn.Module):
@@ -220,8 +227,7 @@ class CatAffinePReLU(nn.Module):
         self.register_buffer("alpha", _stored(act.weight))
 
     def forward(self, *parts: torch.Tensor) -> torch.Tensor:
-        x = torch.cat(parts, 1)
-        return F.prelu(torch.addcmul(self.shift, x, self.scale, out=x), self.alpha)
+        return _affine_prelu_(torch.cat(parts, 1), self.shift, self.scale, self.alpha)
 
 
 class FastESP(nn.Module):
@@ -248,7 +254,7 @@ class FastESP(nn.Module):
         y = torch.cat(o, 1)
         if self.residual:
             y.add_(x)
-        return F.prelu(torch.addcmul(self.shift, y, self.scale, out=y), self.alpha)  # y is fresh: in place
+        return _affine_prelu_(y, self.shift, self.scale, self.alpha)
 
 
 class PoolAsConv(nn.Module):
