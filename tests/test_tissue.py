@@ -179,3 +179,25 @@ def test_detect_tissue_on_the_demo_svs_matches_its_truth(demo_svs, demo_spec):
     # Tile-sized fractions agree with the truth too (what the patch grid uses).
     k = 1024 // int(tm.downsample)
     assert tm.fraction(0, 0, 1024, 1024) == pytest.approx(truth[:k, :k].mean(), abs=0.03)
+
+
+def test_counts_by_blocks_are_bincounts_and_cleaning_keeps_its_answers_on_a_large_mask():
+    """Component sizes and histograms are counted a block of rows at a time (a whole-mask
+    ``bincount`` widens it to 8 bytes a pixel first): on a mask of several blocks they are the
+    whole-array counts, and small objects and holes go exactly as a plain reading of the rule says."""
+    from scipy import ndimage as ndi
+
+    from wsi_espnet.tissue import _counts, fill_small_holes, remove_small_objects
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 300, (1500, 1100)).astype(np.int32)  # ~1.6 blocks of 2**20 pixels
+    assert np.array_equal(_counts(values, 300), np.bincount(values.ravel(), minlength=300))
+    mask = ndi.binary_opening(rng.random((1500, 1100)) < 0.55)
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    expected = np.isin(labels, np.flatnonzero(sizes >= 40)) & mask
+    assert np.array_equal(remove_small_objects(mask, 40), expected)
+    holes, m = ndi.label(~mask)
+    hole_sizes = np.bincount(holes.ravel())
+    small = np.flatnonzero(hole_sizes < 40)
+    assert np.array_equal(fill_small_holes(mask, 40), mask | (np.isin(holes, small[small > 0])))

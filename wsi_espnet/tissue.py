@@ -279,7 +279,7 @@ def remove_small_objects(mask: np.ndarray, min_px: float) -> np.ndarray:
     if min_px <= 1 or not mask.any():
         return mask
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = _counts(labels, n + 1)
     keep = sizes >= min_px
     if keep[1:].all():  # nothing to drop: spare the lookup over every pixel
         return mask
@@ -292,7 +292,7 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
     if max_hole_px <= 1 or mask.all():
         return mask
     labels, n = ndi.label(~mask)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = _counts(labels, n + 1)
     small = sizes < max_hole_px
     small[0] = False
     if not small.any():  # no hole to fill
@@ -321,6 +321,17 @@ def _row_blocks(n_rows: int, n_cols: int) -> range:
     """Row starts of blocks of about a million pixels: per-pixel rules run block by block so that
     their float temporaries never scale with the whole mask."""
     return range(0, n_rows, max(1, (1 << 20) // max(n_cols, 1)))
+
+
+def _counts(values: np.ndarray, length: int) -> np.ndarray:
+    """``np.bincount(values.ravel(), minlength=length)`` of a 2-D array of small non-negative
+    integers, block by block: ``bincount`` first copies its whole input to 64-bit integers, 8 bytes a
+    pixel (78 MB for the 3125² mask of a 100k² slide, on top of the 4-byte component labels)."""
+    counts = np.zeros(length, np.int64)
+    blocks = _row_blocks(values.shape[0], values.shape[1])
+    for y in blocks:
+        counts += np.bincount(values[y : y + blocks.step].ravel(), minlength=length)
+    return counts
 
 
 def channel_max(rgb: np.ndarray) -> np.ndarray:
@@ -436,7 +447,7 @@ def tissue_mask_from_rgb(
     for y in blocks:
         sat8[y : y + blocks.step] = saturation8(rgb[y : y + blocks.step])
     lo, hi = SAT_THRESHOLD_RANGE
-    t_sat = min(max(otsu_from_histogram(np.bincount(sat8.ravel(), minlength=256)) + 1, lo * 255), hi * 255)
+    t_sat = min(max(otsu_from_histogram(_counts(sat8, 256)) + 1, lo * 255), hi * 255)
 
     raw = np.empty((h, w), bool)
     exclude = np.empty((h, w), bool)
@@ -464,7 +475,7 @@ def tissue_mask_from_rgb(
 
 def _fluorescence_mask(rgb: np.ndarray, min_object_px: float, min_hole_px: float, closing_radius_px: float) -> np.ndarray:
     signal = channel_max(rgb)
-    t = max(otsu_from_histogram(np.bincount(signal.ravel(), minlength=256)) + 1, FLUORESCENCE_MIN_SIGNAL)
+    t = max(otsu_from_histogram(_counts(signal, 256)) + 1, FLUORESCENCE_MIN_SIGNAL)
     raw = signal >= t
     # Nuclei are separate dots at this scale: close harder so they merge into their tissue region.
     return _clean(raw, min_object_px, max(min_hole_px, 4 * min_object_px), 2 * closing_radius_px)
