@@ -63,7 +63,7 @@ def test_the_engine_normalises_as_the_config_says_in_either_channel_order():
     import torch
 
     from wsi_espnet.checkpoint import DEFAULT_MODEL, load_model
-    from wsi_espnet.engine import TorchEngine
+    from wsi_espnet.engine import KEPT_WIDTHS, TorchEngine
 
     rng = np.random.default_rng(5)
     for path in (DEFAULT_MODEL, MODEL):  # RGB, then BGR with the authors' extra / 255
@@ -75,3 +75,8 @@ def test_the_engine_normalises_as_the_config_says_in_either_channel_order():
             got = engine.logits(batch).numpy()
             assert got.shape == (n, 3, h, w)
             np.testing.assert_allclose(got, norm.apply(batch).transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+    for w in range(8, 8 + 2 * KEPT_WIDTHS):  # images of many widths: the kept rows stay few, the values right
+        batch = rng.integers(0, 256, (1, 2, w, 3), dtype=np.uint8)
+        np.testing.assert_allclose(engine.logits(batch).numpy(), norm.apply(batch).transpose(0, 3, 1, 2),
+                                   rtol=1e-6, atol=1e-6)
+    assert len(engine._rows) <= KEPT_WIDTHS

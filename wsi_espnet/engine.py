@@ -23,6 +23,8 @@ from .errors import UserError
 NETWORK_STRIDE = 8
 # Blending windows kept on a GPU: a stitcher has at most 16 (one per set of kept neighbours).
 KEPT_WINDOWS = 32
+# Input widths whose normalisation rows are kept (a slide's tiles have one or two).
+KEPT_WIDTHS = 32
 
 
 class Engine(Protocol):
@@ -137,6 +139,8 @@ class TorchEngine:
         """(scale, shift) repeated for a row of ``width`` RGB pixels."""
         row = self._rows.get(width)
         if row is None:
+            if len(self._rows) >= KEPT_WIDTHS:  # images of many widths (predict): start over
+                self._rows.clear()
             row = self._rows[width] = (self._scale.repeat(width), self._shift.repeat(width))
         return row
 
