@@ -133,7 +133,7 @@ def model_alone_in_this_process(slides_root: Path, model: Path, tile: int | None
         _, pixels = the_tiles(s, engine, tile or cfg.tile, cfg.overlap)
         if i == 0:
             engine.predict_proba(pixels[:2])  # warm-up
-        alone = model_alone(engine, pixels, default_batch("beside"))  # the workers' batches (one thread each)
+        alone = model_alone(engine, pixels, default_batch(engine.device))  # the workers' batches (one thread each)
         wall, cpu = alone["alone"], alone["alone_cpu"]
         timing = {"wall": timing["wall"] + wall, "cpu": timing["cpu"] + cpu, "tiles": timing["tiles"] + len(pixels)}
     return timing

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = None
         if args.profile:
             schedule = scheduling.choose_schedule(engine)  # the CLI's defaults
-            batch, workers = scheduling.default_batch(schedule), SegmentOptions().workers
+            batch, workers = scheduling.default_batch(engine.device), SegmentOptions().workers
             prof = {"model": 0.0, "wait_tiles": 0.0, "stitch": 0.0, "flush": 0.0, "read_threads": 0.0}
             alone = model_alone(engine, pixels, batch)["alone"]
             with stage_timers(prof):

@@ -649,8 +649,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="level-0 µm/px for slides that do not record it")
     p.add_argument("--tile", type=int, help="tile side at the model's resolution (default: model config)")
     p.add_argument("--overlap", type=int, help="overlap between tiles (default: model config)")
-    p.add_argument("--batch", type=int, help="tiles per model call (default 4; 2 where a worker's model has "
-                   "every core, as wsi-segment)")
+    p.add_argument("--batch", type=int, help="tiles per model call (default 2 on a CPU, 4 on a GPU, as wsi-segment)")
     p.add_argument("--schedule", default="auto", choices=SCHEDULES,
                    help="how each worker's reading and blending share the CPU with its model, as wsi-segment's "
                    "--schedule (default auto)")

@@ -341,7 +341,7 @@ def test_rerun_skips_done_redoes_invalid_resumes_partial_and_runs_duplicates_onc
     first = run_batch([root], out, _options(model_file, scheduler, schedule="between"))
     assert (first.done, first.failed, first.exit_code) == (2, 0, 0)
     # --schedule reaches the workers, as their rows say (auto picks beside or streams on 2+ cores)
-    assert {(r["schedule"], r["batch"]) for r in first.rows} == {("between", 4)}
+    assert {(r["schedule"], r["batch"]) for r in first.rows} == {("between", 2)}  # a CPU model: 2 a call
     a_mask, b_mask = out / "s1" / "a.mask.tif", out / "s2" / "deep" / "b.mask.tif"
     a_mtime = a_mask.stat().st_mtime_ns
 

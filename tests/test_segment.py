@@ -682,7 +682,7 @@ def test_auto_schedule_reads_beside_the_model_only_where_cores_are_free(small_mo
     assert choose_schedule(Unknown()) == "between"  # has threads, but cannot give each call half
     Unknown.device = "cuda:0"
     assert cores_free_beside(Unknown()) and choose_schedule(Unknown()) == "beside"
-    assert default_batch("streams") == 2 and default_batch("between") == default_batch("beside") == 4
+    assert default_batch("cpu") == 2 and default_batch("cuda:0") == default_batch("cuda") == 4
 
 
 class _OnTwoThreads:

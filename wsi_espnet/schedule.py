@@ -158,11 +158,15 @@ def cores_free_beside(engine: Engine) -> bool:
     return threads is not None and threads < available_cores()
 
 
-def default_batch(schedule: str) -> int:
-    """Tiles per model call when none is given: 4 (on CPU no slower end to end than 8 or 16, with half
-    the feature maps: docs/performance.md), or 2 under "streams", whose two calls side by side then
-    hold as many tiles' feature maps as one call of 4 (at 4 each the run's peak grew by 350 MB)."""
-    return 2 if schedule == "streams" else 4
+def default_batch(device: str) -> int:
+    """Tiles per model call when none is given: 2 on a CPU, 4 on an accelerator.
+
+    On a CPU a call of 2 tiles is the fastest per tile, on one thread or two (one thread: 40.8 ms a
+    512² tile against 41.8 for calls of 1, 42.6 for 4 and 44.1 for 8: a larger call's feature maps
+    outgrow the caches; docs/performance.md, session 16), and under "streams" the two calls side by
+    side then hold as many tiles' feature maps as one call of 4 (at 4 each the run's peak grew by
+    350 MB)."""
+    return 2 if str(device).startswith("cpu") else 4
 
 
 def choose_schedule(engine: Engine, schedule: str = "auto") -> str:

@@ -62,14 +62,15 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
-WORK_VERSION = 9  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
+WORK_VERSION = 10  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
 #                   an older run's batches, and so its floating-point results, differ); 6: a model
 #                   without a Background class 0 gets one prepended (its ids shift by one); 7: a CPU
 #                   model on every core runs two calls of half the threads, 2 tiles each ("streams");
 #                   8: labels of a tile's central cell from the logits (labels.predict_split);
-#                   9: the blending window trims the outer third of each overlap (stitch)
+#                   9: the blending window trims the outer third of each overlap (stitch);
+#                   10: a CPU model's calls are of 2 tiles under every schedule (schedule.default_batch)
 BACKGROUND = ("Background", (255, 255, 255))  # what glass outside the tissue tiles is
 
 
@@ -96,7 +97,7 @@ class SegmentOptions:
     mpp: float | None = None  # the slide's level-0 µm/px, for files that do not record it
     tile: int | None = None
     overlap: int | None = None
-    batch: int | None = None  # tiles per model call; None: default_batch(the schedule)
+    batch: int | None = None  # tiles per model call; None: default_batch(the model's device)
     tissue_threshold: float | None = None
     device: str = "auto"
     backend: str = "torch"
@@ -370,7 +371,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         if engine is None:
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         schedule = choose_schedule(engine, opts.schedule)  # decided once, before any work
-        opts = replace(opts, schedule=schedule, batch=opts.batch or default_batch(schedule))
+        opts = replace(opts, schedule=schedule, batch=opts.batch or default_batch(engine.device))
         cfg = engine.config
         mpp = cfg.slide.mpp
         if slide.mpp > COARSE_SCAN * mpp:
@@ -740,8 +741,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, help="the slide's level-0 µm/px, for files that do not record it")
     p.add_argument("--tile", type=int, help="tile side in pixels at the model's resolution (default: model config)")
     p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, blended (default: model config)")
-    p.add_argument("--batch", type=int, help="tiles per model call (default 4; 2 on a CPU model with every core, "
-                   "which runs two calls side by side)")
+    p.add_argument("--batch", type=int, help="tiles per model call (default 2 on a CPU, 4 on a GPU)")
     p.add_argument("--tissue-threshold", type=float, help="minimum tissue fraction of a tile (default: model config)")
     p.add_argument("--workers", type=int, default=4, help="tile reader threads (default 4)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: one per core; fewer leaves "
