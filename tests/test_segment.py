@@ -952,3 +952,28 @@ def test_a_stride_that_is_not_a_multiple_of_8_is_warned_about_with_the_overlap_t
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputWarning)
         segment_slide(demo_svs, tmp_path / "ok.tif", small_model, SegmentOptions(tile=256, overlap=32, progress=False))
+
+
+def test_tissue_is_found_on_a_thread_while_the_model_loads_and_gives_the_same_mask(tmp_path, demo_svs, small_model,
+                                                                                   monkeypatch):
+    """Loading the model here (no engine given), the tissue is detected on a thread beside the load;
+    with a loaded engine, on the calling thread. The same labels either way."""
+    import threading
+
+    from wsi_espnet import segment
+
+    where = []
+    real = segment.detect_tissue
+
+    def spy(slide, *args, **kwargs):
+        where.append(threading.current_thread().name)
+        return real(slide, *args, **kwargs)
+
+    monkeypatch.setattr(segment, "detect_tissue", spy)
+    opts = SegmentOptions(tile=256, overlap=32, device="cpu", progress=False)
+    segment_slide(demo_svs, tmp_path / "a.tif", small_model, options=opts)
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    segment_slide(demo_svs, tmp_path / "b.tif", options=opts, engine=engine)
+    assert where[0].startswith("tissue") and where[1] == threading.current_thread().name
+    # the pixels: the metadata name the model file in one run and not in the other
+    assert np.array_equal(tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif"))

@@ -356,7 +356,8 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
 def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | os.PathLike | None,
              opts: SegmentOptions, engine: Engine | None) -> SegmentResult:
     """The run itself, holding the output's lock: tissue, tiles, outputs, then the work folder goes."""
-    with open_slide(slide_path, mpp=opts.mpp) as slide:
+    # The pool's thread (see below) is done with the slide before the slide closes.
+    with open_slide(slide_path, mpp=opts.mpp) as slide, ThreadPoolExecutor(1, thread_name_prefix="tissue") as pool:
         if slide.mpp is None:
             raise NoMppError(f"{slide.path.name} records no pixel size (µm/px){slide.no_mpp_reason}; give it with "
                              "--mpp, e.g. --mpp 0.25")
@@ -368,7 +369,13 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         if slide.non_square_pixels:
             notes.append(slide.non_square_pixels)
             warnings.warn(notes[-1], InputWarning, stacklevel=3)
+        early = None
         if engine is None:
+            # Tissue detection needs only the slide: a thread runs it while the model loads (torch,
+            # the file, the fold: most of a second; detection takes 0.4-0.8 s on a 100k² slide).
+            # A resumed run reads the mask it kept instead.
+            if not (work / "tissue.png").is_file():
+                early = pool.submit(detect_tissue, slide)
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         schedule = choose_schedule(engine, opts.schedule)  # decided once, before any work
         opts = replace(opts, schedule=schedule, batch=opts.batch or default_batch(engine.device))
@@ -394,7 +401,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
 
         state = _open_work(work, fp, opts.overwrite)
         provenance["device"] = _devices_used(state, provenance["device"], work)
-        tissue = _tissue(slide, work)
+        tissue = _tissue(slide, work, early)
         size = slide.size_at_mpp(mpp)
         grid = tile_grid(size, tile, overlap, mpp, slide.mpp, tissue, threshold, level0_size=slide.dimensions)
         if not grid.tiles:
@@ -497,15 +504,16 @@ def _label_file(work: Path, shape: tuple[int, int], state: dict) -> LabelFile:
     return LabelFile.create(path, shape)
 
 
-def _tissue(slide: Slide, work: Path) -> TissueMask:
-    """Detect once and keep the mask in the work folder, so a resumed run uses the very same grid."""
+def _tissue(slide: Slide, work: Path, early: Future | None = None) -> TissueMask:
+    """Detect once and keep the mask in the work folder, so a resumed run uses the very same grid.
+    ``early``: the detection, already under way."""
     path = work / "tissue.png"
     if path.is_file():
         try:
             return TissueMask.load_png(path)
         except Exception:
             pass
-    mask = detect_tissue(slide)
+    mask = early.result() if early is not None else detect_tissue(slide)
     mask.save_png(path)
     return mask
 
