@@ -153,6 +153,21 @@ def test_the_twin_traces_as_one_graph_for_torch_compile():
     assert explanation.graph_count == 1
 
 
+def test_the_twin_runs_under_autocast_with_its_in_place_norms():
+    """On a GPU the engine runs the twin under fp16 autocast: the in-place norms then write an fp32
+    multiply-add (fp32 scale and shift) into a half-precision map.  CPU autocast (bfloat16) takes the
+    same path: it must run and stay within bfloat16's precision of the float32 logits."""
+    fast = optimize_for_inference(trained_looking(ESPNet(20, 2, 3), seed=5))
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = fast(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x)
+    assert got.dtype == torch.bfloat16
+    assert relative_difference(got.float(), expected) < 0.03  # 0.005 here; bfloat16 keeps ~3 digits
+    assert (got.float().argmax(1) == expected.argmax(1)).float().mean() > 0.95
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a PyTorch built without oneDNN")
 def test_one_thread_runs_every_convolution_through_onednn():
     """On one thread (this module's setting, and each model call's under the ``streams`` schedule)
