@@ -62,6 +62,7 @@ from .tissue import TissueMask, detect_tissue
 COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
+TISSUE = "tissue.png"  # the tissue mask in the work folder, so a resumed run keeps its grid
 WORK_VERSION = 10  # 2: progress.json carries the class counts; 3: labels from the weighted sum, new
 #                   resampling order and level tolerance (pixels of an older run's rows may differ);
 #                   4: labels in a raw LabelFile, not Zarr; 5: batches cut across bands (feed_batches:
@@ -374,7 +375,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
             # Tissue detection needs only the slide: a thread runs it while the model loads (torch,
             # the file, the fold: most of a second; detection takes 0.4-0.8 s on a 100k² slide).
             # A resumed run reads the mask it kept instead.
-            if not (work / "tissue.png").is_file():
+            if not (work / TISSUE).is_file():
                 early = pool.submit(detect_tissue, slide)
             engine = make_engine(model, backend=opts.backend, device=opts.device, threads=opts.threads)
         schedule = choose_schedule(engine, opts.schedule)  # decided once, before any work
@@ -507,7 +508,7 @@ def _label_file(work: Path, shape: tuple[int, int], state: dict) -> LabelFile:
 def _tissue(slide: Slide, work: Path, early: Future | None = None) -> TissueMask:
     """Detect once and keep the mask in the work folder, so a resumed run uses the very same grid.
     ``early``: the detection, already under way."""
-    path = work / "tissue.png"
+    path = work / TISSUE
     if path.is_file():
         try:
             return TissueMask.load_png(path)
