@@ -307,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--schedules: {', '.join(bad)} is not one of {', '.join(scheduling.SCHEDULES)}")
     if not args.model.is_file():
         raise SystemExit(f"no model at {args.model}; pass --model")
+    if args.slide is not None and not args.slide.is_file():
+        p.error(f"--slide {args.slide}: no such file")
+    counts = {}
+    for name in ("batches", "workers"):
+        try:
+            counts[name] = [int(v) for v in getattr(args, name).split(",")]
+        except ValueError:
+            p.error(f"--{name} {getattr(args, name)}: a comma list of whole numbers, e.g. 2,4")
+        if min(counts[name]) < 1:
+            p.error(f"--{name} {getattr(args, name)}: each at least 1")
     import torch
 
     if args.torch_threads is not None:
@@ -336,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{slide.name}: {n} tissue tiles of {tile}² (overlap {overlap}) in {n_bands} bands ({mpx:.1f} Mpx at 1 µm/px)", flush=True)
         engine.predict_proba(pixels[:2])  # warm-up
         rows = []
-        for batch in (int(v) for v in args.batches.split(",")):
+        for batch in counts["batches"]:
             if engine.device != "cpu":  # kernels are chosen per input shape on first use
                 engine.predict_proba(pixels[:batch])
-            for workers in (int(v) for v in args.workers.split(",")):
+            for workers in counts["workers"]:
                 for _ in range(args.repeats):
                     for schedule in args.schedules.split(","):
                         load = os.getloadavg()[0]
