@@ -10,6 +10,14 @@
 # one worker per GPU by itself.
 set -euo pipefail
 
+# The commands of the environment examples/quickstart.sh made, unless wsi-batch is on PATH already
+# (an activated venv, or a pip install elsewhere).
+VENV_BIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin"
+if ! command -v wsi-batch >/dev/null && [ -x "$VENV_BIN/wsi-batch" ]; then
+    export PATH="$VENV_BIN:$PATH"
+fi
+command -v wsi-batch >/dev/null || { echo "error: wsi-batch not found: run bash examples/quickstart.sh first, or activate the environment it is installed in" >&2; exit 2; }
+
 WORK="${1:-batch_demo}"
 ARCHIVE="$WORK/archive"
 OUT="$WORK/results"

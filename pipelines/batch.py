@@ -540,7 +540,6 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             report.set(_skipped_row(job, opts, previous.get(str(job.slide))), write=False)
         else:
             todo.append(job)
-    report.write()
     t0 = time.perf_counter()
     tiles = 0
     dashboard = ""
@@ -549,6 +548,8 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
         log(f"{len(archive.jobs)} slides: {len(archive.jobs) - len(todo)} already done, {len(todo)} to run"
             + (f" ({resumable} resume partial work)" if resumable else ""))
         with dask_client(opts, len(todo), log) as (client, cluster):
+            # Only now: a cluster that cannot start (no GPU, no scheduler) leaves the last report as it was.
+            report.write()
             dashboard = client.dashboard_link
             tiles = _run_tasks(client, cluster, todo, opts, report, t0)
     report.meta["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -686,11 +687,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``wsi-batch``: exit 0 when every slide is done or skipped, 1 when some failed, 2 for a mistake
     in the invocation (one line on stderr), 130 when interrupted, 143 when terminated (re-run to resume)."""
-    parser = argparse.ArgumentParser(prog="wsi-batch", description="Segment an archive of slides on Dask "
-                                     "(a local cluster or an existing scheduler).")
+    from wsi_espnet.cli import CommandParser, interrupted, terminate_as_interrupt
+
+    parser = CommandParser(prog="wsi-batch", description="Segment an archive of slides on Dask "
+                           "(a local cluster or an existing scheduler).")
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from wsi_espnet.cli import interrupted, terminate_as_interrupt
 
     # Worker processes stopped by Ctrl-C leave semaphores that multiprocessing's resource tracker (a
     # process of its own, started with this environment) cleans up, printing a warning meant for

@@ -434,11 +434,19 @@ def test_worker_killed_mid_slide_is_retried_and_resumes_to_the_same_mask(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["big.mask.tif", "report.csv", "report.json"]
 
 
-def test_cuda_on_a_cluster_without_gpu_workers_is_a_user_error(tmp_path, model_file, scheduler):
+def test_cuda_on_a_cluster_without_gpu_workers_is_a_user_error_that_keeps_the_last_report(
+        tmp_path, model_file, scheduler):
     slide = tmp_path / "s.svs"
     slide.write_bytes(b"x")
+    first = run_batch([slide], tmp_path / "out", _options(model_file, scheduler))
+    assert first.failed == 1
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("report.csv", "report.json")}
     with pytest.raises(UserError, match="no worker declares a GPU"):
         run_batch([slide], tmp_path / "out", _options(model_file, scheduler, device="cuda"))
+    with pytest.raises(UserError, match="no GPU is visible here"):  # this machine's own cluster: none either
+        run_batch([slide], tmp_path / "out", _options(model_file, None, device="cuda", gpus=0))
+    # A mistake in the invocation: the last run's report (its failed row and error) stays as it was.
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
 
 
 def test_a_model_that_cannot_load_stops_the_batch_as_a_user_error(tmp_path, scheduler):

@@ -343,6 +343,12 @@ def test_tiny_and_empty_demo_slides(tiny_svs, empty_svs, tmp_path, capsys):
     g = open_patch_store(out)
     assert g["patches"].shape == (1, 256, 256, 3)
     assert (g["patches"][0][75:] == 255).all() and (g["patches"][0][:, 100:] == 255).all()
+    assert "coarser" not in err
+    # The same file taken as a 4 µm/px scan: patches at 1 µm/px upsample it 4x, and a line says so.
+    rc, _, err = run_cli(capsys, tiny_svs, "--out", tmp_path / "coarse.zarr", "--tile", 256, "--mpp", 4)
+    coarse = [line for line in err.splitlines() if "coarser" in line]
+    assert rc == 0 and len(coarse) == 1 and coarse[0].startswith("warning:"), err
+    assert "4x coarser than the patches' 1 µm/px: it is upsampled to 800x600 px" in coarse[0]
     out = tmp_path / "empty.zarr"
     rc, _, err = run_cli(capsys, empty_svs, "--out", out, "--tile", 256)
     assert rc == 0 and "warning:" in err

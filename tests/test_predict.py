@@ -6,6 +6,7 @@ import numpy as np
 from skimage import data, io
 
 from wsi_espnet.cli import main
+from wsi_espnet.outputs import current_umask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "espnet-pretrained/decoder/espnet_p_2_q_8.pth"
@@ -21,6 +22,10 @@ def test_predict_writes_labels_and_overlays(tmp_path, capsys):
     assert labels.shape == (400, 600) and labels.dtype == np.uint8 and labels.max() < 20
     assert overlay.shape == (400, 600, 3)
     assert len(np.unique(labels)) >= 2
+    for name in ("coffee.labels.png", "coffee.overlay.png"):  # as readable as any file the user makes
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "astro.labels.png", "astro.overlay.png", "coffee.labels.png", "coffee.overlay.png"]  # no temporary left
 
 
 def test_predict_native_size_not_a_multiple_of_8(tmp_path):

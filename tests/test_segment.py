@@ -193,7 +193,8 @@ def test_a_lost_label_file_starts_the_rows_again(tmp_path, demo_svs, small_model
         labels.unlink()
         with pytest.raises(KeyboardInterrupt):  # the restart, stopped at its first model call
             segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=_Interrupting(engine, 0))
-        assert json.loads(progress.read_text())["flushed_y"] == 0  # the restart was recorded
+        # That restart had done nothing yet: its work folder, old progress and all, went with it.
+        assert not work.exists()
     result = segment_slide(demo_svs, out, options=SegmentOptions(**opts), engine=engine)
     assert result.resumed_from_row == 0
     assert out.read_bytes() == ref.read_bytes()
@@ -294,7 +295,7 @@ def test_runs_on_different_masks_sharing_another_output_do_not_both_run(tmp_path
     same = subprocess.run([*cmd[:-len(FAST)], "--probs", str(shared), *FAST], capture_output=True, text=True)
     assert same.returncode == 2
     assert same.stderr.strip().splitlines() == [
-        f"error: {shared} is named for two outputs (probs and geojson); give each its own file"]
+        f"error: --probs {shared}: the probabilities are a Zarr store (a folder), name it .zarr"]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.geojson", "b.tif"]
 
@@ -408,7 +409,24 @@ def test_bad_slides_fail_in_one_line_and_write_nothing(tmp_path, slides_dir, sma
     line = _one_line_error(capsys)
     assert "Traceback" not in line
     assert not out.exists()
-    assert not list((tmp_path / "out").glob("*.partial")) if (tmp_path / "out").exists() else True
+    # Nothing at all: the run stopped before its first band, so no work folder, and the output folder
+    # it had made is gone again.
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--mpp", "abc"], "argument --mpp: invalid float value: 'abc'"),
+    (["--tile"], "argument --tile: expected one argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_a_malformed_command_line_is_one_error_line_too(tmp_path, tiny_svs, capsys, argv, says):
+    """argparse's own mistakes (a value of the wrong type, a missing value, an unknown option) read
+    like every other: one line, exit 2, not the usage block burying it."""
+    with pytest.raises(SystemExit) as stop:
+        main(["segment", str(tiny_svs), "--out", str(tmp_path / "m.tif"), *argv], prog="wsi-segment")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {says} (see wsi-segment --help)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_overwrite(tmp_path, tiny_svs, small_model, capsys):
@@ -458,6 +476,10 @@ def test_probs_store_is_replaced_with_overwrite_but_no_other_folder(tmp_path, ti
     assert main([*args, "--overwrite"]) == 2
     assert "not a Zarr store" in _one_line_error(capsys)
     assert (precious / "slide.svs").read_text() == "x"
+    args[-1] = str(tmp_path / "p.npy")  # a store is a folder: a file's name would mislead
+    assert main(args) == 2
+    assert "name it .zarr" in _one_line_error(capsys)
+    assert not (tmp_path / "p.npy").exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as on Linux")
@@ -787,7 +809,7 @@ def test_a_failure_on_a_model_stream_ends_the_run_with_its_error_and_the_rerun_f
         out = tmp_path / "mask.tif"
         with pytest.raises((RuntimeError, UserError), match="broke|unreadable"):
             segment_slide(demo_svs, out, options=opts, engine=Streamed(engine))
-        assert not out.exists() and (tmp_path / "mask.tif.work").is_dir()
+        assert not out.exists()
         assert torch.get_num_threads() == before  # the threads given back on the way out too
         broken["on"] = False
         segment_slide(demo_svs, out, options=opts, engine=Streamed(engine))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_espnet.outputs import current_umask
 from wsi_espnet.errors import UserError
 from wsi_espnet.slide import open_slide
 from wsi_espnet.tissue import TissueMask, detect_tissue, tissue_mask_from_rgb
@@ -104,6 +105,7 @@ def test_png_round_trip_and_hand_drawn_masks(tmp_path):
     rng = np.random.default_rng(0)
     tm = TissueMask(mask=rng.random((30, 40)) > 0.5, downsample=16.0, mpp=8.0, level0_size=(640, 480))
     path = tm.save_png(tmp_path / "mask.png")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # `tile --save-tissue-mask` is shared with the lab
     back = TissueMask.load_png(path)
     assert np.array_equal(back.mask, tm.mask)
     assert (back.downsample, back.mpp, back.level0_size) == (16.0, 8.0, (640, 480))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ from .config import DatasetConfig, config_from_dict, load_config
 from .errors import ModelFileError
 from .espnet import ESPNet, ESPNetC, Upsampled, build_model
 from .fileid import file_sha256  # noqa: F401  (re-exported: part of the checkpoint API)
+from .outputs import atomic_file
 
 FORMAT = "wsi-espnet/1"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "tissue_demo.pt"
@@ -209,15 +209,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: DatasetCo
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -103,8 +103,18 @@ def interrupted(exc: KeyboardInterrupt) -> int:
     return 143 if terminated else 130
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, but a mistake in the command line is one ``error:`` line (exit 2) like every other
+    user mistake, not the usage block before it: in a batch job's log the usage buries the line
+    that says what was wrong."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsi-espnet", description="Whole-slide segmentation with ESPNet.")
+    parser = CommandParser(prog="wsi-espnet", description="Whole-slide segmentation with ESPNet.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
     about = COMMANDS[name][1] if prog is None else COMMANDS[name][1].split(" (same as")[0]
-    sub = argparse.ArgumentParser(prog=prog or f"wsi-espnet {name}", description=about)
+    sub = CommandParser(prog=prog or f"wsi-espnet {name}", description=about)
     module.add_arguments(sub)
     # intermixed: `train CONFIG --out X train.lr=1e-3` puts options between positionals
     args = sub.parse_intermixed_args(argv[1:])

@@ -27,7 +27,7 @@ import numpy as np
 
 from .checkpoint import flush_subnormals_
 from .errors import UserError
-from .outputs import check_output
+from .outputs import atomic_file, check_output
 from .onnx_engine import (
     INPUT_NAME,
     KEY_ARCH,
@@ -103,21 +103,8 @@ def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
     if path.suffix.lower() != ".onnx":
         raise UserError(f"output {path} should end in .onnx")
     check_output(path, overwrite)  # exists, a folder, or its folder missing or not writable: one line
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the model from other users
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path) as tmp:
+        yield tmp
 
 
 def set_metadata(path: Path, entries: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,44 @@ def check_output(path: Path, overwrite: bool, zarr_store: bool = False) -> None:
         raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: folder {path.parent} is not writable")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".part") -> Iterator[Path]:
+    """A new, empty temporary file beside ``path`` to write in the block; it replaces ``path`` only if
+    the block finishes, and is removed if it does not, so a killed or failed writer never leaves a
+    cut-short file under the final name.
+
+    The temporary name is unique (two writers of one path never share it); ``suffix`` is its ending,
+    for writers that choose a format by extension.  Its permissions are those of a file made the usual
+    way (0666 less the umask): ``mkstemp`` alone would make it 0600, and the lab's other users could
+    not read the result."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask.  Read from ``/proc`` where there is one: the only other way, setting it and
+    setting it back, leaves it 0 for a moment, and a file another thread creates in that moment
+    would be writable by anyone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def make_folder(folder: Path) -> Path | None:
@@ -169,4 +208,6 @@ def _open_lock_file(lock_path: Path) -> int:
     except OSError as exc:
         if os.path.islink(lock_path):
             raise UserError(f"{lock_path} is a link; remove it (a run's lock file is a plain file)") from None
-        raise UserError(f"cannot open {lock_path}: {exc.strerror}") from None
+        # The output's name, not the lock's: the user asked for the one and never heard of the other.
+        raise UserError(f"cannot write {lock_path.with_suffix('')}: {exc.strerror} (making its lock file "
+                        f"in {lock_path.parent})") from None

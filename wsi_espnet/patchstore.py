@@ -308,6 +308,9 @@ def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mp
             )
         if slide.non_square_pixels:
             warnings.warn(slide.non_square_pixels, InputWarning, stacklevel=3)
+        upsampled = slide.upsampling_note(mpp, whose="the patches'")
+        if upsampled:
+            warnings.warn(upsampled, InputWarning, stacklevel=3)
         if isinstance(tissue_mask, TissueMask):
             if tissue_mask.level0_size is not None and tuple(tissue_mask.level0_size) != tuple(slide.dimensions):
                 raise UserError(f"the tissue mask was made for a {tissue_mask.level0_size} slide, not {slide.dimensions}")

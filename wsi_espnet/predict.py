@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .engine import NETWORK_STRIDE, Engine, make_engine
 from .errors import OutputExistsError, UserError
+from .outputs import atomic_file
 from .runtime import tune_for_inference
 
 
@@ -131,14 +131,8 @@ def save_png(path: Path, array: np.ndarray) -> None:
     """Atomic PNG write: a killed run never leaves a truncated file under the final name."""
     from skimage import io
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         io.imsave(tmp, array, check_contrast=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -59,7 +59,6 @@ from .stitch import BlendStitcher, feed_bands
 from .tiling import Tile, TileGrid, tile_grid
 from .tissue import TissueMask, detect_tissue
 
-COARSE_SCAN = 2.0  # warn when the slide's finest level is this many times coarser than the model's mpp
 CHUNK = 512  # probability Zarr chunk side, for tile strides under 128
 LABELS = "labels.u8"  # the label map in the work folder (LabelFile)
 TISSUE = "tissue.png"  # the tissue mask in the work folder, so a resumed run keeps its grid
@@ -197,13 +196,16 @@ GEOJSON_ENDS = (".geojson", ".json", ".geojson.gz", ".json.gz")  # what QuPath's
 
 def _check_names(out: Path, opts: SegmentOptions) -> None:
     """Names the outputs' readers accept: QuPath imports GeoJSON by extension only ("no objects
-    found" otherwise), and a viewer takes the overlay for what its extension says."""
+    found" otherwise), and a viewer takes the overlay for what its extension says; a Zarr store named
+    ``x.npy`` would be taken for the file it is not."""
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise UserError(f"--out {out}: the mask is a TIFF, name it .tif or .tiff")
     if opts.geojson and not str(opts.geojson).lower().endswith(GEOJSON_ENDS):
         raise UserError(f"--geojson {opts.geojson}: QuPath imports only {', '.join(GEOJSON_ENDS)}; name it so")
     if opts.overlay and Path(opts.overlay).suffix.lower() != ".png":
         raise UserError(f"--overlay {opts.overlay}: the overlay is a PNG, name it .png")
+    if opts.probs and Path(opts.probs).suffix.lower() not in ("", ".zarr"):  # a plain folder name is fine
+        raise UserError(f"--probs {opts.probs}: the probabilities are a Zarr store (a folder), name it .zarr")
 
 
 def _check_distinct(targets: list[tuple[str, Path]]) -> None:
@@ -345,13 +347,32 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
             resuming = work.is_dir() and (work / "progress.json").is_file()
             for key, p in targets:  # a resumed run may replace its own earlier attempt's outputs
                 check_output(p, opts.overwrite or resuming, zarr_store=key == "probs")
-            result = _segment(slide_path, out, work, model, opts, engine)
+            try:
+                result = _segment(slide_path, out, work, model, opts, engine)
+            except BaseException:
+                _discard_if_nothing_done(work)  # still under the lock: no other run's folder
+                raise
     except BaseException:
         for folder in made:
             remove_empty_folders(folder)
         raise
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _discard_if_nothing_done(work: Path) -> None:
+    """A run that stops before its first band of labels is on disk leaves nothing a re-run could
+    use (tissue detection finds the same mask again), so it leaves no work folder either: a slide
+    that cannot be read at all, or a mistake found on opening it, must not leave a trace beside
+    the output.  A folder with finished rows (or outputs) stays, for the re-run to continue from."""
+    try:
+        state = json.loads((work / "progress.json").read_text())
+    except FileNotFoundError:
+        state = {}
+    except (OSError, ValueError):
+        return  # unreadable: not ours to judge
+    if not state.get("flushed_y") and not state.get("written") and "done" not in state:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | os.PathLike | None,
@@ -382,12 +403,10 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         opts = replace(opts, schedule=schedule, batch=opts.batch or default_batch(engine.device))
         cfg = engine.config
         mpp = cfg.slide.mpp
-        if slide.mpp > COARSE_SCAN * mpp:
-            up_w, up_h = slide.size_at_mpp(mpp)
-            notes.append(f"{slide.path.name} is scanned at {slide.mpp:.3g} µm/px, {slide.mpp / mpp:.0f}x coarser than "
-                         f"the model's {mpp:g} µm/px: it is upsampled to {up_w}x{up_h} px, the outputs are that large, "
-                         "and the model sees no detail the scan lacks (is this a thumbnail or overview image?)")
-            warnings.warn(notes[-1], InputWarning, stacklevel=3)
+        upsampled = slide.upsampling_note(mpp)
+        if upsampled:
+            notes.append(upsampled)
+            warnings.warn(upsampled, InputWarning, stacklevel=3)
         tile = cfg.slide.tile if opts.tile is None else opts.tile
         overlap = cfg.slide.overlap if opts.overlap is None else opts.overlap
         threshold = cfg.slide.tissue_threshold if opts.tissue_threshold is None else opts.tissue_threshold

@@ -53,6 +53,9 @@ NON_SQUARE = 0.01
 #: that no tissue model notices.
 LEVEL_TOLERANCE = 0.02
 
+#: Reading a scan more than this many times coarser than asked (upsampling it) gets a warning.
+COARSE_SCAN = 2.0
+
 #: Upper bound on the source pixels resampled at once, so a thumbnail of a slide without a pyramid is
 #: made in bounded memory instead of decoding its whole level 0 in one piece.
 MAX_SOURCE_PIXELS = 1 << 22
@@ -171,6 +174,18 @@ class Slide(ABC):
     def size_at_mpp(self, mpp: float) -> tuple[int, int]:
         """(width, height) of the virtual image at ``mpp`` µm/px."""
         return self.size_at_downsample(self._downsample_for_mpp(mpp))
+
+    def upsampling_note(self, mpp: float, whose: str = "the model's") -> str:
+        """A warning's text when reading at ``mpp`` would upsample the scan more than
+        :data:`COARSE_SCAN` times (an overview image or a thumbnail passed for a slide), else "".
+        Why: the run still works, but its outputs grow by the square of that factor and hold no
+        detail the scan lacks; a user who passed the wrong file should hear it before waiting."""
+        if self.mpp is None or self.mpp <= COARSE_SCAN * mpp:
+            return ""
+        up_w, up_h = self.size_at_mpp(mpp)
+        return (f"{self.path.name} is scanned at {self.mpp:.3g} µm/px, {self.mpp / mpp:.0f}x coarser than "
+                f"{whose} {mpp:g} µm/px: it is upsampled to {up_w}x{up_h} px, the outputs are that large, "
+                "and the model sees no detail the scan lacks (is this a thumbnail or overview image?)")
 
     # ----------------------------------------------------------------- reads
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:

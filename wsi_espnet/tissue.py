@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
@@ -49,6 +48,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import UserError
+from .outputs import atomic_file
 
 #: µm/px assumed for level 0 of a slide without mpp, for morphology sizes only.
 NOMINAL_MPP = 0.5
@@ -185,14 +185,8 @@ class TissueMask:
             info.add_text("wsi-espnet:level0_size", f"{self.level0_size[0]}x{self.level0_size[1]}")
         info.add_text("wsi-espnet:mode", self.mode)
         img = Image.fromarray(np.where(self.mask, 255, 0).astype(np.uint8), mode="L")
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                img.save(f, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, suffix=".tmp") as tmp:
+            img.save(tmp, format="PNG", pnginfo=info)
         return path
 
     @classmethod
