@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 from wsi_espnet.errors import UserError
 
@@ -290,12 +290,18 @@ def work_folder(mask: Path) -> Path:
 
 def output_state(job: SlideJob, extras: Iterable[str] = ()) -> State:
     """``done`` (skip), ``partial`` (a run to resume) or ``todo``."""
-    if work_folder(job.mask).exists():
+    return outputs_state(job.outputs(extras))
+
+
+def outputs_state(outputs: Mapping[str, str | os.PathLike]) -> State:
+    """The same for a slide's outputs by kind (``mask`` and the extras), as a task is given them."""
+    mask = Path(outputs["mask"])
+    if work_folder(mask).exists():
         return "partial"
-    if not job.mask.is_file() or not mask_is_complete(job.mask):
+    if not mask.is_file() or not mask_is_complete(mask):
         return "todo"
-    for kind in extras:
-        target = job.output(kind)
+    for kind, target in outputs.items():
+        target = Path(target)
         complete = (target / "zarr.json").is_file() if kind == "probs" else target.is_file()
         if not complete:
             return "todo"

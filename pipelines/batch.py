@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -43,10 +42,12 @@ from typing import Any, Callable, Iterator, Sequence
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from wsi_espnet.engine import available_cores
-from wsi_espnet.errors import ModelFileError, OutputBusyError, UserError
+from wsi_espnet.errors import ModelFileError, OutputBusyError, OutputLostError, UserError
+from wsi_espnet.outputs import discard_folder, exclusive_output
 from wsi_espnet.schedule import SCHEDULES
 
-from .archive import DEFAULT_PATTERNS, OUTPUT_SUFFIXES, SlideJob, find_slides, output_state, work_folder
+from .archive import (DEFAULT_PATTERNS, OUTPUT_SUFFIXES, Archive, SlideJob, find_slides, output_state,
+                      outputs_state, work_folder)
 from .report import BatchReport, check_report_target, one_line
 
 EXTRA_OUTPUTS = ("geojson", "overlay", "probs")
@@ -66,6 +67,10 @@ QUIET_CLUSTER = {
     "distributed.scheduler.work-stealing": False,
 }
 WORKER_MEMORY_GIB = 3  # what one slide process may need at most (model, band buffers, mask writer)
+# A slide whose outputs another run is making (an earlier batch's task still running on the cluster):
+# checked every BUSY_POLL_S, and taken as that run leaves it; a failed row after BUSY_WAIT_S.
+BUSY_POLL_S = 2.0
+BUSY_WAIT_S = 2 * 3600.0
 
 
 @dataclass
@@ -202,12 +207,29 @@ def process_slide(spec: dict) -> dict:
         engine = _engine(spec.get("model"), seg["backend"], seg["device"])
         options = SegmentOptions(**seg, probs=outputs.get("probs"), geojson=outputs.get("geojson"),
                                  overlay=outputs.get("overlay"), overwrite=True, progress=False)
-        # Someone else's worker is tuned for the task only (Dask starts workers with settings that
-        # halve the model's speed); a worker of our own LocalCluster was tuned for good above.
-        with contextlib.nullcontext() if spec.get("tune_process") else retained_memory():
-            result = segment_slide(spec["slide"], outputs["mask"], spec.get("model"), options, engine=engine)
+        waited = 0.0
+        while True:
+            try:
+                # Someone else's worker is tuned for the task only (Dask starts workers with settings that
+                # halve the model's speed); a worker of our own LocalCluster was tuned for good above.
+                with contextlib.nullcontext() if spec.get("tune_process") else retained_memory():
+                    result = segment_slide(spec["slide"], outputs["mask"], spec.get("model"), options, engine=engine)
+                break
+            except OutputBusyError:
+                # Another run is making this slide: most often this batch's own task from a run that was
+                # stopped (a driver killed or interrupted while its cluster's workers ran on) and then
+                # started again.  Wait for it rather than fail the slide, then take what it made.
+                if waited >= BUSY_WAIT_S:
+                    raise
+                time.sleep(BUSY_POLL_S)
+                waited += BUSY_POLL_S
+                if not spec.get("redo") and outputs_state(outputs) == "done":
+                    row.update(status="done", error="", outputs=outputs, seconds=round(time.perf_counter() - t0, 3),
+                               waited_s=round(waited, 1),
+                               warning=f"made by another run that held it while this task waited {waited:.0f} s")
+                    return row
     except UserError as exc:
-        if not isinstance(exc, OutputBusyError):
+        if not isinstance(exc, (OutputBusyError, OutputLostError)):  # the slide's own fault: it stays so
             _discard_work(Path(outputs["mask"]))
         row.update(status="failed", error=one_line(str(exc)), error_type=type(exc).__name__,
                    seconds=round(time.perf_counter() - t0, 3))
@@ -216,7 +238,7 @@ def process_slide(spec: dict) -> dict:
                seconds=round(result.seconds, 3), tissue_mm2=result.tissue_mm2, mpp=result.mpp,
                size=list(result.size), class_mm2=result.class_mm2, outputs=result.outputs,
                resumed_from_row=result.resumed_from_row, warning="; ".join(result.warnings),
-               schedule=result.schedule, batch=result.batch)
+               schedule=result.schedule, batch=result.batch, waited_s=round(waited, 1))
     return row
 
 
@@ -225,11 +247,9 @@ def _discard_work(mask: Path) -> None:
     worthless, and a fixed file would not resume it anyway (the work folder is tied to the file's size
     and mtime).  Under the output's lock, so that a run that started on it meanwhile keeps its work;
     and never on :class:`OutputBusyError`, whose work folder belongs to the live run that holds it."""
-    from wsi_espnet.outputs import exclusive_output
-
     try:
         with exclusive_output(mask):
-            shutil.rmtree(work_folder(mask), ignore_errors=True)
+            discard_folder(work_folder(mask))
     except UserError:
         pass
 
@@ -456,7 +476,8 @@ def _task_spec(job: SlideJob, opts: BatchOptions, cluster: dict) -> dict:
     return {"slide": str(job.slide), "outputs": {k: str(v) for k, v in job.outputs(opts.extras).items()},
             "model": str(opts.model) if opts.model else None, "segment": seg,
             "torch_threads": cluster["torch_threads"], "workers_per_host": cluster["workers_per_host"],
-            "tune_process": cluster.get("tune_process", False)}
+            "tune_process": cluster.get("tune_process", False),
+            "redo": opts.overwrite}  # --overwrite: what another run made meanwhile is made again
 
 
 def _task_key(job: SlideJob, spec: dict) -> str:
@@ -526,6 +547,15 @@ def run_batch(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
         csv_path = csv_path.with_suffix(".csv")
     for path in (csv_path, csv_path.with_suffix(".json")):
         check_report_target(path)
+    # One batch per report: a second wsi-batch on the same --out (the same command started twice)
+    # stops here with one line (exit 75) instead of racing the first slide by slide.
+    with exclusive_output(csv_path):
+        return _run_archive(inputs, out, archive, csv_path, opts, log)
+
+
+def _run_archive(inputs: Sequence[str | os.PathLike], out: Path, archive: Archive, csv_path: Path, opts: BatchOptions,
+                 log: Callable[[str], None]) -> BatchSummary:
+    """:func:`run_batch` once its arguments are checked and the report's lock is held."""
     meta = {"inputs": [str(i) for i in inputs], "out": str(out), "model": opts.model,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "options": {k: v for k, v in asdict(opts).items() if k not in ("report", "patterns")}}

@@ -231,25 +231,92 @@ def test_unreadable_slide_is_a_failed_row_not_an_exception(tmp_path, model_file)
     assert not mask.exists() and not (tmp_path / "out" / "unreadable.mask.tif.work").exists()
 
 
-def test_a_slide_whose_output_a_live_run_is_making_is_left_to_it(tmp_path, model_file):
-    """A cluster's retry of a task whose first attempt still runs: a failed row, and the live run's
-    work folder untouched (a user error's clean-up must not delete it under the other run)."""
+def _spec(slide: Path, mask: Path, model_file: Path) -> dict:
+    return {"slide": str(slide), "outputs": {"mask": str(mask)}, "model": str(model_file),
+            "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
+                        "device": "cpu", "backend": "torch", "workers": 2}}
+
+
+def _held(mask: Path, seconds: float, then=None) -> tuple[threading.Thread, threading.Event]:
+    """Another run holding ``mask`` for ``seconds`` (doing ``then`` before it lets go)."""
     from wsi_espnet.outputs import exclusive_output
 
+    taken = threading.Event()
+
+    def hold():
+        with exclusive_output(mask):
+            taken.set()
+            time.sleep(seconds)
+            if then is not None:
+                then()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    taken.wait(10)
+    return thread, taken
+
+
+def test_a_slide_whose_output_a_live_run_is_making_waits_for_it(tmp_path, model_file, monkeypatch):
+    """An earlier batch's task still running on the cluster (its driver was stopped, the same command
+    started again): the new task waits, leaves the live run's work folder alone, and runs the slide
+    once the other lets go of it without finishing; after BUSY_WAIT_S it gives up with a failed row."""
+    from pipelines import batch
+    from wsi_espnet.outputs import exclusive_output
+
+    monkeypatch.setattr(batch, "BUSY_POLL_S", 0.25)
     slide = write_demo_slide(tmp_path / "s.svs", 512, 384, mpp=1.0, seed=2)
     mask = tmp_path / "out" / "s.mask.tif"
     live_work = tmp_path / "out" / "s.mask.tif.work"
     live_work.mkdir(parents=True)
     (live_work / "progress.json").write_text("{}")
-    spec = {"slide": str(slide), "outputs": {"mask": str(mask)}, "model": str(model_file),
-            "segment": {"mpp": None, "tile": 256, "overlap": 32, "batch": 4, "tissue_threshold": None,
-                        "device": "cpu", "backend": "torch", "workers": 2}}
-    with exclusive_output(mask):  # the live first attempt
-        row = process_slide(spec)
+    monkeypatch.setattr(batch, "BUSY_WAIT_S", 0.5)
+    with exclusive_output(mask):  # a live run that outlasts the wait
+        row = process_slide(_spec(slide, mask, model_file))
     assert row["status"] == "failed" and row["error_type"] == "OutputBusyError"
     assert f"pid {os.getpid()}" in row["error"]
-    assert (live_work / "progress.json").is_file() and not mask.exists()
-    assert process_slide(spec)["status"] == "done"  # once it is gone, the slide runs
+    assert (live_work / "progress.json").is_file() and not mask.exists()  # a user error's clean-up did not run
+    monkeypatch.setattr(batch, "BUSY_WAIT_S", 60.0)
+    thread, _ = _held(mask, 1.0)  # one that stops without finishing
+    row = process_slide(_spec(slide, mask, model_file))
+    thread.join()
+    assert row["status"] == "done" and row["tiles"] > 0 and row["waited_s"] >= 0.75 and not row["warning"]
+    assert output_state(find_slides([slide], tmp_path / "out").jobs[0]) == "done"
+
+
+def test_a_slide_another_run_finishes_meanwhile_is_taken_as_it_made_it(tmp_path, model_file, monkeypatch):
+    from pipelines import batch
+
+    monkeypatch.setattr(batch, "BUSY_POLL_S", 0.25)
+    slide = write_demo_slide(tmp_path / "s.svs", 512, 384, mpp=1.0, seed=2)
+    ref = tmp_path / "ref" / "s.mask.tif"
+    assert process_slide(_spec(slide, ref, model_file))["status"] == "done"
+    mask = tmp_path / "out" / "s.mask.tif"
+    mask.parent.mkdir()
+    thread, _ = _held(mask, 0.5, then=lambda: shutil.copyfile(ref, mask))  # the other run's finished mask
+    row = process_slide(_spec(slide, mask, model_file))
+    thread.join()
+    assert row["status"] == "done" and "made by another run" in row["warning"]
+    assert "tiles" not in row  # not run again
+    assert mask.read_bytes() == ref.read_bytes()
+    spec = {**_spec(slide, mask, model_file), "redo": True}  # wsi-batch --overwrite: made again regardless
+    thread, _ = _held(mask, 0.5)
+    row = process_slide(spec)
+    thread.join()
+    assert row["status"] == "done" and row["tiles"] > 0
+
+
+def test_two_batches_on_one_report_do_not_both_run(tmp_path, model_file):
+    """The same wsi-batch command started twice: the second stops at once (exit 75), writing nothing."""
+    from wsi_espnet.errors import OutputBusyError
+    from wsi_espnet.outputs import exclusive_output
+
+    slide = write_demo_slide(tmp_path / "s.svs", 512, 384, mpp=1.0, seed=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive_output(out / "report.csv"):
+        with pytest.raises(OutputBusyError, match="report.csv is being made"):
+            run_batch([slide], out, _options(model_file))
+        assert sorted(p.name for p in out.iterdir()) == ["report.csv.lock"]  # the first run's, nothing else
 
 
 def test_a_warning_reaches_the_report_row(tmp_path, model_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 
@@ -335,3 +336,24 @@ def test_class_names_that_become_alike_stay_distinct(tmp_path):
     _, feats = _write(tmp_path, lab, class_names=names, colors=[(0, 0, 0)] * 5)
     assert {n: shape(f["geometry"]).area for n, f in feats.items()} == {
         "Tumor- grade 2": 12, "Tumor- grade 2 (2)": 12, "Unnamed": 12, "Unnamed (4)": 12}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as on Linux")
+def test_a_full_disk_while_tracing_names_the_geojson_and_leaves_nothing(tmp_path):
+    """The outlines are spooled to nameless temporary files: a full disk (here a file-size limit)
+    while writing them must still say which output stopped, and leave no partial file."""
+    import errno
+    import resource
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((512, 512)) > 0.5).astype(np.uint8)  # ~60k specks: MBs of outlines
+    out = tmp_path / "g.geojson"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))
+    try:
+        with pytest.raises(OSError) as stop:
+            write_geojson(out, labels, scale=1.0, class_names=["Background", "Tumour"], colors=[(0, 0, 0), (255, 0, 0)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert stop.value.errno == errno.EFBIG and stop.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []

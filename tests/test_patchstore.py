@@ -182,8 +182,12 @@ def test_interrupted_run_resumes_and_matches_a_fresh_run(tmp_path):
     done_before = int(zarr.open_group(str(partial), mode="r")["done"][...].sum())
     total = zarr.open_group(str(partial), mode="r")["patches"].shape[0]
     assert 10 <= done_before < total
+    # What a SIGKILL in the middle of a chunk write leaves: zarr's temporary file beside the chunk.
+    chunk = next(p for p in (partial / "patches" / "c").rglob("*") if p.is_file())
+    (chunk.parent / f"{chunk.name}.{'ab' * 16}.partial").write_bytes(b"cut short")
 
     write_patch_store(CMU, out, mpp=1.0, tile=32, tissue_threshold=0.0, workers=2, progress=False)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]  # not carried into the store
     resumed = open_patch_store(out)
     assert resumed.attrs["run"]["patches_written"] == total - done_before
     assert not partial.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,7 +134,10 @@ def test_interrupted_run_resumes_to_a_byte_identical_mask(tmp_path, demo_svs, sm
     assert not out.exists() and not (tmp_path / "p.zarr").exists()  # nothing at the final paths
     progress = json.loads((tmp_path / "mask.tif.work" / "progress.json").read_text())
     assert progress["flushed_y"] > 0
+    # What a SIGKILL in the middle of a chunk write leaves: zarr's temporary file beside the chunk.
+    (tmp_path / "mask.tif.work" / "probs.zarr" / f"zarr.{'cd' * 16}.partial").write_bytes(b"{")
     result = segment_slide(demo_svs, out, options=SegmentOptions(**opts, probs=tmp_path / "p.zarr"), engine=engine)
+    assert not list((tmp_path / "p.zarr").rglob("*.partial"))  # not carried into the output
     assert result.resumed_from_row > 0
     assert leads[0] == leads[1] == 0 and leads[2] > 0  # the resumed run started mid-batch
     assert out.read_bytes() == ref.read_bytes()
@@ -439,6 +443,21 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_svs, small_model, capsys
     assert tifffile.imread(out).shape == (75, 100)
 
 
+def test_a_work_folder_left_half_deleted_by_a_killed_run_goes_with_the_next_run(tmp_path, tiny_svs, small_model,
+                                                                                capsys):
+    """A run killed while deleting its finished work folder leaves it renamed aside (hidden), not
+    half deleted under its own name; the next run on that output, even one refused, takes it away."""
+    out = tmp_path / "m.tif"
+    args = ["segment", str(tiny_svs), "--out", str(out), "--model", str(small_model), *FAST]
+    assert main(args) == 0
+    aside = tmp_path / ".m.tif.work.deleting-4242"
+    (aside / "probs.zarr").mkdir(parents=True)
+    (aside / "labels.u8").write_bytes(bytes(1000))
+    assert main(args) == 2  # m.tif exists
+    assert "--overwrite" in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+
+
 def test_the_probabilities_leave_the_work_folder_as_links_and_their_metadata_as_a_copy(tmp_path):
     """The probability store's chunks become the output's by hard links (no second copy on disk);
     ``zarr.json`` is copied, so that setting the output's attributes leaves the work copy as it was."""
@@ -502,6 +521,36 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, demo_svs, smal
     assert not out.exists()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert tifffile.imread(out).any()
+
+
+def test_an_output_folder_lost_during_the_run_keeps_the_finished_tiles(tmp_path, demo_svs, small_model):
+    """The GeoJSON's folder was there when the run checked it and is gone when the outputs are
+    written (a share unmounted, a folder removed): not a mistake in the command (exit 1, as for a
+    full disk), and the tiles stay, so the re-run only writes the outputs."""
+    from wsi_espnet.errors import OutputLostError
+
+    engine = TorchEngine(wsi_espnet.load_model(small_model), device="cpu")
+    geo_dir = tmp_path / "shared"
+    geo_dir.mkdir()
+
+    class LosingTheFolder(_Interrupting):
+        def predict_proba(self, batch):
+            shutil.rmtree(geo_dir, ignore_errors=True)  # with the run's lock file in it
+            return super().predict_proba(batch)
+
+    out = tmp_path / "mask.tif"
+    opts = SegmentOptions(tile=256, overlap=32, batch=2, progress=False, geojson=geo_dir / "g.geojson")
+    with pytest.raises(OutputLostError, match="does not exist.*changed during the run") as lost:
+        segment_slide(demo_svs, out, options=opts, engine=LosingTheFolder(engine))
+    assert lost.value.exit_code == 1
+    assert not out.exists() and json.loads((tmp_path / "mask.tif.work" / "progress.json").read_text())["done"]
+    geo_dir.mkdir()
+    again = _Interrupting(engine)
+    segment_slide(demo_svs, out, options=opts, engine=again)
+    assert again.calls == 0 and (geo_dir / "g.geojson").is_file()  # no tile run twice
+    ref = tmp_path / "ref" / "mask.tif"
+    segment_slide(demo_svs, ref, options=replace(opts, geojson=None), engine=_Interrupting(engine))
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_unwritable_output_is_refused(tmp_path, tiny_svs, small_model, capsys):

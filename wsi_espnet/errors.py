@@ -35,6 +35,14 @@ class OutputBusyError(UserError):
     exit_code = 75
 
 
+class OutputLostError(UserError):
+    """An output's folder, checked before the run, vanished or turned unwritable before the outputs
+    were written.  Not a mistake in the command but the machine changing under the run, like a full
+    disk: exit code 1, and the finished tiles are kept for the re-run."""
+
+    exit_code = 1
+
+
 class InputWarning(UserWarning):
     """Something the user may want to know about their input that does not stop the run (the CLI
     prints it as one ``warning:`` line)."""

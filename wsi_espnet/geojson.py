@@ -174,8 +174,10 @@ def write_geojson(
                 fh.write("\n]}\n")
         _fsync(partial)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a full disk in the nameless spool files: say which output it stopped
         raise
     return summary
 

@@ -6,6 +6,7 @@ never make the same mask or patch store at once."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -98,6 +99,78 @@ def remove_empty_folders(top: Path) -> None:
             os.rmdir(dirpath)
         except OSError:
             pass
+
+
+def replace_folder(new: Path, dst: Path) -> None:
+    """Put the finished folder ``new`` (a Zarr store) at ``dst``.  Whatever is at ``dst`` is renamed
+    aside first and deleted only after: killed at any moment, ``dst`` holds a whole store, the old
+    one or the new one, never a store half deleted (which a re-run could not even recognise as a
+    store to replace).  What a killed call left aside goes with the next call on ``dst``."""
+    remove_aside(dst)
+    aside = None
+    if dst.exists() or dst.is_symlink():
+        aside = _aside_name(dst)
+        os.replace(dst, aside)
+    os.replace(new, dst)
+    if aside is not None:
+        _delete(aside)
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete ``folder`` (a run's work folder) so that a kill midway leaves nothing under its name:
+    renamed aside in one step, then deleted.  Deleted in place, a kill could leave a folder that
+    has lost its progress file but still holds gigabytes, which no later run would recognise as its
+    own to resume or to remove."""
+    remove_aside(folder)
+    if folder.exists():
+        aside = _aside_name(folder)
+        os.replace(folder, aside)
+        _delete(aside)
+
+
+def remove_aside(path: Path) -> None:
+    """Finish the deletions that a killed :func:`replace_folder` or :func:`discard_folder` on
+    ``path`` left (call it holding ``path``'s lock)."""
+    prefix = f".{path.name}.deleting-"
+    try:
+        leftovers = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for p in leftovers:
+        _delete(p)
+
+
+def _aside_name(path: Path) -> Path:
+    # Hidden: a slide archive's walk (wsi-batch) skips it, and a user's listing does not show it.
+    return path.with_name(f".{path.name}.deleting-{os.getpid()}")
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_unfinished_writes(store: Path) -> int:
+    """Delete the temporary files a killed process left in a Zarr store; returns how many.
+
+    zarr's local store writes each chunk (and each metadata file) as ``<name>.<uuid>.partial`` and
+    renames it when complete.  A process killed mid-write leaves that file behind; resumed, the store
+    would carry it (dead weight, and noise in any listing) into the finished output."""
+    removed = 0
+    for dirpath, _, files in os.walk(store):
+        for name in files:
+            if _ZARR_TEMPORARY.search(name):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:

@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputWarning, NoMppError, OutputExistsError, SlideError, UserError
-from .outputs import check_not_input, exclusive_output, make_folder, remove_empty_folders
+from .outputs import (check_not_input, exclusive_output, make_folder, remove_empty_folders,
+                      remove_unfinished_writes, replace_folder)
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
 from .tissue import TissueMask, detect_tissue
@@ -173,6 +174,7 @@ def _open_resumable(path: Path, fingerprint: dict[str, Any]) -> Any | None:
             return None
         for name in ("patches", "done", "coords"):
             group[name]
+        remove_unfinished_writes(path)  # chunks a killed run was writing: written again below
         return group
     except Exception:  # a .partial too broken to read: it is ours, start again
         return None
@@ -230,16 +232,7 @@ class _SlidePerThread:
 
 def _finalize(partial: Path, out: Path) -> None:
     """Rename the finished ``.partial`` to ``out``; an old ``out`` (``--overwrite``) goes only after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+    replace_folder(partial, out)
 
 
 def write_patch_store(

@@ -46,11 +46,11 @@ import numpy as np
 from . import __version__
 from .chunk_assembler import ChunkAssembler
 from .engine import NETWORK_STRIDE, Engine, available_cores, make_engine
-from .errors import InputWarning, NoMppError, UserError
+from .errors import InputWarning, NoMppError, OutputLostError, UserError
 from .label_file import LabelFile
 from .labels import predict_split
-from .outputs import (check_not_input, check_output, exclusive_output, link_or_copy_tree, make_folder,
-                      remove_empty_folders)
+from .outputs import (check_not_input, check_output, discard_folder, exclusive_output, link_or_copy_tree,
+                      make_folder, remove_aside, remove_empty_folders, remove_unfinished_writes, replace_folder)
 from .runtime import lazy_zeros, tune_for_inference
 from .schedule import (MODEL_STREAMS, SCHEDULES, ModelStreams, TileReader, choose_schedule, default_batch,
                        feed_batches, model_threads)
@@ -344,6 +344,7 @@ def segment_slide(slide_path: str | os.PathLike, out: str | os.PathLike, model: 
                 made += filter(None, [make_folder(p.parent)])
                 held.enter_context(exclusive_output(p))
             work = out.with_name(out.name + ".work")
+            remove_aside(work)  # what a run killed while deleting its finished work folder left
             resuming = work.is_dir() and (work / "progress.json").is_file()
             for key, p in targets:  # a resumed run may replace its own earlier attempt's outputs
                 check_output(p, opts.overwrite or resuming, zarr_store=key == "probs")
@@ -372,7 +373,7 @@ def _discard_if_nothing_done(work: Path) -> None:
     except (OSError, ValueError):
         return  # unreadable: not ours to judge
     if not state.get("flushed_y") and not state.get("written") and "done" not in state:
-        shutil.rmtree(work, ignore_errors=True)
+        discard_folder(work)
 
 
 def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | os.PathLike | None,
@@ -440,8 +441,12 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
     px_mm2 = (mpp / 1000.0) ** 2
     class_mm2 = {name: float(counts[i]) * px_mm2 for i, name in enumerate(names)}
     with labels:
-        outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, provenance)
-    shutil.rmtree(work, ignore_errors=True)
+        try:
+            outputs = _write_outputs(labels, cfg, mpp, grid, out, work, opts, thumbnail, bounds, class_mm2, provenance)
+        except UserError as exc:  # every writer checks its target again; all passed before the run
+            raise OutputLostError(f"{exc} (changed during the run; fix it and re-run the same command: "
+                                  "finished work is kept)") from None
+    discard_folder(work)
     result.slide, result.mask, result.class_mm2 = slide_name, str(out), class_mm2
     result.outputs = outputs
     result.warnings = notes
@@ -496,9 +501,9 @@ def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
         if state.get("fingerprint") == fingerprint:
             return state
         # A work folder for other inputs or settings: start again.
-        shutil.rmtree(work, ignore_errors=True)
+        discard_folder(work)
     elif work.exists():
-        shutil.rmtree(work, ignore_errors=True)
+        discard_folder(work)
     work.mkdir(parents=True)
     state = {"fingerprint": fingerprint, "flushed_y": 0, "written": {}}
     _atomic_json(progress, state)
@@ -567,6 +572,7 @@ def _fill_labels(slide: Slide, engine: Engine, grid: TileGrid, work: Path, state
     if opts.probs:
         probs_path = work / "probs.zarr"
         if probs_path.exists() and state["flushed_y"] > 0:
+            remove_unfinished_writes(probs_path)  # chunks a killed run was writing: written again
             probs_arr = zarr.open_array(str(probs_path), mode="r+")
         else:
             # Chunks one tile stride square, aligned with the grid: each completes within the tile
@@ -743,9 +749,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
         import zarr
 
         zarr.open_array(str(tmp), mode="r+").attrs["provenance"] = provenance
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
+        replace_folder(tmp, dst)
         written["probs"] = str(dst)
     from .mask_tiff import write_mask_tiff
 
