@@ -1,7 +1,10 @@
-"""Checks every writer makes before it starts: an existing output needs ``overwrite``, and the
-folder must exist and be writable.  Done up front, so a mistake costs nothing and no writer leaves a
-half-made file (each writes to a temporary name and renames at the end).  And a lock, so that two runs
-never make the same mask or patch store at once."""
+"""How every output is made safely.  Checks before a writer starts: an existing output needs
+``overwrite``, and the folder must exist and be writable (done up front, so a mistake costs
+nothing).  All or nothing at the final path: a file is written under a temporary name and renamed at
+the end (:func:`atomic_file`), a folder replaced or deleted is first renamed aside
+(:func:`replace_folder`, :func:`discard_folder`), so that a kill at any moment leaves either the
+old thing or the new one.  And a lock, so that two runs never make the same mask or patch store at
+once (:func:`exclusive_output`)."""
 
 from __future__ import annotations
 
