@@ -153,7 +153,7 @@ def child(args: argparse.Namespace) -> int:
     if not reference_path.exists():  # the first group computes the logits of the weights as released
         with torch.no_grad():
             torch.save(released(x), reference_path)
-    reference = torch.load(reference_path)
+    reference = torch.load(reference_path, weights_only=True)
     for fn, xx, _ in rows.values():  # warm-up
         fn(xx)
     results = interleaved(rows, args.repeats)

@@ -99,3 +99,19 @@ def test_bare_state_dict_of_unknown_class_count_is_refused(tmp_path):
     torch.save(ESPNet(5, 2, 3).state_dict(), tmp_path / "five.pth")
     with pytest.raises(ModelFileError, match="5 classes"):
         wsi_espnet.load_model(tmp_path / "five.pth")
+
+
+def test_an_encoder_saved_without_its_decoder_is_a_named_error_and_dataparallel_files_load(tmp_path):
+    released = torch.load(SHARED / "espnet-pretrained/decoder/espnet_p_2_q_8.pth", map_location="cpu",
+                          weights_only=True)
+    encoder_only = {k: v for k, v in released.items() if k.startswith("encoder.")}
+    torch.save(encoder_only, tmp_path / "enc.pth")
+    with pytest.raises(ModelFileError, match=r"enc\.pth: an ESPNet encoder .* without the decoder"):
+        wsi_espnet.load_model(tmp_path / "enc.pth")
+    # Saved from nn.DataParallel: every key under "module.", the same weights.
+    torch.save({f"module.{k}": v for k, v in released.items()}, tmp_path / "dp.pth")
+    plain, wrapped = (wsi_espnet.load_model(p) for p in (SHARED / "espnet-pretrained/decoder/espnet_p_2_q_8.pth",
+                                                         tmp_path / "dp.pth"))
+    x = torch.rand(1, 3, 64, 128)
+    with torch.no_grad():
+        assert torch.equal(plain(x), wrapped(x))

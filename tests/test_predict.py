@@ -80,6 +80,9 @@ def test_the_engine_normalises_as_the_config_says_in_either_channel_order():
             got = engine.logits(batch).numpy()
             assert got.shape == (n, 3, h, w)
             np.testing.assert_allclose(got, norm.apply(batch).transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+            floats = batch.astype(np.float32)  # a caller's float array: read, never changed
+            np.testing.assert_allclose(engine.logits(floats).numpy(), got, rtol=1e-6, atol=1e-6)
+            assert np.array_equal(floats, batch)
     for w in range(8, 8 + 2 * KEPT_WIDTHS):  # images of many widths: the kept rows stay few, the values right
         batch = rng.integers(0, 256, (1, 2, w, 3), dtype=np.uint8)
         np.testing.assert_allclose(engine.logits(batch).numpy(), norm.apply(batch).transpose(0, 3, 1, 2),

@@ -123,7 +123,10 @@ def _build(args: argparse.Namespace) -> nn.Module:
     if args.p < 0 or args.q < 0 or args.classes < 1:
         raise UserError("--p and --q must be >= 0 and --classes >= 1")
     torch.manual_seed(0)
-    net = build_model(args.variant, args.classes, args.p, args.q, args.skip)
+    try:
+        net = build_model(args.variant, args.classes, args.p, args.q, args.skip)
+    except ValueError as exc:  # e.g. an ESPNet of fewer classes than its decoder's branches
+        raise UserError(str(exc)) from None
     return (Upsampled(net) if args.variant == "espnet_c" else net).eval()
 
 

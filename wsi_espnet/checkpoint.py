@@ -82,6 +82,9 @@ def describe_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "skip": "level1",
     }
     if variant == "espnet":
+        if "conv.conv.weight" not in sd:
+            raise ModelFileError("an ESPNet encoder ('encoder.*' keys) without the decoder's 'conv.conv.weight': "
+                                 "save an ESPNet-C without the 'encoder.' prefix, or the whole ESPNet")
         width = int(sd["conv.conv.weight"].shape[1]) - classes
         skip = {v: k for k, v in ESPNet.SKIP_WIDTH.items()}.get(width)
         if skip is None:
@@ -167,7 +170,12 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         sd = obj["state_dict"]
     elif all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
-        arch = describe_state_dict(sd)
+        if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        try:
+            arch = describe_state_dict(sd)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{p}: {exc}") from None
         name = RELEASED_CONFIG_BY_CLASSES.get(arch["classes"])
         if name is None:
             raise ModelFileError(
