@@ -181,3 +181,11 @@ def test_label_image_aligned_to_the_slide_with_code_table(tmp_path):
     assert (lab[:, 100:] == 1).all() and (lab[:, :100] == 255).all()
     with pytest.raises(UserError, match="aspect ratio"):
         LabelImage(path, (400, 400), 255, 3)
+    # A mask cut short (a copy interrupted) or not an image at all: one line naming it, no traceback.
+    cut = tmp_path / "cut.labels.png"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(UserError, match=r"cut\.labels\.png: not a readable label image"):
+        LabelImage(cut, (400, 200), 255, 3)
+    (tmp_path / "junk.png").write_bytes(b"\x00" * 300)
+    with pytest.raises(UserError, match=r"junk\.png: not a readable label image"):
+        LabelImage(tmp_path / "junk.png", (400, 200), 255, 3)

@@ -115,3 +115,13 @@ def test_an_encoder_saved_without_its_decoder_is_a_named_error_and_dataparallel_
     x = torch.rand(1, 3, 64, 128)
     with torch.no_grad():
         assert torch.equal(plain(x), wrapped(x))
+
+
+def test_a_data_folder_named_like_a_config_does_not_hide_the_config(tmp_path, monkeypatch):
+    """`wsi-espnet train bcss data.root=bcss` run beside the data: the name is still the shipped
+    config, and the released files (whose config is looked up by name) still load."""
+    for name in ("bcss", "cityscapes"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("bcss").name == "bcss"
+    assert wsi_espnet.load_model(SHARED / "espnet-pretrained/decoder/espnet_p_2_q_8.pth").config.name == "cityscapes"

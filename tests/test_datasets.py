@@ -67,6 +67,10 @@ def test_cityscapes_layout_train_ids_and_label_ids(tmp_path):
     # base size = the config's input_size (1024x512), then a random 32x16 crop
     assert x.shape == (3, 16, 32) and x.dtype == torch.float32 and y.shape == (16, 32) and y.dtype == torch.int64
     assert set(ds.class_counts().nonzero()[0]) == {0, 13}
+    train_ids[5, 5] = 25  # not a train id: named before any training, not the loss's error mid-epoch
+    _png(tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelTrainIds.png", train_ids)
+    with pytest.raises(UserError, match=r"label value\(s\) \[25\] are not Cityscapes train ids \(0-18"):
+        decode_cityscapes(pairs[0][1], cfg.ignore_index)
 
     (tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelTrainIds.png").unlink()
     with pytest.raises(UserError, match="without gtFine labels"):

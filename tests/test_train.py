@@ -166,6 +166,7 @@ def test_resume_continues_where_the_run_stopped(demo_root, store_cache, tmp_path
     assert (tmp_path / "a" / "last.pt").read_bytes() == before
     lines: list[str] = []
     train(cfg, tmp_path / "a", device="cpu", cache=store_cache, resume=True, log=lines.append)
+    assert not [ln for ln in lines if "other training settings" in ln]  # the run's own settings: nothing to say
     epochs = [" ".join(ln.split()[:2]) for ln in lines if re.match(r"(encoder|decoder) \d+/\d+ ", ln)]
     assert epochs == ["encoder 2/2", "decoder 1/1"]
     rows = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
@@ -193,6 +194,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2 and "nope" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_training_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """A training run stopped by Ctrl-C continues only with --resume (the same command would refuse
+    the run folder it left): the line says so; a run started with --resume is told to re-run it."""
+    import wsi_espnet.train as training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of an epoch
+
+    monkeypatch.setattr(training, "train", stopped)
+    args = ["train", "demo_tissue", f"data.root={tmp_path}", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted: re-run the same command with --resume to continue"]
+    assert cli.main([*args, "--resume"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted: re-run the same command to resume"]
+
+
 def test_evaluate_images_scores_every_labelled_pixel_once(tmp_path):
     from PIL import Image
 
@@ -213,3 +230,32 @@ def test_evaluate_images_scores_every_labelled_pixel_once(tmp_path):
     for size in (None, (32, 16)):  # padded to a multiple of 8 / resized to an input size and back
         cm = evaluate_images(model, ds, "cpu", size)
         assert cm.matrix.sum() == 18 * 30 and cm.matrix[1:].sum() == 0
+
+
+def test_a_resume_with_other_training_settings_names_them():
+    """`--resume` without the run's overrides trains on with the config's defaults: allowed (more
+    epochs, a lower rate), but the log's note names every setting that changed."""
+    from wsi_espnet.train import _train_changes
+
+    run = with_overrides(load_config("bcss"), ["train.batch_size=4", "train.steps_per_epoch=8"])
+    assert _train_changes(run, run) == []
+    again = load_config("bcss")
+    changes = _train_changes(run, again)
+    assert f"train.batch_size 4 -> {again.train.batch_size}" in changes
+    assert f"train.steps_per_epoch 8 -> {again.train.steps_per_epoch!r}" in changes and len(changes) == 2
+
+
+def test_a_decoder_stage_below_its_encoder_is_noted(tmp_path):
+    """best.pt is the decoder stage's best; when the encoder stage scored higher, the log says so and
+    names the better file instead of handing over the weaker model silently."""
+    from wsi_espnet.checkpoint import save_checkpoint
+    from wsi_espnet.train import _note_a_weaker_decoder
+
+    save_checkpoint(tmp_path / "best_encoder.pt", ESPNetC(8, 2, 3), load_config("breast_biopsy"),
+                               stage_best_miou=0.9)
+    lines: list[str] = []
+    _note_a_weaker_decoder(tmp_path, "decoder", 0.44, lines.append)
+    assert len(lines) == 1 and "below the encoder stage's best_encoder.pt (0.9000)" in lines[0]
+    for final_stage, miou in (("decoder", 0.95), ("encoder", 0.44)):
+        _note_a_weaker_decoder(tmp_path, final_stage, miou, lines.append)
+    assert len(lines) == 1

@@ -465,6 +465,17 @@ def _warn_unlisted_codes(array: np.ndarray, listed: Collection[int]) -> None:
 
 
 def _open_label_array(path: Path):
+    """The label image at ``path``; a file that cannot be decoded (truncated, not an image) is one
+    line naming it, as a broken tile is, not a decoder's traceback."""
+    try:
+        return _decode_label_array(path)
+    except UserError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
+        raise UserError(f"{path}: not a readable label image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _decode_label_array(path: Path):
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         import tifffile

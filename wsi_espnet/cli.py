@@ -99,7 +99,8 @@ def _run_guarded(fn: Callable[[], int]) -> int:
 def interrupted(exc: KeyboardInterrupt) -> int:
     """The line and exit code of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
     terminated = isinstance(exc, Terminated)
-    print(f"{'terminated' if terminated else 'interrupted'}: re-run the same command to resume", file=sys.stderr)
+    hint = getattr(exc, "resume_hint", "re-run the same command to resume")  # a command's own, if it differs
+    print(f"{'terminated' if terminated else 'interrupted'}: {hint}", file=sys.stderr)
     return 143 if terminated else 130
 
 

@@ -206,7 +206,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> DatasetConfi
 def load_config(name_or_path: str | Path) -> DatasetConfig:
     """Load ``configs/<name>.yaml`` by name (``"cityscapes"``) or any YAML file by path."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():  # a name; a folder called "bcss" beside it (the data) is not a config
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

@@ -173,7 +173,9 @@ def find_bcss_tiles(root: str | Path, split: str, cfg: DatasetConfig) -> list[La
             raise UserError(f"{img}: no 'MPP-x.xxxx' in the name; set data.mpp to the tiles' µm per pixel")
         items.append(LabelledSlide(img, mask, mpp, codes))
     if missing:
-        raise UserError(f"{base}: {len(missing)} listed tile(s) lack an image or a mask, e.g. {missing[0]}")
+        raise UserError(f"{base}: {len(missing)} listed tile(s) lack an image or a mask, e.g. {missing[0]} "
+                        f"(expected {image_dir.name}/{missing[0]} and {mask_dir.name}/{missing[0]}: BCSS tiles and "
+                        "masks are .png files of the same name)")
     if not items:
         raise UserError(f"empty dataset: no BCSS tiles for split '{split}' under {base}")
     return items
@@ -607,6 +609,11 @@ def decode_cityscapes(path: Path, ignore_index: int) -> np.ndarray:
         for k, v in CITYSCAPES_ID_TO_TRAINID.items():
             lut[k] = v
         lab = lut[lab.astype(np.uint8)]
+    train_ids = max(v for v in CITYSCAPES_ID_TO_TRAINID.values() if v != 255) + 1  # 19
+    bad = (lab != 255) & (lab >= train_ids)  # caught here, not as the loss's out-of-bounds error mid-training
+    if bad.any():
+        raise UserError(f"{path}: label value(s) {sorted(np.unique(lab[bad]).tolist())[:5]} are not Cityscapes "
+                        f"train ids (0-{train_ids - 1}, 255 ignored)")
     return _remap_ignore(lab, 255, ignore_index)
 
 

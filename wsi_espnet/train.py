@@ -259,6 +259,14 @@ def _config_changes(saved: DatasetConfig, cfg: DatasetConfig) -> list[str]:
     return [f"{key} {get(saved, key)!r} -> {get(cfg, key)!r}" for key in _RESUME_KEYS if get(saved, key) != get(cfg, key)]
 
 
+def _train_changes(saved: DatasetConfig, cfg: DatasetConfig) -> list[str]:
+    """The ``train.*`` settings a resumed run changes (epochs, rate, batch size...)."""
+    import dataclasses
+
+    return [f"train.{f.name} {getattr(saved.train, f.name)!r} -> {getattr(cfg.train, f.name)!r}"
+            for f in dataclasses.fields(cfg.train) if getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
+
+
 def _train(cfg: DatasetConfig, out: Path, last_path: Path, *, resume: bool, device: str, init, command,
            workers, cache, log: Callable[[str], None]) -> TrainResult:
     from .datasets import training_dataset, write_class_counts
@@ -276,6 +284,10 @@ def _train(cfg: DatasetConfig, out: Path, last_path: Path, *, resume: bool, devi
             raise UserError(f"--resume: the config is not the one {last_path} was trained with ({'; '.join(changes)}); "
                             "resume with the run's settings, or start a new run in another --out")
         log(f"resuming from {last_path}: stage {state['stage']}, epoch {state['epoch'] + 1} of {state['stage_epochs']} done")
+        retuned = _train_changes(saved, cfg)
+        if retuned:  # allowed (more epochs, a lower rate), but never unnoticed: overrides are easy to leave off
+            log(f"note: the resumed epochs use other training settings than the run's: {'; '.join(retuned)} "
+                "(give the run's overrides again to keep its own)")
     elif resume:
         log(f"note: --resume but no {last_path}: starting a new run")
 
@@ -398,7 +410,21 @@ def _train(cfg: DatasetConfig, out: Path, last_path: Path, *, resume: bool, devi
             log(f"{stage} {epoch + 1}/{epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  acc {acc:.4f}  "
                 f"lr {lr:.2e}  {seconds:.0f} s{'  *best' if improved else ''}")
     runlog.close()
+    _note_a_weaker_decoder(out, final_stage, best_miou, log)
     return TrainResult(out, out / "best.pt", best_miou, best_metrics, epochs_run)
+
+
+def _note_a_weaker_decoder(out: Path, final_stage: str, best_miou: float, log: Callable[[str], None]) -> None:
+    """best.pt is the final stage's best; a decoder stage too short to catch up can leave it below its
+    own encoder, which is then the better model: say so rather than hand over the weaker one silently."""
+    encoder = out / "best_encoder.pt"
+    if final_stage != "decoder" or not encoder.exists() or math.isnan(best_miou):
+        return
+    encoder_miou = float(_torch_load(encoder).get("stage_best_miou", float("nan")))
+    if encoder_miou > best_miou:
+        log(f"note: best.pt (val mIoU {best_miou:.4f}) scores below the encoder stage's best_encoder.pt "
+            f"({encoder_miou:.4f}); more decoder epochs (train.decoder_epochs) usually close the gap, and "
+            "best_encoder.pt is a model wsi-segment runs as it is")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,7 +464,12 @@ def run(args: argparse.Namespace) -> int:
     words += ["--make-demo-data"] if args.make_demo_data else []
     words += ["--threads", str(args.threads)] if args.threads else []
     command = " ".join(shlex.quote(w) for w in words)
-    result = train(cfg, out, resume=args.resume, device=args.device, init=args.init, command=command, workers=args.workers,
-                   cache=args.cache)
+    try:
+        result = train(cfg, out, resume=args.resume, device=args.device, init=args.init, command=command,
+                       workers=args.workers, cache=args.cache)
+    except KeyboardInterrupt as exc:
+        if not args.resume:  # the same command again would refuse the run folder it left
+            exc.resume_hint = "re-run the same command with --resume to continue"
+        raise
     print(f"best: {result.best} (val mIoU {result.best_miou:.4f})")
     return 0
