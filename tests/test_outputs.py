@@ -72,7 +72,7 @@ def test_a_store_replaced_is_whole_at_its_path_even_when_the_deletion_is_killed(
     with pytest.raises(KeyboardInterrupt):
         outputs.replace_folder(_store(tmp_path / "new", "new"), dst)
     assert (dst / "zarr.json").read_text() == "new" and (dst / "c" / "2").read_text() == "new2"
-    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".p.zarr.deleting-")]
+    left = [p.name for p in tmp_path.iterdir() if p.name == ".p.zarr.deleting"]
     assert len(left) == 1  # hidden: an archive's walk and a user's listing pass it by
     monkeypatch.setattr(outputs.shutil, "rmtree", real_rmtree)
     outputs.replace_folder(_store(tmp_path / "newer", "newer"), dst)

@@ -132,20 +132,18 @@ def discard_folder(folder: Path) -> None:
 
 
 def remove_aside(path: Path) -> None:
-    """Finish the deletions that a killed :func:`replace_folder` or :func:`discard_folder` on
-    ``path`` left (call it holding ``path``'s lock)."""
-    prefix = f".{path.name}.deleting-"
-    try:
-        leftovers = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return
-    for p in leftovers:
-        _delete(p)
+    """Finish the deletion that a killed :func:`replace_folder` or :func:`discard_folder` on ``path``
+    left (call it holding ``path``'s lock: the lock is also why one fixed name aside is enough)."""
+    aside = _aside_name(path)
+    if aside.exists() or aside.is_symlink():
+        _delete(aside)
 
 
 def _aside_name(path: Path) -> Path:
     # Hidden: a slide archive's walk (wsi-batch) skips it, and a user's listing does not show it.
-    return path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    # One stat to find, where a name per process would need the folder listed: an output folder
+    # of a large archive holds tens of thousands of files.
+    return path.with_name(f".{path.name}.deleting")
 
 
 def _delete(path: Path) -> None:
