@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches", default="4,8,16")
     p.add_argument("--workers", default="2,4")
-    p.add_argument("--schedules", default="auto", help="comma list of SegmentOptions.schedule: auto, beside "
-                   "(read and blend while the model runs), between (between its batches)")
+    p.add_argument("--schedules", default="auto", help="comma list of SegmentOptions.schedule: auto, streams "
+                   "(two model calls side by side), beside (read and blend while the model runs), between "
+                   "(between its batches)")
     p.add_argument("--repeats", type=int, default=1, help="end-to-end runs per configuration")
     p.add_argument("--profile", action="store_true", help="also break the default run down by stage")
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the slide here")
