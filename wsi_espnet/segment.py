@@ -365,14 +365,14 @@ def _discard_if_nothing_done(work: Path) -> None:
     """A run that stops before its first band of labels is on disk leaves nothing a re-run could
     use (tissue detection finds the same mask again), so it leaves no work folder either: a slide
     that cannot be read at all, or a mistake found on opening it, must not leave a trace beside
-    the output.  A folder with finished rows (or outputs) stays, for the re-run to continue from."""
+    the output.  A folder with finished rows (or a finished grid) stays, for the re-run to continue from."""
     try:
         state = json.loads((work / "progress.json").read_text())
     except FileNotFoundError:
         state = {}
     except (OSError, ValueError):
         return  # unreadable: not ours to judge
-    if not state.get("flushed_y") and not state.get("written") and "done" not in state:
+    if not state.get("flushed_y") and "done" not in state:
         discard_folder(work)
 
 
@@ -505,7 +505,7 @@ def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
     elif work.exists():
         discard_folder(work)
     work.mkdir(parents=True)
-    state = {"fingerprint": fingerprint, "flushed_y": 0, "written": {}}
+    state = {"fingerprint": fingerprint, "flushed_y": 0}
     _atomic_json(progress, state)
     return state
 
