@@ -717,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``wsi-batch``: exit 0 when every slide is done or skipped, 1 when some failed, 2 for a mistake
     in the invocation (one line on stderr), 130 when interrupted, 143 when terminated (re-run to resume)."""
-    from wsi_espnet.cli import CommandParser, interrupted, terminate_as_interrupt
+    from wsi_espnet.cli import CommandParser, run_guarded
 
     parser = CommandParser(prog="wsi-batch", description="Segment an archive of slides on Dask "
                            "(a local cluster or an existing scheduler).")
@@ -729,14 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     # developers; this process is ours, so the filter is set here, not in the library.
     os.environ["PYTHONWARNINGS"] = ",".join(
         filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
-    try:
-        with terminate_as_interrupt():
-            return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        return interrupted(exc)
+    # As every wsi-espnet command: a mistake, a full disk (rewriting the report) or Ctrl-C is one line.
+    return run_guarded(lambda: run(args))
 
 
 if __name__ == "__main__":

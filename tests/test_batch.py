@@ -62,7 +62,7 @@ def _rows(report_json: Path) -> dict[str, dict]:
 
 def _leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.name.endswith((".partial", ".work", ".tmp")) or ".levels-" in p.name)
+                  if p.name.endswith((".partial", ".work", ".tmp", ".levels")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def test_bigtiff_pyramid_is_linked_for_openslide(tmp_path):
 def test_existing_output_and_failed_write_leave_no_trace(tmp_path, written):
     lab = _labels(300, 300)
     target = tmp_path / "m.tif"
-    (tmp_path / ".m.tif.levels-killedrun").mkdir()  # scratch of a run that was killed
+    (tmp_path / ".m.tif.levels").mkdir()  # scratch of a run that was killed
+    (tmp_path / ".m.tif.levels" / "level1.u8").write_bytes(b"x")
     (tmp_path / "m.tif.partial").write_bytes(b"half a file")
     write_mask_tiff(target, lab, 1.0, NAMES, COLORS, tile=128)
     with pytest.raises(OutputExistsError):
@@ -220,7 +221,7 @@ def test_existing_output_and_failed_write_leave_no_trace(tmp_path, written):
         write_mask_tiff(tmp_path / "bad.tif", bad, 1.0, NAMES, COLORS, tile=128)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
     # nor open scratch files, while the exception (and its frames) is kept, as a task framework does
-    assert kept.traceback and not _open_files(".levels-")
+    assert kept.traceback and not _open_files(".levels")
 
 
 def _open_files(part: str) -> list[str]:

@@ -126,6 +126,22 @@ def test_existing_output_needs_overwrite(cmu_store, tmp_path, capsys):
     assert g.attrs["tile"] == 64 and g["patches"].shape[1] == 64
     assert not list(tmp_path.glob("o.zarr.*"))  # no .partial or .old left behind
     del first
+    # --overwrite replaces a store, never another folder a mistyped --out names (here the slides').
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "keep.svs").write_bytes(b"precious")
+    rc, _, err = run_cli(capsys, small, "--out", slides, "--tile", 64, "--overwrite")
+    assert_one_line_error(rc, err, "not a Zarr store")
+    assert (slides / "keep.svs").read_bytes() == b"precious"
+    # --save-tissue-mask is an output like the store: checked before anything is read.
+    mask = tmp_path / "tissue.png"
+    mask.write_bytes(b"an earlier mask")
+    rc, _, err = run_cli(capsys, small, "--out", tmp_path / "p.zarr", "--tile", 64, "--save-tissue-mask", mask)
+    assert_one_line_error(rc, err, "--overwrite")
+    assert mask.read_bytes() == b"an earlier mask" and not (tmp_path / "p.zarr").exists()
+    rc, _, err = run_cli(capsys, small, "--out", tmp_path / "p.zarr", "--tile", 64, "--save-tissue-mask",
+                         tmp_path / "nowhere" / "t.png")
+    assert_one_line_error(rc, err, "does not exist")
 
 
 def test_overlap_grid_is_recorded(tmp_path):

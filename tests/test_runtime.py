@@ -154,3 +154,18 @@ def test_retained_memory_for_a_block_then_the_workers_own_settings():
     assert int(outside) > 10_000  # 64 MB is 15,625 pages of 4 KiB
     assert int(inside) < 500
     assert int(after) > 10_000
+
+
+
+def test_output_piped_into_head_ends_quietly(monkeypatch):
+    """`wsi-espnet ... | head -1`: the reader closes the pipe early, the next write raises
+    BrokenPipeError (an OSError); the command ends with exit 0, not a traceback."""
+    import sys
+
+    from wsi_espnet import cli
+
+    def printing_into_a_closed_pipe() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # run_guarded swaps it for devnull: put it back after
+    assert cli.run_guarded(printing_into_a_closed_pipe) == 0

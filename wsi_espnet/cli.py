@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -75,7 +76,10 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_guarded(fn: Callable[[], int]) -> int:
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run a command's body: a :class:`UserError` becomes its one ``error:`` line and exit code, what
+    the machine lacks (space, permissions) one line and exit 1, Ctrl-C or SIGTERM one line and
+    130/143; anything else is a bug and keeps its traceback."""
     warnings.showwarning = _one_line_warning
     try:
         with terminate_as_interrupt():
@@ -83,6 +87,10 @@ def _run_guarded(fn: Callable[[], int]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `wsi-espnet ... | head`: the reader has what it wanted (before OSError, its base)
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # nothing more to flush into the closed pipe at exit
+        return 0
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             raise
@@ -92,8 +100,6 @@ def _run_guarded(fn: Callable[[], int]) -> int:
         return 1
     except KeyboardInterrupt as exc:
         return interrupted(exc)
-    except BrokenPipeError:
-        return 0
 
 
 def interrupted(exc: KeyboardInterrupt) -> int:
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     module.add_arguments(sub)
     # intermixed: `train CONFIG --out X train.lr=1e-3` puts options between positionals
     args = sub.parse_intermixed_args(argv[1:])
-    return _run_guarded(lambda: module.run(args))
+    return run_guarded(lambda: module.run(args))
 
 
 def segment_main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -148,9 +147,12 @@ def write_mask_tiff(
     if bigtiff is None:
         bigtiff = sum(h * w for h, w in shapes) > _BIGTIFF_RAW_BYTES
     unfinished = path.with_name(path.name + ".partial")
-    for stale in path.parent.glob(f".{path.name}.levels-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.levels-", dir=path.parent))
+    # One fixed name, like the .partial beside it (both are the one writer's of this path: wsi-segment
+    # holds the output's lock): found with one stat, where a pattern would list the whole folder
+    # (an archive's outputs) and match other masks' names (``[`` in a name is a glob class).
+    scratch = path.with_name(f".{path.name}.levels")
+    shutil.rmtree(scratch, ignore_errors=True)  # left by a run that was killed
+    scratch.mkdir()
     reduced: list[LabelFile] = []  # closed below however the write ends, also mid-build
     try:
         occupancy = _build_levels(labels, shapes, scratch, reduced, block, len(class_names), occupied)

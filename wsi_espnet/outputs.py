@@ -1,7 +1,8 @@
 """How every output is made safely.  Checks before a writer starts: an existing output needs
 ``overwrite``, and the folder must exist and be writable (done up front, so a mistake costs
 nothing).  All or nothing at the final path: a file is written under a temporary name and renamed at
-the end (:func:`atomic_file`), a folder replaced or deleted is first renamed aside
+the end (:func:`atomic_file` for files written in one go; the mask, GeoJSON and overlay writers keep
+their own ``.partial`` beside the output, fsynced before the rename), a folder replaced or deleted is first renamed aside
 (:func:`replace_folder`, :func:`discard_folder`), so that a kill at any moment leaves either the
 old thing or the new one.  And a lock, so that two runs never make the same mask or patch store at
 once (:func:`exclusive_output`)."""
@@ -106,9 +107,10 @@ def remove_empty_folders(top: Path) -> None:
 
 def replace_folder(new: Path, dst: Path) -> None:
     """Put the finished folder ``new`` (a Zarr store) at ``dst``.  Whatever is at ``dst`` is renamed
-    aside first and deleted only after: killed at any moment, ``dst`` holds a whole store, the old
-    one or the new one, never a store half deleted (which a re-run could not even recognise as a
-    store to replace).  What a killed call left aside goes with the next call on ``dst``."""
+    aside first and deleted only after: killed at any moment, ``dst`` never holds half a store
+    (which a re-run could not even recognise as a store to replace): the old one, the new one, or,
+    killed between the two renames, none until the re-run makes it.  What a killed call left aside
+    goes with the next call on ``dst``."""
     remove_aside(dst)
     aside = None
     if dst.exists() or dst.is_symlink():
@@ -116,7 +118,7 @@ def replace_folder(new: Path, dst: Path) -> None:
         os.replace(dst, aside)
     os.replace(new, dst)
     if aside is not None:
-        _delete(aside)
+        remove_path(aside)
 
 
 def discard_folder(folder: Path) -> None:
@@ -128,7 +130,7 @@ def discard_folder(folder: Path) -> None:
     if folder.exists():
         aside = _aside_name(folder)
         os.replace(folder, aside)
-        _delete(aside)
+        remove_path(aside)
 
 
 def remove_aside(path: Path) -> None:
@@ -136,7 +138,7 @@ def remove_aside(path: Path) -> None:
     left (call it holding ``path``'s lock: the lock is also why one fixed name aside is enough)."""
     aside = _aside_name(path)
     if aside.exists() or aside.is_symlink():
-        _delete(aside)
+        remove_path(aside)
 
 
 def _aside_name(path: Path) -> Path:
@@ -146,7 +148,8 @@ def _aside_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.deleting")
 
 
-def _delete(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """``path`` gone, whether a folder, a file or a link (a link's target stays)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

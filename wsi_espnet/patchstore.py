@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputWarning, NoMppError, OutputExistsError, SlideError, UserError
-from .outputs import (check_not_input, exclusive_output, make_folder, remove_empty_folders,
+from .outputs import (check_not_input, check_output, exclusive_output, make_folder, remove_empty_folders,
                       remove_unfinished_writes, replace_folder)
 from .slide import Slide, open_slide
 from .tiling import TileGrid, tile_grid, validate_tiling
@@ -289,8 +289,15 @@ def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mp
                   save_tissue_mask: str | os.PathLike | None, tissue_mpp: float, workers: int, overwrite: bool,
                   progress: bool, backend: str) -> Path:
     """:func:`write_patch_store` once its arguments are checked and the store's lock is held."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    if out.is_symlink() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    # An existing store is replaced only with --overwrite, and only if it *is* a Zarr store: never a
+    # folder a mistyped --out names (the slides' own folder, say).
+    check_output(out, overwrite, zarr_store=True)
+    if save_tissue_mask is not None:  # checked as an output too, before anything is read
+        save_tissue_mask = Path(save_tissue_mask)
+        check_not_input(save_tissue_mask, Path(slide_path))
+        check_output(save_tissue_mask, overwrite)
 
     started = time.monotonic()
     slide = open_slide(slide_path, mpp=slide_mpp, backend=backend)

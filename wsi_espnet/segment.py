@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -50,7 +49,8 @@ from .errors import InputWarning, NoMppError, OutputLostError, UserError
 from .label_file import LabelFile
 from .labels import predict_split
 from .outputs import (check_not_input, check_output, discard_folder, exclusive_output, link_or_copy_tree,
-                      make_folder, remove_aside, remove_empty_folders, remove_unfinished_writes, replace_folder)
+                      make_folder, remove_aside, remove_empty_folders, remove_path, remove_unfinished_writes,
+                      replace_folder)
 from .runtime import lazy_zeros, tune_for_inference
 from .schedule import (MODEL_STREAMS, SCHEDULES, ModelStreams, TileReader, choose_schedule, default_batch,
                        feed_batches, model_threads)
@@ -420,7 +420,7 @@ def _segment(slide_path: str | os.PathLike, out: Path, work: Path, model: str | 
         fp = _fingerprint(slide, getattr(engine, "model_id", cfg.name + str(cfg.num_classes)), settings)
         provenance = _provenance(slide, engine, settings)
 
-        state = _open_work(work, fp, opts.overwrite)
+        state = _open_work(work, fp)
         provenance["device"] = _devices_used(state, provenance["device"], work)
         tissue = _tissue(slide, work, early)
         size = slide.size_at_mpp(mpp)
@@ -491,7 +491,7 @@ def _devices_used(state: dict, device: str, work: Path) -> str:
     return ", ".join(used)
 
 
-def _open_work(work: Path, fingerprint: str, overwrite: bool) -> dict:
+def _open_work(work: Path, fingerprint: str) -> dict:
     progress = work / "progress.json"
     if progress.is_file():
         try:
@@ -744,7 +744,7 @@ def _write_outputs(labels, cfg, mpp: float, grid: TileGrid, out: Path, work: Pat
     if opts.probs:
         dst = Path(opts.probs)
         tmp = dst.with_name(dst.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)  # a killed run's (a folder, or whatever else took the name)
         link_or_copy_tree(work / "probs.zarr", tmp)
         import zarr
 

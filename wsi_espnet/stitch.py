@@ -4,8 +4,8 @@ Why cells: every tile edge, and every point where a tile's weight turns 0 (its t
 the image into rectangular grid cells; over each, a fixed set of tiles weighs in (one inside a
 tile, two or four where tiles blend).  Grid cells of the same kind are merged into rectangles
 (``_region``), the *cells* blended as a unit.  A cell is final once all of its tiles have been seen,
-so with tiles fed in raster order only the cells in the overlap strip below the current tile row
-(and beside the current tile) are ever pending.  Memory is O(overlap × width × classes) 16-bit
+so with tiles fed row by row (``feed_bands``: the last two rows interleaved) only the cells in the
+overlap strip below the current tile row (and beside the current tile) are ever pending.  Memory is O(overlap × width × classes) 16-bit
 values (the strip, packed: see ``_pack``) plus float32 cells around the current tile, never a
 full-slide float buffer, and cells that one tile alone weighs skip the blending arithmetic.
 
@@ -150,8 +150,8 @@ class _Axis:
 
 
 class BlendStitcher:
-    """Accumulates tile probabilities (fed in raster order) and emits each cell as soon as it is
-    final: its label map to ``on_labels(y, x, labels)`` and, if given, its blended probabilities to
+    """Accumulates tile probabilities (fed row by row, in ``feed_bands`` order) and emits each cell as
+    soon as it is final: its label map to ``on_labels(y, x, labels)`` and, if given, its blended probabilities to
     ``on_probs(y, x, probs)``.  Coordinates are pixels of the working-resolution image; parts of tiles
     beyond the image (a padded tile on a small image) are cropped.
 
