@@ -69,10 +69,9 @@ def one_line(text: str, limit: int = 300) -> str:
 class BatchReport:
     """Rows keyed by slide path, in archive order; :meth:`set` replaces a row and rewrites both files."""
 
-    def __init__(self, csv_path: Path, slides: Iterable[str], json_path: Path | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, csv_path: Path, slides: Iterable[str], meta: dict[str, Any] | None = None) -> None:
         self.csv_path = Path(csv_path)
-        self.json_path = Path(json_path) if json_path else self.csv_path.with_suffix(".json")
+        self.json_path = self.csv_path.with_suffix(".json")  # beside it, as check_report_target checked
         self.meta = dict(meta or {})
         self.rows: dict[str, dict[str, Any]] = {s: {"slide": s, "status": "pending"} for s in slides}
         self.classes: list[str] = []

@@ -230,11 +230,6 @@ class _SlidePerThread:
         self.handles.clear()
 
 
-def _finalize(partial: Path, out: Path) -> None:
-    """Rename the finished ``.partial`` to ``out``; an old ``out`` (``--overwrite``) goes only after."""
-    replace_folder(partial, out)
-
-
 def write_patch_store(
     slide_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -373,7 +368,7 @@ def _write_locked(slide_path: str | os.PathLike, out: Path, partial: Path, *, mp
              "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
     )
     del group
-    _finalize(partial, out)
+    replace_folder(partial, out)  # an old store (--overwrite) goes only after
     return out
 
 

@@ -193,15 +193,6 @@ class BlendStitcher:
         self._boxes: dict[tuple[int, int], Box | None] = {}  # label_box's answers
         self._strip: np.ndarray | None = None  # packed overlap strip (see _pack)
         self._in_use: np.ndarray | None = None  # strip pixels holding a packed cell
-        self.emitted_pixels = 0
-
-    @property
-    def rows(self) -> list[int]:
-        return self.ys.starts
-
-    @property
-    def cols(self) -> list[int]:
-        return self.xs.starts
 
     def _sides(self, row: int, col: int) -> tuple[bool, bool, bool, bool]:
         """Which sides of tile (row, col) (top, bottom, left, right) meet a kept neighbour."""
@@ -462,7 +453,6 @@ class BlendStitcher:
             if blended:
                 probs = probs / self._weight_sum(cell)
             self.on_probs(cell.y0, cell.x0, probs[:, :h, :w])
-        self.emitted_pixels += h * w
 
     def deliver(self) -> None:
         """Hand the labels computed on ``labeler`` to ``on_labels``, in the order the cells were
