@@ -519,40 +519,42 @@ class OpenSlideSlide(Slide):
 
         super().__init__(path, mpp)
         self._osr = openslide.OpenSlide(str(path))
-        self._error_type = openslide.OpenSlideError
-        props = dict(self._osr.properties)
-        self.properties = props
-        self.level_dimensions = [tuple(int(v) for v in d) for d in self._osr.level_dimensions]
-        self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
-        self.vendor = props.get("openslide.vendor")
-        self.objective_power = _float_or_none(props.get("openslide.objective-power"))
-        if all(f"openslide.bounds-{k}" in props for k in ("x", "y", "width", "height")):
-            self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height"))
-        mx, my = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
-        file_mpp = (mx, my if my and my > 0 else mx) if mx and mx > 0 else None
-        if self.vendor == "generic-tiff" and file_mpp is not None:
-            # OpenSlide takes generic TIFF mpp from the resolution tags; apply the same rule as tifffile.
-            file_mpp, self._mpp_note = _mpp_from_resolution(
-                _float_or_none(props.get("tiff.XResolution")),
-                _float_or_none(props.get("tiff.YResolution")),
-                {"inch": 2, "centimeter": 3}.get(props.get("tiff.ResolutionUnit", "inch"), 1),
-            )
-        self._finish_init(file_mpp)
-        if self.vendor == "generic-tiff":
-            # OpenSlide opens any tiled TIFF but decodes only some sample formats (not 32-bit float,
-            # say): a pixel read now hands such a file to tifffile instead of failing mid-slide.
-            try:
-                self._osr.read_region((0, 0), len(self.level_dimensions) - 1, (1, 1))
-            except self._error_type as exc:
-                self._osr.close()
-                raise _NotThisBackend(f"opens it but cannot decode its pixels: {_one_line(exc)}") from None
-            misread = _openslide_misreads(path)
-            if misread:
-                self._osr.close()
-                raise _NotThisBackend(misread)
-        self._handle = self._raw_handle()
-        self._file: TileFile | None = None
-        self._tile_readers = self._tile_reader_levels()
+        try:  # whatever stops the opening here (a bad mpp, pixels it cannot decode) closes the handle
+            self._error_type = openslide.OpenSlideError
+            props = dict(self._osr.properties)
+            self.properties = props
+            self.level_dimensions = [tuple(int(v) for v in d) for d in self._osr.level_dimensions]
+            self.level_downsamples = [float(d) for d in self._osr.level_downsamples]
+            self.vendor = props.get("openslide.vendor")
+            self.objective_power = _float_or_none(props.get("openslide.objective-power"))
+            if all(f"openslide.bounds-{k}" in props for k in ("x", "y", "width", "height")):
+                self.bounds = tuple(int(props[f"openslide.bounds-{k}"]) for k in ("x", "y", "width", "height"))
+            mx, my = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
+            file_mpp = (mx, my if my and my > 0 else mx) if mx and mx > 0 else None
+            if self.vendor == "generic-tiff" and file_mpp is not None:
+                # OpenSlide takes generic TIFF mpp from the resolution tags; apply the same rule as tifffile.
+                file_mpp, self._mpp_note = _mpp_from_resolution(
+                    _float_or_none(props.get("tiff.XResolution")),
+                    _float_or_none(props.get("tiff.YResolution")),
+                    {"inch": 2, "centimeter": 3}.get(props.get("tiff.ResolutionUnit", "inch"), 1),
+                )
+            self._finish_init(file_mpp)
+            if self.vendor == "generic-tiff":
+                # OpenSlide opens any tiled TIFF but decodes only some sample formats (not 32-bit float,
+                # say): a pixel read now hands such a file to tifffile instead of failing mid-slide.
+                try:
+                    self._osr.read_region((0, 0), len(self.level_dimensions) - 1, (1, 1))
+                except self._error_type as exc:
+                    raise _NotThisBackend(f"opens it but cannot decode its pixels: {_one_line(exc)}") from None
+                misread = _openslide_misreads(path)
+                if misread:
+                    raise _NotThisBackend(misread)
+            self._handle = self._raw_handle()
+            self._file: TileFile | None = None
+            self._tile_readers = self._tile_reader_levels()
+        except BaseException:
+            self._osr.close()
+            raise
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         # OpenSlide maps level-0 locations itself (sub-pixel where the downsample is not an integer).
