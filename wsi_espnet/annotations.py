@@ -472,7 +472,8 @@ def _open_label_array(path: Path):
     except UserError:
         raise
     except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
-        raise UserError(f"{path}: not a readable label image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable label image ({why})") from None
 
 
 def _decode_label_array(path: Path):

@@ -64,6 +64,7 @@ COVERAGE_MAX_SIDE = 2048
 # Cityscapes label id -> train id (cityscapesscripts/helpers/labels.py; 255 = not evaluated).
 CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                             25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_TRAIN_IDS = max(CITYSCAPES_ID_TO_TRAINID.values()) + 1  # 19 classes; 255 is ignored
 
 
 # ------------------------------------------------------------------------------------------------
@@ -609,11 +610,10 @@ def decode_cityscapes(path: Path, ignore_index: int) -> np.ndarray:
         for k, v in CITYSCAPES_ID_TO_TRAINID.items():
             lut[k] = v
         lab = lut[lab.astype(np.uint8)]
-    train_ids = max(v for v in CITYSCAPES_ID_TO_TRAINID.values() if v != 255) + 1  # 19
-    bad = (lab != 255) & (lab >= train_ids)  # caught here, not as the loss's out-of-bounds error mid-training
+    bad = (lab != 255) & (lab >= CITYSCAPES_TRAIN_IDS)  # caught here, not as the loss's out-of-bounds error mid-training
     if bad.any():
         raise UserError(f"{path}: label value(s) {sorted(np.unique(lab[bad]).tolist())[:5]} are not Cityscapes "
-                        f"train ids (0-{train_ids - 1}, 255 ignored)")
+                        f"train ids (0-{CITYSCAPES_TRAIN_IDS - 1}, 255 ignored)")
     return _remap_ignore(lab, 255, ignore_index)
 
 

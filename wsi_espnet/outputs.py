@@ -111,11 +111,7 @@ def replace_folder(new: Path, dst: Path) -> None:
     (which a re-run could not even recognise as a store to replace): the old one, the new one, or,
     killed between the two renames, none until the re-run makes it.  What a killed call left aside
     goes with the next call on ``dst``."""
-    remove_aside(dst)
-    aside = None
-    if dst.exists() or dst.is_symlink():
-        aside = _aside_name(dst)
-        os.replace(dst, aside)
+    aside = _move_aside(dst)
     os.replace(new, dst)
     if aside is not None:
         remove_path(aside)
@@ -126,19 +122,26 @@ def discard_folder(folder: Path) -> None:
     renamed aside in one step, then deleted.  Deleted in place, a kill could leave a folder that
     has lost its progress file but still holds gigabytes, which no later run would recognise as its
     own to resume or to remove."""
-    remove_aside(folder)
-    if folder.exists():
-        aside = _aside_name(folder)
-        os.replace(folder, aside)
+    aside = _move_aside(folder)
+    if aside is not None:
         remove_path(aside)
 
 
 def remove_aside(path: Path) -> None:
     """Finish the deletion that a killed :func:`replace_folder` or :func:`discard_folder` on ``path``
     left (call it holding ``path``'s lock: the lock is also why one fixed name aside is enough)."""
+    remove_path(_aside_name(path))
+
+
+def _move_aside(path: Path) -> Path | None:
+    """``path`` renamed to its aside name in one step (what a killed call left there goes first);
+    the new name, or None if nothing was at ``path``."""
+    remove_aside(path)
+    if not (path.exists() or path.is_symlink()):
+        return None
     aside = _aside_name(path)
-    if aside.exists() or aside.is_symlink():
-        remove_path(aside)
+    os.replace(path, aside)
+    return aside
 
 
 def _aside_name(path: Path) -> Path:

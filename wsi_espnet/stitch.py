@@ -5,9 +5,10 @@ the image into rectangular grid cells; over each, a fixed set of tiles weighs in
 tile, two or four where tiles blend).  Grid cells of the same kind are merged into rectangles
 (``_region``), the *cells* blended as a unit.  A cell is final once all of its tiles have been seen,
 so with tiles fed row by row (``feed_bands``: the last two rows interleaved) only the cells in the
-overlap strip below the current tile row (and beside the current tile) are ever pending.  Memory is O(overlap × width × classes) 16-bit
-values (the strip, packed: see ``_pack``) plus float32 cells around the current tile, never a
-full-slide float buffer, and cells that one tile alone weighs skip the blending arithmetic.
+overlap strip below the current tile row (and beside the current tile) are ever pending.  Memory is
+O(overlap × width × classes) 16-bit values (the strip, packed: see ``_pack``) plus float32 cells
+around the current tile, never a full-slide float buffer, and cells that one tile alone weighs skip
+the blending arithmetic.
 
 Why this window: a tile's probabilities are least like the whole image's at its borders, where the
 network saw zero padding instead of the neighbouring tissue.  Toward each side where a neighbouring
@@ -151,8 +152,8 @@ class _Axis:
 
 class BlendStitcher:
     """Accumulates tile probabilities (fed row by row, in ``feed_bands`` order) and emits each cell as
-    soon as it is final: its label map to ``on_labels(y, x, labels)`` and, if given, its blended probabilities to
-    ``on_probs(y, x, probs)``.  Coordinates are pixels of the working-resolution image; parts of tiles
+    soon as it is final: its label map to ``on_labels(y, x, labels)`` and, if given, its blended
+    probabilities to ``on_probs(y, x, probs)``.  Coordinates are pixels of the working-resolution image; parts of tiles
     beyond the image (a padded tile on a small image) are cropped.
 
     Only the grid's kept tiles (tissue) are expected; cells seen by none of them are never emitted —

@@ -34,7 +34,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -249,22 +249,21 @@ def train(
 _RESUME_KEYS = ("model", "normalization", "ignore_index", "slide.mpp", "data.layout", "data.class_map")
 
 
-def _config_changes(saved: DatasetConfig, cfg: DatasetConfig) -> list[str]:
+def _config_changes(saved: DatasetConfig, cfg: DatasetConfig, keys: Sequence[str] = _RESUME_KEYS) -> list[str]:
     def get(c: DatasetConfig, key: str) -> Any:
         value: Any = c
         for part in key.split("."):
             value = getattr(value, part)
         return value
 
-    return [f"{key} {get(saved, key)!r} -> {get(cfg, key)!r}" for key in _RESUME_KEYS if get(saved, key) != get(cfg, key)]
+    return [f"{key} {get(saved, key)!r} -> {get(cfg, key)!r}" for key in keys if get(saved, key) != get(cfg, key)]
 
 
 def _train_changes(saved: DatasetConfig, cfg: DatasetConfig) -> list[str]:
     """The ``train.*`` settings a resumed run changes (epochs, rate, batch size...)."""
     import dataclasses
 
-    return [f"train.{f.name} {getattr(saved.train, f.name)!r} -> {getattr(cfg.train, f.name)!r}"
-            for f in dataclasses.fields(cfg.train) if getattr(saved.train, f.name) != getattr(cfg.train, f.name)]
+    return _config_changes(saved, cfg, [f"train.{f.name}" for f in dataclasses.fields(cfg.train)])
 
 
 def _train(cfg: DatasetConfig, out: Path, last_path: Path, *, resume: bool, device: str, init, command,
